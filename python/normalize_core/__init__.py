@@ -1,0 +1,1 @@
+from normalize_core._core import *  # noqa

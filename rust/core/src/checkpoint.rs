@@ -1,0 +1,337 @@
+//! A checkpoint directory seen through its headers: which files hold which tensors, where.
+//!
+//! Tensors are found through `model.safetensors.index.json` when there is one (index order),
+//! otherwise by scanning `*.safetensors` in natural order (`rank2` before `rank10`) and each
+//! header in offset order. No tensor data is read.
+
+use std::cmp::Ordering;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::dtype::{element_count, Dtype};
+use crate::error::{Error, Result};
+use crate::header::{read_header, ShardHeader};
+use crate::index::{read_index, ShardIndex, INDEX_FILE};
+
+/// How the checkpoint's tensors were found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Through `model.safetensors.index.json`.
+    Indexed,
+    /// A lone `model.safetensors`, no index.
+    SingleFile,
+    /// One or more `*.safetensors` without an index (engine-named shards).
+    Unindexed,
+}
+
+/// One `*.safetensors` file of the checkpoint.
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    /// File name inside the checkpoint directory.
+    pub name: String,
+    pub path: PathBuf,
+    pub header: ShardHeader,
+}
+
+/// One tensor of the checkpoint and where its bytes are.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<u64>,
+    /// Index into [`Checkpoint::files`].
+    pub file: usize,
+    /// Offsets relative to the file's data buffer, as in the header.
+    pub data_offsets: (u64, u64),
+    /// Absolute offset of the first byte in the file.
+    pub file_offset: u64,
+}
+
+impl TensorEntry {
+    /// Bytes of tensor data.
+    pub fn nbytes(&self) -> u64 {
+        self.data_offsets.1 - self.data_offsets.0
+    }
+
+    /// Number of elements (1 for a 0-d tensor).
+    pub fn numel(&self) -> u64 {
+        element_count(&self.shape).unwrap_or(0)
+    }
+}
+
+/// A validated checkpoint directory.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub layout: Layout,
+    pub files: Vec<SourceFile>,
+    /// Tensors in checkpoint order.
+    pub tensors: Vec<TensorEntry>,
+    /// The index, when the layout is [`Layout::Indexed`].
+    pub index: Option<ShardIndex>,
+    /// `*.safetensors` files in the directory that the index does not reference.
+    pub unreferenced_files: Vec<String>,
+    by_name: HashMap<String, usize>,
+}
+
+impl Checkpoint {
+    /// Opens `dir`, reading and cross-checking every header (and the index, if present).
+    pub fn open(dir: &Path) -> Result<Checkpoint> {
+        let meta = std::fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
+        if !meta.is_dir() {
+            return Err(Error::NotADirectory { path: dir.into() });
+        }
+        let scanned = scan_safetensors(dir)?;
+        let index_path = dir.join(INDEX_FILE);
+        if index_path.exists() {
+            let index = read_index(&index_path)?;
+            return open_indexed(dir, index, scanned);
+        }
+        if scanned.is_empty() {
+            return Err(Error::NoSafetensors { dir: dir.into() });
+        }
+        let layout = if scanned.len() == 1 && scanned[0] == "model.safetensors" {
+            Layout::SingleFile
+        } else {
+            Layout::Unindexed
+        };
+        let files = scanned
+            .into_iter()
+            .map(|name| load_file(dir, name))
+            .collect::<Result<Vec<_>>>()?;
+        let mut checkpoint = Checkpoint {
+            dir: dir.into(),
+            layout,
+            files,
+            tensors: Vec::new(),
+            index: None,
+            unreferenced_files: Vec::new(),
+            by_name: HashMap::new(),
+        };
+        let order: Vec<(usize, usize)> = checkpoint
+            .files
+            .iter()
+            .enumerate()
+            .flat_map(|(f, file)| (0..file.header.tensors.len()).map(move |t| (f, t)))
+            .collect();
+        checkpoint.fill_tensors(order)?;
+        Ok(checkpoint)
+    }
+
+    /// Looks a tensor up by name.
+    pub fn tensor(&self, name: &str) -> Option<&TensorEntry> {
+        self.by_name.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// Sum of tensor bytes (what `metadata.total_size` should say).
+    pub fn total_size(&self) -> u64 {
+        self.tensors.iter().map(TensorEntry::nbytes).sum()
+    }
+
+    /// Sum of element counts.
+    pub fn total_parameters(&self) -> u64 {
+        self.tensors.iter().map(TensorEntry::numel).sum()
+    }
+
+    /// Whether the shard files carry HF's `model-{i:05d}-of-{n:05d}.safetensors` names, numbered
+    /// 1..=n in order, with an index.
+    pub fn has_standard_names(&self) -> bool {
+        let n = self.files.len();
+        self.layout == Layout::Indexed
+            && n > 0
+            && self.files.iter().enumerate().all(|(i, f)| f.name == standard_shard_name(i + 1, n))
+    }
+
+    /// Adds tensors in the given (file, position-in-header) order and checks names are unique.
+    fn fill_tensors(&mut self, order: Vec<(usize, usize)>) -> Result<()> {
+        self.tensors.reserve(order.len());
+        for (f, t) in order {
+            let file = &self.files[f];
+            let info = &file.header.tensors[t];
+            if let Some(&other) = self.by_name.get(&info.name) {
+                return Err(Error::DuplicateTensor {
+                    tensor: info.name.clone(),
+                    first: self.files[self.tensors[other].file].path.clone(),
+                    second: file.path.clone(),
+                });
+            }
+            self.by_name.insert(info.name.clone(), self.tensors.len());
+            self.tensors.push(TensorEntry {
+                name: info.name.clone(),
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                file: f,
+                data_offsets: info.data_offsets,
+                file_offset: file.header.data_start() + info.data_offsets.0,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// HF's shard file name for shard `i` of `n` (1-based).
+pub fn standard_shard_name(i: usize, n: usize) -> String {
+    format!("model-{i:05}-of-{n:05}.safetensors")
+}
+
+fn open_indexed(dir: &Path, index: ShardIndex, scanned: Vec<String>) -> Result<Checkpoint> {
+    let mut file_of_name: HashMap<&str, usize> = HashMap::new();
+    let mut file_names: Vec<&str> = Vec::new();
+    for (tensor, shard) in &index.weight_map {
+        if !file_of_name.contains_key(shard.as_str()) {
+            if !dir.join(shard).is_file() {
+                return Err(Error::MissingShard {
+                    file: index.path.clone(),
+                    tensor: tensor.clone(),
+                    shard: shard.clone(),
+                });
+            }
+            file_of_name.insert(shard, file_names.len());
+            file_names.push(shard);
+        }
+    }
+    let files = file_names
+        .iter()
+        .map(|name| load_file(dir, name.to_string()))
+        .collect::<Result<Vec<_>>>()?;
+
+    // Where each header says each tensor is; a name in two headers is an error.
+    let mut located: HashMap<&str, (usize, usize)> = HashMap::new();
+    for (f, file) in files.iter().enumerate() {
+        for (t, info) in file.header.tensors.iter().enumerate() {
+            if let Some(&(first, _)) = located.get(info.name.as_str()) {
+                return Err(Error::DuplicateTensor {
+                    tensor: info.name.clone(),
+                    first: files[first].path.clone(),
+                    second: file.path.clone(),
+                });
+            }
+            located.insert(&info.name, (f, t));
+        }
+    }
+    let mut order = Vec::with_capacity(index.weight_map.len());
+    for (tensor, shard) in &index.weight_map {
+        let listed_in = file_of_name[shard.as_str()];
+        match located.get(tensor.as_str()) {
+            Some(&(f, t)) if f == listed_in => order.push((f, t)),
+            _ => {
+                return Err(Error::MissingFromShard {
+                    file: files[listed_in].path.clone(),
+                    tensor: tensor.clone(),
+                })
+            }
+        }
+    }
+    if order.len() != located.len() {
+        let listed: std::collections::HashSet<&str> =
+            index.weight_map.iter().map(|(t, _)| t.as_str()).collect();
+        for file in &files {
+            if let Some(info) = file.header.tensors.iter().find(|t| !listed.contains(t.name.as_str())) {
+                return Err(Error::NotInIndex {
+                    file: file.path.clone(),
+                    tensor: info.name.clone(),
+                });
+            }
+        }
+    }
+    let unreferenced_files = scanned
+        .into_iter()
+        .filter(|name| !file_of_name.contains_key(name.as_str()))
+        .collect();
+    let mut checkpoint = Checkpoint {
+        dir: dir.into(),
+        layout: Layout::Indexed,
+        files,
+        tensors: Vec::new(),
+        index: Some(index),
+        unreferenced_files,
+        by_name: HashMap::new(),
+    };
+    checkpoint.fill_tensors(order)?;
+    Ok(checkpoint)
+}
+
+fn load_file(dir: &Path, name: String) -> Result<SourceFile> {
+    let path = dir.join(&name);
+    let header = read_header(&path)?;
+    Ok(SourceFile { name, path, header })
+}
+
+/// Names of the regular `*.safetensors` files directly in `dir` (symlinks followed), dotfiles
+/// skipped, in natural order.
+fn scan_safetensors(dir: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        if name.starts_with('.') || !name.ends_with(".safetensors") {
+            continue;
+        }
+        if entry.path().is_file() {
+            names.push(name);
+        }
+    }
+    names.sort_by(|a, b| natural_cmp(a, b));
+    Ok(names)
+}
+
+/// Orders strings with digit runs compared as numbers: `rank2` < `rank10`.
+pub fn natural_cmp(a: &str, b: &str) -> Ordering {
+    let (mut x, mut y) = (a.as_bytes(), b.as_bytes());
+    while !x.is_empty() && !y.is_empty() {
+        let (cx, cy) = (x[0], y[0]);
+        if cx.is_ascii_digit() && cy.is_ascii_digit() {
+            let run_x = x.iter().take_while(|c| c.is_ascii_digit()).count();
+            let run_y = y.iter().take_while(|c| c.is_ascii_digit()).count();
+            let trim = |s: &[u8]| -> usize { s.iter().take_while(|&&c| c == b'0').count() };
+            let (dx, dy) = (&x[trim(&x[..run_x])..run_x], &y[trim(&y[..run_y])..run_y]);
+            let by_value = dx.len().cmp(&dy.len()).then_with(|| dx.cmp(dy));
+            if by_value != Ordering::Equal {
+                return by_value;
+            }
+            x = &x[run_x..];
+            y = &y[run_y..];
+        } else {
+            if cx != cy {
+                return cx.cmp(&cy);
+            }
+            x = &x[1..];
+            y = &y[1..];
+        }
+    }
+    x.len().cmp(&y.len()).then_with(|| a.cmp(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn natural_order_compares_numbers() {
+        let mut names = vec![
+            "model-rank10.safetensors",
+            "model-rank2.safetensors",
+            "model-rank1.safetensors",
+            "a.safetensors",
+            "model-rank02.safetensors",
+        ];
+        names.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(
+            names,
+            [
+                "a.safetensors",
+                "model-rank1.safetensors",
+                "model-rank02.safetensors",
+                "model-rank2.safetensors",
+                "model-rank10.safetensors"
+            ]
+        );
+    }
+
+    #[test]
+    fn standard_names() {
+        assert_eq!(standard_shard_name(3, 12), "model-00003-of-00012.safetensors");
+    }
+}

@@ -1,0 +1,194 @@
+//! Moving byte ranges between files inside the kernel.
+//!
+//! `copy_file_range` at explicit offsets, looping on short copies; when the kernel or the file
+//! systems cannot do it (cross-device, unsupported, or a 0-byte return), the rest of the range
+//! goes through one bounded buffer with positional reads and writes.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use rustix::io::Errno;
+
+use crate::error::{Error, Result};
+
+/// Bytes moved per system call; also the granularity of progress reports.
+const COPY_CHUNK: u64 = 64 << 20;
+
+/// Size of the buffer used when the kernel cannot copy.
+const FALLBACK_BUFFER: u64 = 8 << 20;
+
+/// Receives the number of bytes just copied; returns `false` to stop the copy.
+pub type Progress<'a> = &'a (dyn Fn(u64) -> bool + Sync);
+
+/// A file with the path to name in errors.
+#[derive(Clone, Copy)]
+pub struct FileAt<'a> {
+    pub file: &'a File,
+    pub path: &'a Path,
+}
+
+/// Copies `len` bytes from `src` at `src_offset` to `dst` at `dst_offset`.
+pub fn copy_range(
+    src: FileAt<'_>,
+    mut src_offset: u64,
+    dst: FileAt<'_>,
+    mut dst_offset: u64,
+    len: u64,
+    progress: Progress<'_>,
+) -> Result<()> {
+    let mut remaining = len;
+    let mut in_kernel = true;
+    let mut buffer: Vec<u8> = Vec::new();
+    while remaining > 0 {
+        let chunk = remaining.min(COPY_CHUNK);
+        let copied = if in_kernel {
+            match kernel_copy(src.file, src_offset, dst.file, dst_offset, chunk) {
+                Ok(0) => {
+                    in_kernel = false;
+                    continue;
+                }
+                Ok(n) => n,
+                Err(e) if kernel_cannot_copy(e) => {
+                    in_kernel = false;
+                    continue;
+                }
+                Err(e) => return Err(Error::io(dst.path, e.into())),
+            }
+        } else {
+            if buffer.is_empty() {
+                buffer = vec![0u8; remaining.min(FALLBACK_BUFFER) as usize];
+            }
+            buffered_copy(src, src_offset, dst, dst_offset, chunk, &mut buffer)?
+        };
+        src_offset += copied;
+        dst_offset += copied;
+        remaining -= copied;
+        if !progress(copied) {
+            return Err(Error::Cancelled);
+        }
+    }
+    Ok(())
+}
+
+fn kernel_copy(src: &File, src_offset: u64, dst: &File, dst_offset: u64, len: u64) -> rustix::io::Result<u64> {
+    let (mut off_in, mut off_out) = (src_offset, dst_offset);
+    loop {
+        match rustix::fs::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), len as usize) {
+            Err(Errno::INTR) => continue,
+            other => return other.map(|n| n as u64),
+        }
+    }
+}
+
+fn kernel_cannot_copy(errno: Errno) -> bool {
+    matches!(errno, Errno::XDEV | Errno::NOSYS | Errno::OPNOTSUPP | Errno::INVAL | Errno::PERM)
+}
+
+fn buffered_copy(
+    src: FileAt<'_>,
+    src_offset: u64,
+    dst: FileAt<'_>,
+    dst_offset: u64,
+    len: u64,
+    buffer: &mut [u8],
+) -> Result<u64> {
+    let mut done = 0u64;
+    while done < len {
+        let want = (len - done).min(buffer.len() as u64) as usize;
+        let piece = &mut buffer[..want];
+        src.file
+            .read_exact_at(piece, src_offset + done)
+            .map_err(|e| Error::io(src.path, e))?;
+        dst.file
+            .write_all_at(piece, dst_offset + done)
+            .map_err(|e| Error::io(dst.path, e))?;
+        done += want as u64;
+    }
+    Ok(done)
+}
+
+/// Reserves `len` bytes for `file` so that a full disk shows up before any data is written.
+/// File systems that cannot preallocate are left to fail (or not) on write.
+pub fn preallocate(file: FileAt<'_>, len: u64) -> Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    match rustix::fs::fallocate(file.file, rustix::fs::FallocateFlags::empty(), 0, len) {
+        Ok(()) => Ok(()),
+        Err(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) => Ok(()),
+        Err(e) => Err(Error::io(file.path, io::Error::from(e))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    #[test]
+    fn copies_unaligned_ranges_and_reports_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let src_path = dir.path().join("src");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&src_path, &data).unwrap();
+        let dst_path = dir.path().join("dst");
+        let src = File::open(&src_path).unwrap();
+        let dst = File::options().create(true).truncate(true).read(true).write(true).open(&dst_path).unwrap();
+        dst.write_all_at(b"HEAD", 0).unwrap();
+        let seen = AtomicU64::new(0);
+        copy_range(
+            FileAt { file: &src, path: &src_path },
+            1234,
+            FileAt { file: &dst, path: &dst_path },
+            4,
+            200_001,
+            &|n| {
+                seen.fetch_add(n, Ordering::Relaxed);
+                true
+            },
+        )
+        .unwrap();
+        let out = std::fs::read(&dst_path).unwrap();
+        assert_eq!(&out[..4], b"HEAD");
+        assert_eq!(&out[4..], &data[1234..1234 + 200_001]);
+        assert_eq!(seen.load(Ordering::Relaxed), 200_001);
+    }
+
+    #[test]
+    fn buffered_path_matches_and_short_sources_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let src_path = dir.path().join("src");
+        std::fs::write(&src_path, b"0123456789").unwrap();
+        let dst_path = dir.path().join("dst");
+        let src = File::open(&src_path).unwrap();
+        let dst = File::create(&dst_path).unwrap();
+        let (s, d) = (FileAt { file: &src, path: &src_path }, FileAt { file: &dst, path: &dst_path });
+        let mut buffer = vec![0u8; 3];
+        assert_eq!(buffered_copy(s, 2, d, 0, 7, &mut buffer).unwrap(), 7);
+        assert_eq!(std::fs::read(&dst_path).unwrap(), b"2345678");
+        let err = copy_range(s, 5, d, 0, 20, &|_| true).unwrap_err();
+        assert_eq!(err.file(), Some(src_path.as_path()));
+    }
+
+    #[test]
+    fn a_false_progress_cancels() {
+        let dir = tempfile::tempdir().unwrap();
+        let src_path = dir.path().join("src");
+        std::fs::write(&src_path, vec![1u8; 100]).unwrap();
+        let dst_path = dir.path().join("dst");
+        let src = File::open(&src_path).unwrap();
+        let dst = File::create(&dst_path).unwrap();
+        let err = copy_range(
+            FileAt { file: &src, path: &src_path },
+            0,
+            FileAt { file: &dst, path: &dst_path },
+            0,
+            100,
+            &|_| false,
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), "cancelled");
+    }
+}

@@ -1,0 +1,436 @@
+//! Per-block FP8 (`float8_e4m3fn`) quantization on the CPU, bit-exact with the reference
+//! arithmetic (vLLM/DeepGEMM `per_block_cast_to_fp8`) in one read of the input:
+//!
+//! for each `block × block` tile (edge tiles cover what is left): `amax = max|x|` in f32,
+//! `amax = max(amax, 1e-4)`, `s = amax / 448`, for ue8m0 `s = 2^ceil(log2 s)`, for bfloat16
+//! scales `s` rounded up to the next bfloat16, then `q = e4m3fn_rne(clamp(x * (1/s), ±448))`;
+//! `s` is stored as the `_scale_inv` (dequantization is `x ≈ q * s`).
+
+use crate::error::{Error, Result};
+
+/// Largest finite `float8_e4m3fn` value.
+pub const E4M3_MAX: f32 = 448.0;
+
+/// Floor for a tile's `amax`, so all-zero tiles get a finite scale and quantize to zeros.
+const AMAX_FLOOR: f32 = 1e-4;
+
+/// Floating dtypes that can be quantized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceFloat {
+    BF16,
+    F16,
+    F32,
+}
+
+impl SourceFloat {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            SourceFloat::BF16 | SourceFloat::F16 => 2,
+            SourceFloat::F32 => 4,
+        }
+    }
+
+    #[inline(always)]
+    fn load(self, bytes: &[u8], i: usize) -> f32 {
+        match self {
+            SourceFloat::BF16 => {
+                f32::from_bits((u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]) as u32) << 16)
+            }
+            SourceFloat::F16 => f16_to_f32(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])),
+            SourceFloat::F32 => f32::from_le_bytes([
+                bytes[4 * i],
+                bytes[4 * i + 1],
+                bytes[4 * i + 2],
+                bytes[4 * i + 3],
+            ]),
+        }
+    }
+}
+
+/// How scales are rounded and stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScaleFormat {
+    /// Round every scale up to a power of two (`scale_fmt: "ue8m0"`).
+    pub ue8m0: bool,
+    /// Store scales as bfloat16 (rounded up) instead of float32.
+    pub bf16: bool,
+}
+
+impl ScaleFormat {
+    /// Bytes per stored scale.
+    pub fn size(self) -> usize {
+        if self.bf16 {
+            2
+        } else {
+            4
+        }
+    }
+
+    /// The scale for a tile whose largest magnitude is `amax`.
+    #[inline]
+    pub fn scale_for(self, amax: f32) -> f32 {
+        let mut s = amax.max(AMAX_FLOOR) / E4M3_MAX;
+        if self.ue8m0 {
+            s = round_up_to_power_of_two(s);
+        }
+        if self.bf16 {
+            s = round_up_to_bf16(s);
+        }
+        s
+    }
+}
+
+/// Shape of one quantization call: `batch` independent `rows × cols` matrices (experts, or the
+/// halves of a fused projection), tiled in `block × block` blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockLayout {
+    pub batch: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub block: usize,
+}
+
+impl BlockLayout {
+    /// Tile rows per matrix: `ceil(rows / block)`.
+    pub fn block_rows(&self) -> usize {
+        self.rows.div_ceil(self.block)
+    }
+
+    /// Tile columns per matrix: `ceil(cols / block)`.
+    pub fn block_cols(&self) -> usize {
+        self.cols.div_ceil(self.block)
+    }
+
+    /// Elements of the input (and bytes of the FP8 output).
+    pub fn elements(&self) -> usize {
+        self.batch * self.rows * self.cols
+    }
+
+    /// Number of scales.
+    pub fn scales(&self) -> usize {
+        self.batch * self.block_rows() * self.block_cols()
+    }
+}
+
+/// Quantizes `input` (little-endian `source` elements laid out as `layout`) into `fp8_out`
+/// (one byte per element) and `scale_out` (`[batch, block_rows, block_cols]` scales), using up
+/// to `threads` threads. Non-finite inputs are refused: they have no meaningful FP8 value.
+pub fn quantize_blocks(
+    tensor: &str,
+    input: &[u8],
+    source: SourceFloat,
+    layout: BlockLayout,
+    format: ScaleFormat,
+    fp8_out: &mut [u8],
+    scale_out: &mut [u8],
+    threads: usize,
+) -> Result<()> {
+    let invalid = |detail: String| Error::InvalidQuantizeInput {
+        tensor: tensor.into(),
+        detail,
+    };
+    if layout.block == 0 {
+        return Err(invalid("block size must be positive".into()));
+    }
+    if input.len() != layout.elements() * source.size() {
+        return Err(invalid(format!(
+            "input has {} bytes, {layout:?} of {source:?} needs {}",
+            input.len(),
+            layout.elements() * source.size()
+        )));
+    }
+    if fp8_out.len() != layout.elements() {
+        return Err(invalid(format!("fp8 output has {} bytes, needs {}", fp8_out.len(), layout.elements())));
+    }
+    if scale_out.len() != layout.scales() * format.size() {
+        return Err(invalid(format!(
+            "scale output has {} bytes, needs {}",
+            scale_out.len(),
+            layout.scales() * format.size()
+        )));
+    }
+    if layout.elements() == 0 {
+        return Ok(());
+    }
+
+    // Work unit: one stripe of `block` rows of one matrix. Stripes are independent, so they
+    // are split into contiguous ranges, one per thread.
+    let stripe_rows = layout.block;
+    let stripes_per_matrix = layout.block_rows();
+    let stripes = layout.batch * stripes_per_matrix;
+    let threads = threads.clamp(1, stripes);
+    let per_thread = stripes.div_ceil(threads);
+    let scale_row = layout.block_cols() * format.size();
+
+    let bad_stripe = std::sync::Mutex::new(None::<usize>);
+    std::thread::scope(|scope| {
+        let mut fp8_rest = &mut fp8_out[..];
+        let mut scale_rest = &mut scale_out[..];
+        let mut first = 0;
+        while first < stripes {
+            let last = (first + per_thread).min(stripes);
+            let rows_in = |s: usize| (layout.rows - (s % stripes_per_matrix) * stripe_rows).min(stripe_rows);
+            let elems: usize = (first..last).map(|s| rows_in(s) * layout.cols).sum();
+            let (fp8_part, fp8_tail) = fp8_rest.split_at_mut(elems);
+            let (scale_part, scale_tail) = scale_rest.split_at_mut((last - first) * scale_row);
+            fp8_rest = fp8_tail;
+            scale_rest = scale_tail;
+            let bad_stripe = &bad_stripe;
+            let start_elem = first_element(first, layout);
+            scope.spawn(move || {
+                let mut fp8_part = fp8_part;
+                let mut scale_part = scale_part;
+                let mut elem = start_elem;
+                for stripe in first..last {
+                    let rows = rows_in(stripe);
+                    let n = rows * layout.cols;
+                    let (q, q_tail) = fp8_part.split_at_mut(n);
+                    let (s, s_tail) = scale_part.split_at_mut(scale_row);
+                    let src = &input[elem * source.size()..(elem + n) * source.size()];
+                    if !quantize_stripe(src, source, rows, layout.cols, layout.block, format, q, s) {
+                        bad_stripe.lock().unwrap().get_or_insert(stripe);
+                        return;
+                    }
+                    fp8_part = q_tail;
+                    scale_part = s_tail;
+                    elem += n;
+                }
+            });
+            first = last;
+        }
+    });
+    if let Some(stripe) = bad_stripe.into_inner().unwrap() {
+        let matrix = stripe / stripes_per_matrix;
+        let row = (stripe % stripes_per_matrix) * stripe_rows;
+        return Err(invalid(format!(
+            "contains NaN or Inf (matrix {matrix}, rows {row}..{}); refusing to quantize it",
+            (row + stripe_rows).min(layout.rows)
+        )));
+    }
+    Ok(())
+}
+
+fn first_element(stripe: usize, layout: BlockLayout) -> usize {
+    let per_matrix = layout.block_rows();
+    let matrix = stripe / per_matrix;
+    let row = (stripe % per_matrix) * layout.block;
+    (matrix * layout.rows + row) * layout.cols
+}
+
+/// Quantizes `rows × cols` elements (one stripe). Returns `false` on a non-finite input.
+#[allow(clippy::too_many_arguments)]
+fn quantize_stripe(
+    src: &[u8],
+    source: SourceFloat,
+    rows: usize,
+    cols: usize,
+    block: usize,
+    format: ScaleFormat,
+    q: &mut [u8],
+    scale_out: &mut [u8],
+) -> bool {
+    let block_cols = cols.div_ceil(block);
+    let mut amax = vec![0f32; block_cols];
+    let mut finite = true;
+    for r in 0..rows {
+        for (b, slot) in amax.iter_mut().enumerate() {
+            let (c0, c1) = (b * block, ((b + 1) * block).min(cols));
+            let mut m = *slot;
+            for c in c0..c1 {
+                let x = source.load(src, r * cols + c);
+                finite &= x.is_finite();
+                m = m.max(x.abs());
+            }
+            *slot = m;
+        }
+    }
+    if !finite {
+        return false;
+    }
+    let mut inverse = vec![0f32; block_cols];
+    for (b, &m) in amax.iter().enumerate() {
+        let s = format.scale_for(m);
+        inverse[b] = 1.0 / s;
+        if format.bf16 {
+            let bits = (s.to_bits() >> 16) as u16;
+            scale_out[2 * b..2 * b + 2].copy_from_slice(&bits.to_le_bytes());
+        } else {
+            scale_out[4 * b..4 * b + 4].copy_from_slice(&s.to_le_bytes());
+        }
+    }
+    for r in 0..rows {
+        for (b, &inv) in inverse.iter().enumerate() {
+            let (c0, c1) = (b * block, ((b + 1) * block).min(cols));
+            for c in c0..c1 {
+                let i = r * cols + c;
+                let x = source.load(src, i) * inv;
+                q[i] = f32_to_e4m3fn(x.clamp(-E4M3_MAX, E4M3_MAX));
+            }
+        }
+    }
+    true
+}
+
+/// Rounds a positive finite `f32` to `float8_e4m3fn`, round-to-nearest-even. Inputs are
+/// already clamped to ±448, so the NaN encoding is never produced.
+#[inline(always)]
+pub fn f32_to_e4m3fn(x: f32) -> u8 {
+    let bits = x.to_bits();
+    let sign = ((bits >> 24) & 0x80) as u8;
+    let magnitude = bits & 0x7fff_ffff;
+    // Below 2^-6 e4m3fn is subnormal, with a fixed step of 2^-9.
+    const MIN_NORMAL_BITS: u32 = 121 << 23; // 2^-6
+    let code = if magnitude < MIN_NORMAL_BITS {
+        subnormal_code(f32::from_bits(magnitude))
+    } else {
+        // Rebias the exponent (127 → 7) and round the 23-bit mantissa to 3 bits, ties to even.
+        let odd = (magnitude >> 20) & 1;
+        let rounded = magnitude
+            .wrapping_sub((127 - 7) << 23)
+            .wrapping_add(0x7ffff + odd);
+        (rounded >> 20) as u8
+    };
+    code | sign
+}
+
+/// Code of a magnitude below the smallest normal e4m3fn: the nearest multiple of 2^-9
+/// (ties to even), which is exactly the 3-bit subnormal mantissa (and 8 → the smallest normal).
+#[inline(always)]
+fn subnormal_code(magnitude: f32) -> u8 {
+    // magnitude · 2^9 is in [0, 8); rounding it to an integer with ties to even is exact in
+    // f32, and the integer is the code.
+    (magnitude * 512.0).round_ties_even() as u8
+}
+
+/// `2^ceil(log2 s)` for positive normal `s`, computed on the bits (exact, unlike `log2`).
+#[inline]
+pub fn round_up_to_power_of_two(s: f32) -> f32 {
+    let bits = s.to_bits();
+    let exponent = bits >> 23;
+    let mantissa = bits & 0x7f_ffff;
+    f32::from_bits((exponent + u32::from(mantissa != 0)) << 23)
+}
+
+/// The smallest bfloat16 value not below positive finite `s`, as `f32`.
+#[inline]
+pub fn round_up_to_bf16(s: f32) -> f32 {
+    f32::from_bits((s.to_bits() + 0xffff) & 0xffff_0000)
+}
+
+/// Exact IEEE half → single conversion.
+#[inline(always)]
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h as u32) & 0x8000) << 16;
+    let exponent = ((h >> 10) & 0x1f) as u32;
+    let mantissa = (h & 0x3ff) as u32;
+    let bits = match (exponent, mantissa) {
+        (0, 0) => sign,
+        (0, m) => {
+            // Subnormal half: value = m · 2^-24, exactly representable in f32.
+            return f32::from_bits(sign) + if sign != 0 { -(m as f32) } else { m as f32 } * 2f32.powi(-24);
+        }
+        (0x1f, m) => sign | 0x7f80_0000 | (m << 13),
+        (e, m) => sign | ((e + 127 - 15) << 23) | (m << 13),
+    };
+    f32::from_bits(bits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Decodes an e4m3fn code (for checking the encoder by exhaustive round trips).
+    fn e4m3fn_to_f32(code: u8) -> f32 {
+        let sign = if code & 0x80 != 0 { -1.0 } else { 1.0 };
+        let e = ((code >> 3) & 0xf) as i32;
+        let m = (code & 7) as f32;
+        if e == 0 {
+            sign * m * 2f32.powi(-9)
+        } else {
+            sign * (1.0 + m / 8.0) * 2f32.powi(e - 7)
+        }
+    }
+
+    #[test]
+    fn every_finite_code_round_trips_and_midpoints_tie_to_even() {
+        let codes: Vec<u8> = (0u8..=0x7e).collect();
+        for &c in &codes {
+            let v = e4m3fn_to_f32(c);
+            assert_eq!(f32_to_e4m3fn(v), c, "code {c:#x}");
+            assert_eq!(f32_to_e4m3fn(-v), c | 0x80, "code -{c:#x}");
+        }
+        for w in codes.windows(2) {
+            let (lo, hi) = (e4m3fn_to_f32(w[0]), e4m3fn_to_f32(w[1]));
+            let even = if w[0] % 2 == 0 { w[0] } else { w[1] };
+            assert_eq!(f32_to_e4m3fn((lo + hi) / 2.0), even, "tie between {lo} and {hi}");
+            assert_eq!(f32_to_e4m3fn(lo + (hi - lo) * 0.26), w[0]);
+            assert_eq!(f32_to_e4m3fn(lo + (hi - lo) * 0.74), w[1]);
+        }
+        assert_eq!(f32_to_e4m3fn(448.0), 0x7e);
+    }
+
+    #[test]
+    fn scales_round_as_specified() {
+        let f = ScaleFormat { ue8m0: false, bf16: false };
+        assert_eq!(f.scale_for(0.0), 1e-4 / 448.0);
+        assert_eq!(f.scale_for(448.0), 1.0);
+        let p = ScaleFormat { ue8m0: true, bf16: false };
+        assert_eq!(p.scale_for(448.0), 1.0);
+        assert_eq!(p.scale_for(449.0), 2.0);
+        assert_eq!(p.scale_for(300.0), 1.0);
+        let b = ScaleFormat { ue8m0: false, bf16: true };
+        let s = b.scale_for(3.0);
+        assert!(s >= 3.0 / 448.0 && s.to_bits() & 0xffff == 0);
+    }
+
+    #[test]
+    fn half_conversion_is_exact() {
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
+        assert_eq!(f16_to_f32(0x8001), -(2f32.powi(-24)));
+        assert_eq!(f16_to_f32(0x7bff), 65504.0);
+        assert!(f16_to_f32(0x7c00).is_infinite());
+    }
+
+    #[test]
+    fn quantizes_tiles_independently_with_edges_and_batches() {
+        let layout = BlockLayout { batch: 2, rows: 3, cols: 5, block: 2 };
+        let values: Vec<f32> = (0..layout.elements()).map(|i| i as f32 - 7.0).collect();
+        let input: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let format = ScaleFormat { ue8m0: false, bf16: false };
+        let mut q = vec![0u8; layout.elements()];
+        let mut s = vec![0u8; layout.scales() * 4];
+        quantize_blocks("t", &input, SourceFloat::F32, layout, format, &mut q, &mut s, 3).unwrap();
+        let scales: Vec<f32> = s.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        for m in 0..2 {
+            for r in 0..3 {
+                for c in 0..5 {
+                    let i = (m * 3 + r) * 5 + c;
+                    let scale = scales[(m * 2 + r / 2) * 3 + c / 2];
+                    let deq = e4m3fn_to_f32(q[i]) * scale;
+                    assert!((deq - values[i]).abs() <= values[i].abs() / 16.0 + 1e-6, "{i}");
+                }
+            }
+        }
+        // The first tile of matrix 1 holds 8, 9 (row 0) and 13, 14 (row 1).
+        assert_eq!(scales[6], 14.0 / 448.0);
+    }
+
+    #[test]
+    fn zero_tiles_give_zeros_and_non_finite_inputs_are_refused() {
+        let layout = BlockLayout { batch: 1, rows: 4, cols: 4, block: 2 };
+        let input = vec![0u8; 32];
+        let format = ScaleFormat { ue8m0: true, bf16: true };
+        let mut q = vec![9u8; 16];
+        let mut s = vec![0u8; 8];
+        quantize_blocks("z", &input, SourceFloat::BF16, layout, format, &mut q, &mut s, 2).unwrap();
+        assert!(q.iter().all(|&b| b == 0));
+        let mut bad = input.clone();
+        bad[10] = 0x80;
+        bad[11] = 0x7f; // bf16 +inf at element 5 (row 1)
+        let err = quantize_blocks("w", &bad, SourceFloat::BF16, layout, format, &mut q, &mut s, 2).unwrap_err();
+        assert_eq!(err.to_string(), "tensor 'w': contains NaN or Inf (matrix 0, rows 0..2); refusing to quantize it");
+    }
+}

@@ -1,0 +1,37 @@
+//! # normalize-core
+//!
+//! The pure-Rust core of model-normalize: it reads safetensors checkpoints through their
+//! headers alone, plans output shards before any byte moves, and streams tensor bytes into new
+//! shards inside the kernel.
+//!
+//! The pipeline, one module per stage:
+//!
+//! ```text
+//! source dir ─► checkpoint (index + headers) ─► plan (shards, headers, offsets)
+//!            ─► writer (copy_file_range / provided bytes, fsync, rename) ─► index last
+//! ```
+//!
+//! Support modules: [`header`] and [`index`] parse and encode the on-disk formats, [`copy`]
+//! moves byte ranges, [`atomic_file`] makes files appear only when complete, [`output_dir`]
+//! guards the destination, [`aux_files`] copies non-tensor files, [`verify`] reports problems,
+//! and (soon) more.
+
+pub mod atomic_file;
+pub mod aux_files;
+pub mod checkpoint;
+pub mod copy;
+pub mod dtype;
+pub mod error;
+pub mod fp8;
+pub mod header;
+pub mod index;
+mod json_object;
+pub mod output_dir;
+pub mod plan;
+pub mod verify;
+pub mod writer;
+
+pub use checkpoint::{Checkpoint, Layout, TensorEntry};
+pub use error::{Error, Result};
+pub use plan::{plan_repack, OutputPlan, OutputTensor, PlanBuilder, ShardNaming, ShardPlan, TensorGroup};
+pub use writer::{execute_plan, write_index, ExecuteOptions, ShardWriter};

@@ -1,0 +1,334 @@
+//! Writing planned shards: header first, copied tensors moved in the kernel, provided tensors
+//! written at their planned offsets, then fsync and rename. The index is written last, so an
+//! index never points at an incomplete shard.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::atomic_file::{sync_dir, temp_path_for, write_atomically, AtomicFile};
+use crate::copy::{copy_range, preallocate, FileAt, Progress};
+use crate::error::{Error, Result};
+use crate::index::{encode_index, INDEX_FILE};
+use crate::plan::{OutputPlan, ShardKind, TensorSource};
+
+/// One output shard being written.
+///
+/// Copies and provided writes may run concurrently from several threads (they write disjoint
+/// ranges at explicit offsets); [`ShardWriter::finish`] then checks every planned tensor was
+/// written before the file gets its final name.
+pub struct ShardWriter {
+    plan: Arc<OutputPlan>,
+    shard: usize,
+    out: AtomicFile,
+    sources: HashMap<usize, File>,
+    written: Vec<AtomicBool>,
+    provided_slots: HashMap<String, usize>,
+}
+
+impl ShardWriter {
+    /// Creates the temporary file for shard `shard`, reserves its space and writes its header.
+    pub fn create(plan: Arc<OutputPlan>, shard: usize, out_dir: &Path) -> Result<ShardWriter> {
+        let spec = &plan.shards[shard];
+        let out = AtomicFile::create(&out_dir.join(&spec.file_name))?;
+        let at = FileAt {
+            file: out.file(),
+            path: out.temp_path(),
+        };
+        preallocate(at, spec.file_len)?;
+        let mut sources = HashMap::new();
+        let mut needed: Vec<usize> = spec
+            .tensors
+            .iter()
+            .filter_map(|t| match t.tensor.source {
+                TensorSource::Copy { file, .. } => Some(file),
+                TensorSource::Provided => None,
+            })
+            .collect();
+        match &spec.kind {
+            ShardKind::Assembled { header } => {
+                use std::os::unix::fs::FileExt;
+                out.file()
+                    .write_all_at(header, 0)
+                    .map_err(|e| Error::io(out.temp_path(), e))?;
+            }
+            ShardKind::WholeFile { file } => needed.push(*file),
+        }
+        for file in needed {
+            if let std::collections::hash_map::Entry::Vacant(slot) = sources.entry(file) {
+                let path = &plan.sources[file];
+                slot.insert(File::open(path).map_err(|e| Error::io(path, e))?);
+            }
+        }
+        let provided_slots = spec
+            .tensors
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.tensor.source == TensorSource::Provided)
+            .map(|(i, t)| (t.tensor.name.clone(), i))
+            .collect();
+        let written = spec.tensors.iter().map(|_| AtomicBool::new(false)).collect();
+        Ok(ShardWriter {
+            plan,
+            shard,
+            out,
+            sources,
+            written,
+            provided_slots,
+        })
+    }
+
+    /// The final path of this shard.
+    pub fn dest(&self) -> &Path {
+        self.out.dest()
+    }
+
+    /// Names of the tensors the caller must provide, in data order.
+    pub fn provided_tensors(&self) -> Vec<&str> {
+        let spec = &self.plan.shards[self.shard];
+        spec.tensors
+            .iter()
+            .filter(|t| t.tensor.source == TensorSource::Provided)
+            .map(|t| t.tensor.name.as_str())
+            .collect()
+    }
+
+    /// Copies every tensor that comes from a source file, merging runs that are contiguous in
+    /// both source and shard into single kernel copies.
+    pub fn copy_sources(&self, progress: Progress<'_>) -> Result<()> {
+        let spec = &self.plan.shards[self.shard];
+        let dst = FileAt {
+            file: self.out.file(),
+            path: self.out.temp_path(),
+        };
+        if let ShardKind::WholeFile { file } = spec.kind {
+            copy_range(self.source_at(file), 0, dst, 0, spec.file_len, progress)?;
+            self.written.iter().for_each(|w| w.store(true, Ordering::Release));
+            return Ok(());
+        }
+        let data_start = spec.data_start();
+        let tensors = &spec.tensors;
+        let mut i = 0;
+        while i < tensors.len() {
+            let TensorSource::Copy { file, offset } = tensors[i].tensor.source else {
+                i += 1;
+                continue;
+            };
+            let mut len = tensors[i].tensor.nbytes;
+            let mut j = i + 1;
+            while let Some(next) = tensors.get(j) {
+                match next.tensor.source {
+                    TensorSource::Copy { file: f, offset: o } if f == file && o == offset + len => {
+                        len += next.tensor.nbytes;
+                        j += 1;
+                    }
+                    _ => break,
+                }
+            }
+            let dst_offset = data_start + tensors[i].data_offsets.0;
+            copy_range(self.source_at(file), offset, dst, dst_offset, len, progress)?;
+            for flag in &self.written[i..j] {
+                flag.store(true, Ordering::Release);
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Writes the bytes of a provided tensor at its planned offset.
+    pub fn write_tensor(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let spec = &self.plan.shards[self.shard];
+        let rejected = |detail: String| Error::WriteRejected {
+            file: self.dest().into(),
+            tensor: name.into(),
+            detail,
+        };
+        let Some(&slot) = self.provided_slots.get(name) else {
+            return Err(rejected("this shard has no provided tensor of that name".into()));
+        };
+        let placed = &spec.tensors[slot];
+        if bytes.len() as u64 != placed.tensor.nbytes {
+            return Err(rejected(format!(
+                "got {} bytes, planned {} ({} {:?})",
+                bytes.len(),
+                placed.tensor.nbytes,
+                placed.tensor.dtype,
+                placed.tensor.shape
+            )));
+        }
+        if self.written[slot].swap(true, Ordering::AcqRel) {
+            return Err(rejected("written twice".into()));
+        }
+        self.out
+            .file()
+            .write_all_at(bytes, spec.data_start() + placed.data_offsets.0)
+            .map_err(|e| Error::io(self.out.temp_path(), e))
+    }
+
+    /// Checks every tensor was written, flushes, and renames the shard into place.
+    pub fn finish(self) -> Result<PathBuf> {
+        let spec = &self.plan.shards[self.shard];
+        if let Some(missing) = self
+            .written
+            .iter()
+            .position(|w| !w.load(Ordering::Acquire))
+        {
+            return Err(Error::TensorNotWritten {
+                file: self.dest().into(),
+                tensor: spec.tensors[missing].tensor.name.clone(),
+            });
+        }
+        let dest = self.out.dest().to_path_buf();
+        self.out.commit()?;
+        Ok(dest)
+    }
+
+    fn source_at(&self, file: usize) -> FileAt<'_> {
+        FileAt {
+            file: &self.sources[&file],
+            path: &self.plan.sources[file],
+        }
+    }
+}
+
+/// How [`execute_plan`] writes shards.
+#[derive(Debug, Clone, Copy)]
+pub struct ExecuteOptions {
+    /// Shards written at the same time.
+    pub jobs: usize,
+    /// Hard-link whole-file shards instead of copying them (copy when linking fails).
+    pub hardlink: bool,
+}
+
+/// What [`execute_plan`] did besides copying.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecuteReport {
+    /// Whole-file shards that were hard-linked.
+    pub linked: usize,
+    /// Whole-file shards that were copied because linking was impossible (e.g. across file
+    /// systems), with the reason.
+    pub link_fallbacks: Vec<(String, String)>,
+}
+
+/// Writes every shard of a plan whose tensors all come from source files, `jobs` shards at a
+/// time. On failure, the shards this call completed are removed again and no index is written.
+pub fn execute_plan(
+    plan: &Arc<OutputPlan>,
+    out_dir: &Path,
+    options: ExecuteOptions,
+    progress: Progress<'_>,
+) -> Result<ExecuteReport> {
+    if let Some(t) = plan
+        .shards
+        .iter()
+        .flat_map(|s| &s.tensors)
+        .find(|t| t.tensor.source == TensorSource::Provided)
+    {
+        return Err(Error::InvalidPlan {
+            tensor: t.tensor.name.clone(),
+            detail: "its bytes must be provided by the caller; use ShardWriter".into(),
+        });
+    }
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let failure: Mutex<Option<Error>> = Mutex::new(None);
+    let completed: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    let report = Mutex::new(ExecuteReport::default());
+    let guarded = |n: u64| !stop.load(Ordering::Relaxed) && progress(n);
+    let worker = || loop {
+        let shard = next.fetch_add(1, Ordering::Relaxed);
+        if shard >= plan.shards.len() || stop.load(Ordering::Relaxed) {
+            return;
+        }
+        match write_one_shard(plan, shard, out_dir, options.hardlink, &guarded) {
+            Ok((dest, link)) => {
+                completed.lock().unwrap().push(dest);
+                let mut report = report.lock().unwrap();
+                match link {
+                    LinkOutcome::Linked => report.linked += 1,
+                    LinkOutcome::Copied(Some(reason)) => report
+                        .link_fallbacks
+                        .push((plan.shards[shard].file_name.clone(), reason)),
+                    LinkOutcome::Copied(None) => {}
+                }
+            }
+            Err(e) => {
+                stop.store(true, Ordering::Relaxed);
+                let mut slot = failure.lock().unwrap();
+                // A real failure explains more than the cancellations it caused elsewhere.
+                if slot.as_ref().is_none_or(|f| matches!(f, Error::Cancelled)) {
+                    *slot = Some(e);
+                }
+                return;
+            }
+        }
+    };
+    let jobs = options.jobs.clamp(1, plan.shards.len().max(1));
+    std::thread::scope(|scope| {
+        for _ in 1..jobs {
+            scope.spawn(worker);
+        }
+        worker();
+    });
+    if let Some(error) = failure.into_inner().unwrap() {
+        for path in completed.into_inner().unwrap() {
+            let _ = std::fs::remove_file(path);
+        }
+        return Err(error);
+    }
+    sync_dir(out_dir)?;
+    Ok(report.into_inner().unwrap())
+}
+
+enum LinkOutcome {
+    Linked,
+    /// Copied; with the reason when a link was asked for and failed.
+    Copied(Option<String>),
+}
+
+fn write_one_shard(
+    plan: &Arc<OutputPlan>,
+    shard: usize,
+    out_dir: &Path,
+    hardlink: bool,
+    progress: Progress<'_>,
+) -> Result<(PathBuf, LinkOutcome)> {
+    let spec = &plan.shards[shard];
+    let mut fallback = None;
+    if let (true, ShardKind::WholeFile { file }) = (hardlink, &spec.kind) {
+        let dest = out_dir.join(&spec.file_name);
+        match link_into_place(&plan.sources[*file], &dest) {
+            Ok(()) => {
+                progress(spec.file_len);
+                return Ok((dest, LinkOutcome::Linked));
+            }
+            Err(e) => fallback = Some(e.to_string()),
+        }
+    }
+    let writer = ShardWriter::create(Arc::clone(plan), shard, out_dir)?;
+    writer.copy_sources(progress)?;
+    Ok((writer.finish()?, LinkOutcome::Copied(fallback)))
+}
+
+/// Hard-links `source` as `dest` (through a temporary name, so `dest` is replaced atomically).
+fn link_into_place(source: &Path, dest: &Path) -> std::io::Result<()> {
+    let temp = temp_path_for(dest);
+    let _ = std::fs::remove_file(&temp);
+    std::fs::hard_link(source, &temp)?;
+    std::fs::rename(&temp, dest).inspect_err(|_| {
+        let _ = std::fs::remove_file(&temp);
+    })
+}
+
+/// Writes `model.safetensors.index.json` for a completed plan, atomically, and syncs the
+/// directory.
+pub fn write_index(plan: &OutputPlan, out_dir: &Path) -> Result<PathBuf> {
+    let text = encode_index(plan.weight_map(), plan.total_size(), plan.total_parameters());
+    let path = out_dir.join(INDEX_FILE);
+    write_atomically(&path, text.as_bytes())?;
+    sync_dir(out_dir)?;
+    Ok(path)
+}

@@ -1,0 +1,355 @@
+//! `Checkpoint`, `TensorEntry`, `TensorView` and `read_header`.
+
+use std::collections::BTreeMap;
+use std::ffi::c_int;
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use normalize_core::checkpoint::Layout;
+use normalize_core::header::{read_header as core_read_header, ShardHeader};
+use normalize_core::verify::{find_problems, Severity};
+use normalize_core::{Checkpoint, Error, TensorEntry};
+use pyo3::exceptions::{PyBufferError, PyKeyError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+
+use crate::errors::OrRaise;
+
+/// One tensor: name, dtype (safetensors name such as "BF16"), shape, the file holding it,
+/// offsets relative to that file's data buffer, and its absolute offset in the file.
+#[pyclass(name = "TensorEntry", module = "normalize_core._core", frozen, get_all)]
+#[derive(Clone)]
+pub struct PyTensorEntry {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<u64>,
+    pub file: String,
+    pub data_offsets: (u64, u64),
+    pub file_offset: u64,
+    pub nbytes: u64,
+}
+
+#[pymethods]
+impl PyTensorEntry {
+    fn __repr__(&self) -> String {
+        format!(
+            "TensorEntry(name={:?}, dtype={}, shape={:?}, file={:?}, nbytes={})",
+            self.name, self.dtype, self.shape, self.file, self.nbytes
+        )
+    }
+}
+
+impl PyTensorEntry {
+    fn from_entry(entry: &TensorEntry, checkpoint: &Checkpoint) -> Self {
+        PyTensorEntry {
+            name: entry.name.clone(),
+            dtype: entry.dtype.to_string(),
+            shape: entry.shape.clone(),
+            file: checkpoint.files[entry.file].name.clone(),
+            data_offsets: entry.data_offsets,
+            file_offset: entry.file_offset,
+            nbytes: entry.nbytes(),
+        }
+    }
+}
+
+/// A checkpoint directory read through its index and headers; no tensor data is read.
+///
+/// Open one with `Checkpoint.open(path)`.
+#[pyclass(name = "Checkpoint", module = "normalize_core._core", frozen)]
+pub struct PyCheckpoint {
+    pub inner: Arc<Checkpoint>,
+}
+
+#[pymethods]
+impl PyCheckpoint {
+    /// Opens a directory holding `model.safetensors.index.json`, a lone `model.safetensors`, or
+    /// any `*.safetensors` files; validates every header and the index.
+    #[staticmethod]
+    fn open(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let checkpoint = py.detach(|| Checkpoint::open(&path)).or_raise()?;
+        Ok(PyCheckpoint {
+            inner: Arc::new(checkpoint),
+        })
+    }
+
+    /// The directory.
+    #[getter]
+    fn dir(&self) -> PathBuf {
+        self.inner.dir.clone()
+    }
+
+    /// How tensors were found: "indexed", "single_file" or "unindexed".
+    #[getter]
+    fn layout(&self) -> &'static str {
+        match self.inner.layout {
+            Layout::Indexed => "indexed",
+            Layout::SingleFile => "single_file",
+            Layout::Unindexed => "unindexed",
+        }
+    }
+
+    /// Shard file names in checkpoint order.
+    #[getter]
+    fn files(&self) -> Vec<String> {
+        self.inner.files.iter().map(|f| f.name.clone()).collect()
+    }
+
+    /// Every tensor, in checkpoint order (index order, or file then offset order).
+    #[getter]
+    fn tensors(&self) -> Vec<PyTensorEntry> {
+        self.inner
+            .tensors
+            .iter()
+            .map(|t| PyTensorEntry::from_entry(t, &self.inner))
+            .collect()
+    }
+
+    /// Tensor names in checkpoint order.
+    fn names(&self) -> Vec<String> {
+        self.inner.tensors.iter().map(|t| t.name.clone()).collect()
+    }
+
+    /// The tensor of that name; KeyError when absent.
+    fn tensor(&self, name: &str) -> PyResult<PyTensorEntry> {
+        self.inner
+            .tensor(name)
+            .map(|t| PyTensorEntry::from_entry(t, &self.inner))
+            .ok_or_else(|| PyKeyError::new_err(name.to_string()))
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.tensors.len()
+    }
+
+    fn __contains__(&self, name: &str) -> bool {
+        self.inner.tensor(name).is_some()
+    }
+
+    /// Sum of tensor bytes.
+    #[getter]
+    fn total_size(&self) -> u64 {
+        self.inner.total_size()
+    }
+
+    /// Sum of element counts.
+    #[getter]
+    fn total_parameters(&self) -> u64 {
+        self.inner.total_parameters()
+    }
+
+    /// Tensor bytes per dtype.
+    #[getter]
+    fn dtypes(&self) -> BTreeMap<String, u64> {
+        let mut totals = BTreeMap::new();
+        for t in &self.inner.tensors {
+            *totals.entry(t.dtype.to_string()).or_insert(0) += t.nbytes();
+        }
+        totals
+    }
+
+    /// Whether the shards are named `model-{i:05d}-of-{n:05d}.safetensors` with an index.
+    #[getter]
+    fn has_standard_names(&self) -> bool {
+        self.inner.has_standard_names()
+    }
+
+    /// `*.safetensors` files in the directory that the index does not reference.
+    #[getter]
+    fn unreferenced_files(&self) -> Vec<String> {
+        self.inner.unreferenced_files.clone()
+    }
+
+    /// `metadata.total_size` as the index states it (None without an index or value).
+    #[getter]
+    fn index_total_size(&self) -> Option<u64> {
+        self.inner.index.as_ref().and_then(|i| i.total_size)
+    }
+
+    /// `__metadata__` of one shard file.
+    fn file_metadata(&self, file: &str) -> PyResult<BTreeMap<String, String>> {
+        let found = self.inner.files.iter().find(|f| f.name == file);
+        let file = found.ok_or_else(|| PyKeyError::new_err(file.to_string()))?;
+        Ok(file.header.metadata.iter().cloned().collect())
+    }
+
+    /// Problems a loader would trip over (severity "error") or that look unclean ("warning"),
+    /// as `(severity, message)` pairs.
+    fn problems(&self) -> Vec<(&'static str, String)> {
+        find_problems(&self.inner)
+            .into_iter()
+            .map(|f| {
+                let severity = match f.severity {
+                    Severity::Error => "error",
+                    Severity::Warning => "warning",
+                };
+                (severity, f.message)
+            })
+            .collect()
+    }
+
+    /// A zero-copy, copy-on-write view of one tensor's bytes (buffer protocol). With
+    /// `populate`, the pages are read in now (useful from a prefetch thread).
+    #[pyo3(signature = (name, populate = false))]
+    fn view(&self, py: Python<'_>, name: &str, populate: bool) -> PyResult<PyTensorView> {
+        let entry = self
+            .inner
+            .tensor(name)
+            .ok_or_else(|| PyKeyError::new_err(name.to_string()))?
+            .clone();
+        let path = self.inner.files[entry.file].path.clone();
+        py.detach(|| PyTensorView::map(&path, &entry, populate)).or_raise()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Checkpoint({:?}, layout={}, files={}, tensors={}, total_size={})",
+            self.inner.dir,
+            self.layout(),
+            self.inner.files.len(),
+            self.inner.tensors.len(),
+            self.inner.total_size()
+        )
+    }
+}
+
+/// Bytes of one tensor, mapped privately from its file: reading costs page faults only, and
+/// writes (if any) stay in this process, never reaching the source file.
+#[pyclass(name = "TensorView", module = "normalize_core._core", frozen)]
+pub struct PyTensorView {
+    bytes: MappedBytes,
+    #[pyo3(get)]
+    name: String,
+    #[pyo3(get)]
+    dtype: String,
+    #[pyo3(get)]
+    shape: Vec<u64>,
+    #[pyo3(get)]
+    nbytes: u64,
+}
+
+/// A private mapping and the address of its first byte. The address is taken once, while the
+/// mapping is exclusively owned; afterwards only Python's buffer consumers use it.
+struct MappedBytes {
+    _map: Option<memmap2::MmapMut>,
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value for its whole life and never resized; the raw
+// pointer is only handed to Python buffer consumers, which synchronize their own access.
+unsafe impl Send for MappedBytes {}
+// SAFETY: as above; Rust code never reads or writes through `ptr`.
+unsafe impl Sync for MappedBytes {}
+
+impl PyTensorView {
+    fn map(path: &std::path::Path, entry: &TensorEntry, populate: bool) -> normalize_core::Result<Self> {
+        let len = entry.nbytes() as usize;
+        let bytes = if len == 0 {
+            MappedBytes {
+                _map: None,
+                ptr: std::ptr::NonNull::<u8>::dangling().as_ptr(),
+                len: 0,
+            }
+        } else {
+            let file = File::open(path).map_err(|e| Error::io(path, e))?;
+            let mut options = memmap2::MmapOptions::new();
+            options.offset(entry.file_offset).len(len);
+            if populate {
+                options.populate();
+            }
+            // SAFETY: a private (copy-on-write) mapping: later changes to the file by other
+            // processes are the one hazard, as for every reader of memory-mapped checkpoints.
+            let mut map = unsafe { options.map_copy(&file) }.map_err(|e| Error::io(path, e))?;
+            MappedBytes {
+                ptr: map.as_mut_ptr(),
+                _map: Some(map),
+                len,
+            }
+        };
+        Ok(PyTensorView {
+            bytes,
+            name: entry.name.clone(),
+            dtype: entry.dtype.to_string(),
+            shape: entry.shape.clone(),
+            nbytes: entry.nbytes(),
+        })
+    }
+}
+
+#[pymethods]
+impl PyTensorView {
+    /// # Safety
+    /// Called by CPython with a valid `view` to fill.
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+        let this = slf.get();
+        let (ptr, len) = (this.bytes.ptr, this.bytes.len as ffi::Py_ssize_t);
+        // SAFETY: `view` comes from CPython; the buffer lives as long as `slf`, which the view
+        // keeps a reference to.
+        let status = unsafe { ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr.cast(), len, 0, flags) };
+        if status == -1 {
+            return Err(PyErr::take(slf.py()).unwrap_or_else(|| PyBufferError::new_err("cannot export the tensor view")));
+        }
+        Ok(())
+    }
+
+    fn __len__(&self) -> usize {
+        self.bytes.len
+    }
+
+    fn __repr__(&self) -> String {
+        format!("TensorView(name={:?}, dtype={}, shape={:?})", self.name, self.dtype, self.shape)
+    }
+}
+
+/// A parsed, validated safetensors header.
+#[pyclass(name = "ShardHeader", module = "normalize_core._core", frozen, get_all)]
+pub struct PyShardHeader {
+    pub path: PathBuf,
+    pub file_len: u64,
+    pub header_len: u64,
+    pub data_start: u64,
+    pub metadata: BTreeMap<String, String>,
+    pub tensors: Vec<PyTensorEntry>,
+}
+
+impl PyShardHeader {
+    fn from_header(header: ShardHeader) -> Self {
+        let name = header
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let data_start = header.data_start();
+        let tensors = header
+            .tensors
+            .iter()
+            .map(|t| PyTensorEntry {
+                name: t.name.clone(),
+                dtype: t.dtype.to_string(),
+                shape: t.shape.clone(),
+                file: name.clone(),
+                data_offsets: t.data_offsets,
+                file_offset: data_start + t.data_offsets.0,
+                nbytes: t.nbytes(),
+            })
+            .collect();
+        PyShardHeader {
+            data_start,
+            path: header.path,
+            file_len: header.file_len,
+            header_len: header.header_len,
+            metadata: header.metadata.into_iter().collect(),
+            tensors,
+        }
+    }
+}
+
+/// Reads and validates one safetensors file's header (tensors sorted by offset). Reads no
+/// tensor data.
+#[pyfunction]
+pub fn read_header(py: Python<'_>, path: PathBuf) -> PyResult<PyShardHeader> {
+    let header = py.detach(|| core_read_header(&path)).or_raise()?;
+    Ok(PyShardHeader::from_header(header))
+}

@@ -1,0 +1,79 @@
+//! `quantize_fp8_blocks`: the CPU per-block FP8 kernel over Python buffers.
+
+use normalize_core::fp8::{quantize_blocks, BlockLayout, ScaleFormat, SourceFloat};
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::errors::OrRaise;
+
+fn writable_region(buffer: &PyBuffer<u8>, what: &str) -> PyResult<(usize, usize)> {
+    if buffer.readonly() {
+        return Err(PyValueError::new_err(format!("{what} buffer is read-only")));
+    }
+    if !buffer.is_c_contiguous() {
+        return Err(PyValueError::new_err(format!("{what} buffer must be C-contiguous")));
+    }
+    Ok((buffer.buf_ptr() as usize, buffer.len_bytes()))
+}
+
+/// Quantizes `input` (little-endian `dtype` elements: "BF16", "F16" or "F32", laid out as
+/// `batch` matrices of `rows × cols`) per `block × block` tile into `fp8_out` (one
+/// float8_e4m3fn byte per element) and `scale_out` (`[batch, ceil(rows/block),
+/// ceil(cols/block)]` scales, float32, or bfloat16 with `scale_bf16`). With `ue8m0`, scales are
+/// powers of two. Uses up to `threads` threads with the GIL released. Raises NormalizeError
+/// naming `tensor` on NaN/Inf input.
+#[pyfunction]
+#[pyo3(signature = (tensor, input, dtype, batch, rows, cols, fp8_out, scale_out, block = 128, ue8m0 = false, scale_bf16 = false, threads = 1))]
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_fp8_blocks(
+    py: Python<'_>,
+    tensor: &str,
+    input: PyBuffer<u8>,
+    dtype: &str,
+    batch: usize,
+    rows: usize,
+    cols: usize,
+    fp8_out: PyBuffer<u8>,
+    scale_out: PyBuffer<u8>,
+    block: usize,
+    ue8m0: bool,
+    scale_bf16: bool,
+    threads: usize,
+) -> PyResult<()> {
+    let source = match dtype {
+        "BF16" => SourceFloat::BF16,
+        "F16" => SourceFloat::F16,
+        "F32" => SourceFloat::F32,
+        other => return Err(PyValueError::new_err(format!("cannot quantize dtype {other:?}; expected BF16, F16 or F32"))),
+    };
+    if !input.is_c_contiguous() {
+        return Err(PyValueError::new_err("input buffer must be C-contiguous"));
+    }
+    let (in_addr, in_len) = (input.buf_ptr() as usize, input.len_bytes());
+    let (q_addr, q_len) = writable_region(&fp8_out, "fp8_out")?;
+    let (s_addr, s_len) = writable_region(&scale_out, "scale_out")?;
+    let ranges = [(in_addr, in_len), (q_addr, q_len), (s_addr, s_len)];
+    for (i, a) in ranges.iter().enumerate() {
+        for b in &ranges[i + 1..] {
+            if a.1 > 0 && b.1 > 0 && a.0 < b.0 + b.1 && b.0 < a.0 + a.1 {
+                return Err(PyValueError::new_err("input and output buffers overlap"));
+            }
+        }
+    }
+    let layout = BlockLayout { batch, rows, cols, block };
+    let format = ScaleFormat { ue8m0, bf16: scale_bf16 };
+    py.detach(|| {
+        // SAFETY: the three PyBuffers keep their exporters' memory alive and unmoved until this
+        // function returns; the regions were checked not to overlap, outputs are writable.
+        let (input, q, s) = unsafe {
+            (
+                std::slice::from_raw_parts(in_addr as *const u8, in_len),
+                std::slice::from_raw_parts_mut(q_addr as *mut u8, q_len),
+                std::slice::from_raw_parts_mut(s_addr as *mut u8, s_len),
+            )
+        };
+        quantize_blocks(tensor, input, source, layout, format, q, s, threads)
+    })
+    .or_raise()
+}

@@ -1,0 +1,38 @@
+//! The `normalize_core._core` extension: a thin PyO3 layer over the `normalize-core` crate.
+//! Heavy work runs with the GIL released; every core error becomes `NormalizeError`.
+
+mod checkpoint;
+mod errors;
+mod files;
+mod fp8;
+mod plan;
+mod writer;
+
+use pyo3::prelude::*;
+
+#[pymodule(gil_used = false)]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("NormalizeError", m.py().get_type::<errors::NormalizeError>())?;
+    m.add_class::<checkpoint::PyCheckpoint>()?;
+    m.add_class::<checkpoint::PyTensorEntry>()?;
+    m.add_class::<checkpoint::PyTensorView>()?;
+    m.add_class::<checkpoint::PyShardHeader>()?;
+    m.add_class::<plan::PyPlanBuilder>()?;
+    m.add_class::<plan::PyOutputTensor>()?;
+    m.add_class::<plan::PyTensorGroup>()?;
+    m.add_class::<plan::PyOutputPlan>()?;
+    m.add_class::<plan::PyShardPlan>()?;
+    m.add_class::<writer::PyShardWriter>()?;
+    m.add_function(wrap_pyfunction!(checkpoint::read_header, m)?)?;
+    m.add_function(wrap_pyfunction!(plan::plan_shards, m)?)?;
+    m.add_function(wrap_pyfunction!(fp8::quantize_fp8_blocks, m)?)?;
+    m.add_function(wrap_pyfunction!(files::check_separate, m)?)?;
+    m.add_function(wrap_pyfunction!(files::prepare_output_dir, m)?)?;
+    m.add_function(wrap_pyfunction!(files::list_aux_files, m)?)?;
+    m.add_function(wrap_pyfunction!(files::copy_aux_files, m)?)?;
+    m.add_function(wrap_pyfunction!(files::remove_stale_shards, m)?)?;
+    m.add_function(wrap_pyfunction!(files::is_tool_shard_name, m)?)?;
+    m.add_function(wrap_pyfunction!(files::copy_file, m)?)?;
+    Ok(())
+}
