@@ -1,1 +1,54 @@
-from normalize_core._core import *  # noqa
+"""model-normalize: safetensors checkpoints that transformers, vLLM and SGLang load as-is.
+
+The index tooling (headers, indexes, plans, writers) comes from the Rust extension; the
+functions below drive it. Importing this package does not import torch; ``to_fp8`` and
+``quantize_block_fp8`` do, when first used.
+
+>>> import normalize_core
+>>> ckpt = normalize_core.Checkpoint.open("path/to/checkpoint")   # doctest: +SKIP
+>>> plan = normalize_core.plan_shards(ckpt, max_shard_bytes=4 << 30)   # doctest: +SKIP
+"""
+
+from normalize_core._core import (
+    Checkpoint,
+    NormalizeError,
+    OutputPlan,
+    OutputTensor,
+    PlanBuilder,
+    ShardHeader,
+    ShardPlan,
+    ShardWriter,
+    TensorEntry,
+    TensorGroup,
+    TensorView,
+    __version__,
+    plan_shards,
+    read_header,
+)
+from normalize_core.repack import WriteResult, plan_repack, repack
+from normalize_core.report import VerifyReport, inspect_checkpoint, verify_checkpoint
+from normalize_core.sizes import parse_size
+
+__all__ = [
+    "Checkpoint",
+    "NormalizeError",
+    "OutputPlan",
+    "OutputTensor",
+    "PlanBuilder",
+    "ShardHeader",
+    "ShardPlan",
+    "ShardWriter",
+    "TensorEntry",
+    "TensorGroup",
+    "TensorView",
+    "VerifyReport",
+    "WriteResult",
+    "__version__",
+    "inspect_checkpoint",
+    "parse_size",
+    "plan_repack",
+    "plan_shards",
+    "read_header",
+    "repack",
+    "verify_checkpoint",
+]

@@ -82,8 +82,8 @@ pub fn temp_path_for(dest: &Path) -> PathBuf {
 pub fn write_atomically(dest: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let atomic = AtomicFile::create(dest)?;
-    (&*atomic.file())
-        .write_all(bytes)
+    let mut file = atomic.file();
+    file.write_all(bytes)
         .map_err(|e| Error::io(atomic.temp_path(), e))?;
     atomic.commit()
 }

@@ -59,7 +59,10 @@ pub fn copy_file(from: &Path, to: &Path, progress: Progress<'_>) -> Result<()> {
     let len = src.metadata().map_err(|e| Error::io(from, e))?.len();
     let out = AtomicFile::create(to)?;
     copy_range(
-        FileAt { file: &src, path: from },
+        FileAt {
+            file: &src,
+            path: from,
+        },
         0,
         FileAt {
             file: out.file(),
@@ -92,9 +95,15 @@ mod tests {
         std::os::unix::fs::symlink(src.join("config.json"), src.join("link.json")).unwrap();
         let copied = copy_aux_files(&src, &out).unwrap();
         assert_eq!(copied, ["config.json", "link.json", "sub"]);
-        assert_eq!(std::fs::read_to_string(out.join("sub/tok.model")).unwrap(), "tok");
+        assert_eq!(
+            std::fs::read_to_string(out.join("sub/tok.model")).unwrap(),
+            "tok"
+        );
         assert!(!out.join("sub/.cache").exists());
-        assert!(!std::fs::symlink_metadata(out.join("link.json")).unwrap().file_type().is_symlink());
+        assert!(!std::fs::symlink_metadata(out.join("link.json"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
         assert!(!out.join("model.safetensors").exists());
     }
 }

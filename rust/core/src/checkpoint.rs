@@ -133,13 +133,18 @@ impl Checkpoint {
         self.tensors.iter().map(TensorEntry::numel).sum()
     }
 
-    /// Whether the shard files carry HF's `model-{i:05d}-of-{n:05d}.safetensors` names, numbered
-    /// 1..=n in order, with an index.
+    /// Whether the shard files are exactly HF's `model-{i:05d}-of-{n:05d}.safetensors`, i in
+    /// 1..=n, with an index.
     pub fn has_standard_names(&self) -> bool {
         let n = self.files.len();
+        let mut names: Vec<&str> = self.files.iter().map(|f| f.name.as_str()).collect();
+        names.sort_unstable();
         self.layout == Layout::Indexed
             && n > 0
-            && self.files.iter().enumerate().all(|(i, f)| f.name == standard_shard_name(i + 1, n))
+            && names
+                .iter()
+                .enumerate()
+                .all(|(i, name)| *name == standard_shard_name(i + 1, n))
     }
 
     /// Adds tensors in the given (file, position-in-header) order and checks names are unique.
@@ -226,7 +231,12 @@ fn open_indexed(dir: &Path, index: ShardIndex, scanned: Vec<String>) -> Result<C
         let listed: std::collections::HashSet<&str> =
             index.weight_map.iter().map(|(t, _)| t.as_str()).collect();
         for file in &files {
-            if let Some(info) = file.header.tensors.iter().find(|t| !listed.contains(t.name.as_str())) {
+            if let Some(info) = file
+                .header
+                .tensors
+                .iter()
+                .find(|t| !listed.contains(t.name.as_str()))
+            {
                 return Err(Error::NotInIndex {
                     file: file.path.clone(),
                     tensor: info.name.clone(),
@@ -332,6 +342,9 @@ mod tests {
 
     #[test]
     fn standard_names() {
-        assert_eq!(standard_shard_name(3, 12), "model-00003-of-00012.safetensors");
+        assert_eq!(
+            standard_shard_name(3, 12),
+            "model-00003-of-00012.safetensors"
+        );
     }
 }

@@ -72,10 +72,22 @@ pub fn copy_range(
     Ok(())
 }
 
-fn kernel_copy(src: &File, src_offset: u64, dst: &File, dst_offset: u64, len: u64) -> rustix::io::Result<u64> {
+fn kernel_copy(
+    src: &File,
+    src_offset: u64,
+    dst: &File,
+    dst_offset: u64,
+    len: u64,
+) -> rustix::io::Result<u64> {
     let (mut off_in, mut off_out) = (src_offset, dst_offset);
     loop {
-        match rustix::fs::copy_file_range(src, Some(&mut off_in), dst, Some(&mut off_out), len as usize) {
+        match rustix::fs::copy_file_range(
+            src,
+            Some(&mut off_in),
+            dst,
+            Some(&mut off_out),
+            len as usize,
+        ) {
             Err(Errno::INTR) => continue,
             other => return other.map(|n| n as u64),
         }
@@ -83,7 +95,10 @@ fn kernel_copy(src: &File, src_offset: u64, dst: &File, dst_offset: u64, len: u6
 }
 
 fn kernel_cannot_copy(errno: Errno) -> bool {
-    matches!(errno, Errno::XDEV | Errno::NOSYS | Errno::OPNOTSUPP | Errno::INVAL | Errno::PERM)
+    matches!(
+        errno,
+        Errno::XDEV | Errno::NOSYS | Errno::OPNOTSUPP | Errno::INVAL | Errno::PERM
+    )
 }
 
 fn buffered_copy(
@@ -135,13 +150,25 @@ mod tests {
         std::fs::write(&src_path, &data).unwrap();
         let dst_path = dir.path().join("dst");
         let src = File::open(&src_path).unwrap();
-        let dst = File::options().create(true).truncate(true).read(true).write(true).open(&dst_path).unwrap();
+        let dst = File::options()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&dst_path)
+            .unwrap();
         dst.write_all_at(b"HEAD", 0).unwrap();
         let seen = AtomicU64::new(0);
         copy_range(
-            FileAt { file: &src, path: &src_path },
+            FileAt {
+                file: &src,
+                path: &src_path,
+            },
             1234,
-            FileAt { file: &dst, path: &dst_path },
+            FileAt {
+                file: &dst,
+                path: &dst_path,
+            },
             4,
             200_001,
             &|n| {
@@ -164,7 +191,16 @@ mod tests {
         let dst_path = dir.path().join("dst");
         let src = File::open(&src_path).unwrap();
         let dst = File::create(&dst_path).unwrap();
-        let (s, d) = (FileAt { file: &src, path: &src_path }, FileAt { file: &dst, path: &dst_path });
+        let (s, d) = (
+            FileAt {
+                file: &src,
+                path: &src_path,
+            },
+            FileAt {
+                file: &dst,
+                path: &dst_path,
+            },
+        );
         let mut buffer = vec![0u8; 3];
         assert_eq!(buffered_copy(s, 2, d, 0, 7, &mut buffer).unwrap(), 7);
         assert_eq!(std::fs::read(&dst_path).unwrap(), b"2345678");
@@ -181,9 +217,15 @@ mod tests {
         let src = File::open(&src_path).unwrap();
         let dst = File::create(&dst_path).unwrap();
         let err = copy_range(
-            FileAt { file: &src, path: &src_path },
+            FileAt {
+                file: &src,
+                path: &src_path,
+            },
             0,
-            FileAt { file: &dst, path: &dst_path },
+            FileAt {
+                file: &dst,
+                path: &dst_path,
+            },
             0,
             100,
             &|_| false,

@@ -154,11 +154,17 @@ pub enum Error {
 
     /// The output directory lies inside a source directory.
     #[error("{}: output lies inside source {}; choose a directory outside it", output.display(), source_dir.display())]
-    OutputInsideSource { output: PathBuf, source_dir: PathBuf },
+    OutputInsideSource {
+        output: PathBuf,
+        source_dir: PathBuf,
+    },
 
     /// A source directory lies inside the output directory.
     #[error("{}: source {} lies inside this output directory; choose another output", output.display(), source_dir.display())]
-    SourceInsideOutput { output: PathBuf, source_dir: PathBuf },
+    SourceInsideOutput {
+        output: PathBuf,
+        source_dir: PathBuf,
+    },
 
     /// The output directory has files and overwriting was not asked for.
     #[error("{}: output directory is not empty; pass --overwrite to replace the files this tool writes", output.display())]

@@ -113,19 +113,41 @@ impl BlockLayout {
     }
 }
 
-/// Quantizes `input` (little-endian `source` elements laid out as `layout`) into `fp8_out`
-/// (one byte per element) and `scale_out` (`[batch, block_rows, block_cols]` scales), using up
-/// to `threads` threads. Non-finite inputs are refused: they have no meaningful FP8 value.
+/// The tensor to quantize: little-endian `source` elements laid out as `layout`.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockInput<'a> {
+    /// Name for error messages.
+    pub tensor: &'a str,
+    pub bytes: &'a [u8],
+    pub source: SourceFloat,
+    pub layout: BlockLayout,
+}
+
+/// Where results go: one FP8 byte per element and `[batch, block_rows, block_cols]` scales.
+#[derive(Debug)]
+pub struct BlockOutput<'a> {
+    pub fp8: &'a mut [u8],
+    pub scales: &'a mut [u8],
+}
+
+/// Quantizes `input` into `output` using up to `threads` threads. Non-finite inputs are
+/// refused: they have no meaningful FP8 value.
 pub fn quantize_blocks(
-    tensor: &str,
-    input: &[u8],
-    source: SourceFloat,
-    layout: BlockLayout,
+    input: BlockInput<'_>,
     format: ScaleFormat,
-    fp8_out: &mut [u8],
-    scale_out: &mut [u8],
+    output: BlockOutput<'_>,
     threads: usize,
 ) -> Result<()> {
+    let BlockInput {
+        tensor,
+        bytes: input,
+        source,
+        layout,
+    } = input;
+    let BlockOutput {
+        fp8: fp8_out,
+        scales: scale_out,
+    } = output;
     let invalid = |detail: String| Error::InvalidQuantizeInput {
         tensor: tensor.into(),
         detail,
@@ -141,7 +163,11 @@ pub fn quantize_blocks(
         )));
     }
     if fp8_out.len() != layout.elements() {
-        return Err(invalid(format!("fp8 output has {} bytes, needs {}", fp8_out.len(), layout.elements())));
+        return Err(invalid(format!(
+            "fp8 output has {} bytes, needs {}",
+            fp8_out.len(),
+            layout.elements()
+        )));
     }
     if scale_out.len() != layout.scales() * format.size() {
         return Err(invalid(format!(
@@ -170,7 +196,8 @@ pub fn quantize_blocks(
         let mut first = 0;
         while first < stripes {
             let last = (first + per_thread).min(stripes);
-            let rows_in = |s: usize| (layout.rows - (s % stripes_per_matrix) * stripe_rows).min(stripe_rows);
+            let rows_in =
+                |s: usize| (layout.rows - (s % stripes_per_matrix) * stripe_rows).min(stripe_rows);
             let elems: usize = (first..last).map(|s| rows_in(s) * layout.cols).sum();
             let (fp8_part, fp8_tail) = fp8_rest.split_at_mut(elems);
             let (scale_part, scale_tail) = scale_rest.split_at_mut((last - first) * scale_row);
@@ -188,7 +215,8 @@ pub fn quantize_blocks(
                     let (q, q_tail) = fp8_part.split_at_mut(n);
                     let (s, s_tail) = scale_part.split_at_mut(scale_row);
                     let src = &input[elem * source.size()..(elem + n) * source.size()];
-                    if !quantize_stripe(src, source, rows, layout.cols, layout.block, format, q, s) {
+                    if !quantize_stripe(src, source, rows, layout.cols, layout.block, format, q, s)
+                    {
                         bad_stripe.lock().unwrap().get_or_insert(stripe);
                         return;
                     }
@@ -328,7 +356,8 @@ pub fn f16_to_f32(h: u16) -> f32 {
         (0, 0) => sign,
         (0, m) => {
             // Subnormal half: value = m · 2^-24, exactly representable in f32.
-            return f32::from_bits(sign) + if sign != 0 { -(m as f32) } else { m as f32 } * 2f32.powi(-24);
+            return f32::from_bits(sign)
+                + if sign != 0 { -(m as f32) } else { m as f32 } * 2f32.powi(-24);
         }
         (0x1f, m) => sign | 0x7f80_0000 | (m << 13),
         (e, m) => sign | ((e + 127 - 15) << 23) | (m << 13),
@@ -363,7 +392,11 @@ mod tests {
         for w in codes.windows(2) {
             let (lo, hi) = (e4m3fn_to_f32(w[0]), e4m3fn_to_f32(w[1]));
             let even = if w[0] % 2 == 0 { w[0] } else { w[1] };
-            assert_eq!(f32_to_e4m3fn((lo + hi) / 2.0), even, "tie between {lo} and {hi}");
+            assert_eq!(
+                f32_to_e4m3fn((lo + hi) / 2.0),
+                even,
+                "tie between {lo} and {hi}"
+            );
             assert_eq!(f32_to_e4m3fn(lo + (hi - lo) * 0.26), w[0]);
             assert_eq!(f32_to_e4m3fn(lo + (hi - lo) * 0.74), w[1]);
         }
@@ -372,14 +405,23 @@ mod tests {
 
     #[test]
     fn scales_round_as_specified() {
-        let f = ScaleFormat { ue8m0: false, bf16: false };
+        let f = ScaleFormat {
+            ue8m0: false,
+            bf16: false,
+        };
         assert_eq!(f.scale_for(0.0), 1e-4 / 448.0);
         assert_eq!(f.scale_for(448.0), 1.0);
-        let p = ScaleFormat { ue8m0: true, bf16: false };
+        let p = ScaleFormat {
+            ue8m0: true,
+            bf16: false,
+        };
         assert_eq!(p.scale_for(448.0), 1.0);
         assert_eq!(p.scale_for(449.0), 2.0);
         assert_eq!(p.scale_for(300.0), 1.0);
-        let b = ScaleFormat { ue8m0: false, bf16: true };
+        let b = ScaleFormat {
+            ue8m0: false,
+            bf16: true,
+        };
         let s = b.scale_for(3.0);
         assert!(s >= 3.0 / 448.0 && s.to_bits() & 0xffff == 0);
     }
@@ -396,21 +438,49 @@ mod tests {
 
     #[test]
     fn quantizes_tiles_independently_with_edges_and_batches() {
-        let layout = BlockLayout { batch: 2, rows: 3, cols: 5, block: 2 };
+        let layout = BlockLayout {
+            batch: 2,
+            rows: 3,
+            cols: 5,
+            block: 2,
+        };
         let values: Vec<f32> = (0..layout.elements()).map(|i| i as f32 - 7.0).collect();
         let input: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let format = ScaleFormat { ue8m0: false, bf16: false };
+        let format = ScaleFormat {
+            ue8m0: false,
+            bf16: false,
+        };
         let mut q = vec![0u8; layout.elements()];
         let mut s = vec![0u8; layout.scales() * 4];
-        quantize_blocks("t", &input, SourceFloat::F32, layout, format, &mut q, &mut s, 3).unwrap();
-        let scales: Vec<f32> = s.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        quantize_blocks(
+            BlockInput {
+                tensor: "t",
+                bytes: &input,
+                source: SourceFloat::F32,
+                layout,
+            },
+            format,
+            BlockOutput {
+                fp8: &mut q,
+                scales: &mut s,
+            },
+            3,
+        )
+        .unwrap();
+        let scales: Vec<f32> = s
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         for m in 0..2 {
             for r in 0..3 {
                 for c in 0..5 {
                     let i = (m * 3 + r) * 5 + c;
                     let scale = scales[(m * 2 + r / 2) * 3 + c / 2];
                     let deq = e4m3fn_to_f32(q[i]) * scale;
-                    assert!((deq - values[i]).abs() <= values[i].abs() / 16.0 + 1e-6, "{i}");
+                    assert!(
+                        (deq - values[i]).abs() <= values[i].abs() / 16.0 + 1e-6,
+                        "{i}"
+                    );
                 }
             }
         }
@@ -420,17 +490,56 @@ mod tests {
 
     #[test]
     fn zero_tiles_give_zeros_and_non_finite_inputs_are_refused() {
-        let layout = BlockLayout { batch: 1, rows: 4, cols: 4, block: 2 };
+        let layout = BlockLayout {
+            batch: 1,
+            rows: 4,
+            cols: 4,
+            block: 2,
+        };
         let input = vec![0u8; 32];
-        let format = ScaleFormat { ue8m0: true, bf16: true };
+        let format = ScaleFormat {
+            ue8m0: true,
+            bf16: true,
+        };
         let mut q = vec![9u8; 16];
         let mut s = vec![0u8; 8];
-        quantize_blocks("z", &input, SourceFloat::BF16, layout, format, &mut q, &mut s, 2).unwrap();
+        quantize_blocks(
+            BlockInput {
+                tensor: "z",
+                bytes: &input,
+                source: SourceFloat::BF16,
+                layout,
+            },
+            format,
+            BlockOutput {
+                fp8: &mut q,
+                scales: &mut s,
+            },
+            2,
+        )
+        .unwrap();
         assert!(q.iter().all(|&b| b == 0));
         let mut bad = input.clone();
         bad[10] = 0x80;
         bad[11] = 0x7f; // bf16 +inf at element 5 (row 1)
-        let err = quantize_blocks("w", &bad, SourceFloat::BF16, layout, format, &mut q, &mut s, 2).unwrap_err();
-        assert_eq!(err.to_string(), "tensor 'w': contains NaN or Inf (matrix 0, rows 0..2); refusing to quantize it");
+        let err = quantize_blocks(
+            BlockInput {
+                tensor: "w",
+                bytes: &bad,
+                source: SourceFloat::BF16,
+                layout,
+            },
+            format,
+            BlockOutput {
+                fp8: &mut q,
+                scales: &mut s,
+            },
+            2,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "tensor 'w': contains NaN or Inf (matrix 0, rows 0..2); refusing to quantize it"
+        );
     }
 }

@@ -52,12 +52,16 @@ pub fn read_index(path: &Path) -> Result<ShardIndex> {
         .map_err(|e| Error::io(path, e))?
         .len();
     if len > MAX_INDEX_LEN {
-        return Err(invalid(format!("{len} bytes is larger than any real index")));
+        return Err(invalid(format!(
+            "{len} bytes is larger than any real index"
+        )));
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let raw: RawIndex = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
     if let Some(tensor) = raw.weight_map.duplicate {
-        return Err(invalid(format!("tensor '{tensor}' is listed twice in weight_map")));
+        return Err(invalid(format!(
+            "tensor '{tensor}' is listed twice in weight_map"
+        )));
     }
     let mut weight_map = Vec::with_capacity(raw.weight_map.entries.len());
     for (tensor, value) in raw.weight_map.entries {
@@ -130,7 +134,9 @@ mod tests {
 
     #[test]
     fn keeps_file_order_and_total_size() {
-        let f = index_with(r#"{"metadata":{"total_size":12},"weight_map":{"z":"b.safetensors","a":"a.safetensors"}}"#);
+        let f = index_with(
+            r#"{"metadata":{"total_size":12},"weight_map":{"z":"b.safetensors","a":"a.safetensors"}}"#,
+        );
         let idx = read_index(f.path()).unwrap();
         assert_eq!(idx.weight_map[0].0, "z");
         assert_eq!(idx.total_size, Some(12));
@@ -138,7 +144,13 @@ mod tests {
 
     #[test]
     fn rejects_unsafe_and_duplicate_entries() {
-        for shard in ["../x.safetensors", "/abs.safetensors", "sub/x.safetensors", "a\\\\b", ""] {
+        for shard in [
+            "../x.safetensors",
+            "/abs.safetensors",
+            "sub/x.safetensors",
+            "a\\\\b",
+            "",
+        ] {
             let f = index_with(&format!(r#"{{"weight_map":{{"t":"{shard}"}}}}"#));
             let e = read_index(f.path()).unwrap_err();
             assert_eq!(e.kind(), "unsafe_shard_name", "{shard}");
@@ -146,7 +158,9 @@ mod tests {
         }
         let f = index_with(r#"{"weight_map":{"t":"a","t":"b"}}"#);
         let e = read_index(f.path()).unwrap_err();
-        assert!(e.to_string().ends_with("invalid index: tensor 't' is listed twice in weight_map"));
+        assert!(e
+            .to_string()
+            .ends_with("invalid index: tensor 't' is listed twice in weight_map"));
         let f = index_with(r#"{"weight_map":{"t":3}}"#);
         assert_eq!(read_index(f.path()).unwrap_err().kind(), "invalid_index");
         let f = index_with(r#"{"metadata":{}}"#);

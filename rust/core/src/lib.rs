@@ -33,5 +33,7 @@ pub mod writer;
 
 pub use checkpoint::{Checkpoint, Layout, TensorEntry};
 pub use error::{Error, Result};
-pub use plan::{plan_repack, OutputPlan, OutputTensor, PlanBuilder, ShardNaming, ShardPlan, TensorGroup};
+pub use plan::{
+    plan_repack, OutputPlan, OutputTensor, PlanBuilder, ShardNaming, ShardPlan, TensorGroup,
+};
 pub use writer::{execute_plan, write_index, ExecuteOptions, ShardWriter};

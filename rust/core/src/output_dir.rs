@@ -72,7 +72,10 @@ pub fn is_tool_shard_name(name: &str) -> bool {
     if name == "model.safetensors" {
         return true;
     }
-    let Some(rest) = name.strip_prefix("model-").and_then(|r| r.strip_suffix(".safetensors")) else {
+    let Some(rest) = name
+        .strip_prefix("model-")
+        .and_then(|r| r.strip_suffix(".safetensors"))
+    else {
         return false;
     };
     let bytes = rest.as_bytes();
@@ -158,7 +161,10 @@ mod tests {
         prepare_output_dir(&out, false).unwrap();
         std::fs::write(out.join("note.txt"), "x").unwrap();
         std::fs::write(out.join(INDEX_FILE), "{}").unwrap();
-        assert_eq!(prepare_output_dir(&out, false).unwrap_err().kind(), "output_not_empty");
+        assert_eq!(
+            prepare_output_dir(&out, false).unwrap_err().kind(),
+            "output_not_empty"
+        );
         prepare_output_dir(&out, true).unwrap();
         assert!(!out.join(INDEX_FILE).exists());
         assert!(out.join("note.txt").exists());

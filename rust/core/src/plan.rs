@@ -283,7 +283,11 @@ impl PlanBuilder {
             };
             if !seen_files.insert(file_name.clone()) {
                 return Err(Error::InvalidPlan {
-                    tensor: pending.tensors.first().map(|t| t.name.clone()).unwrap_or_default(),
+                    tensor: pending
+                        .tensors
+                        .first()
+                        .map(|t| t.name.clone())
+                        .unwrap_or_default(),
                     detail: format!("two output shards would be named {file_name}"),
                 });
             }
@@ -297,7 +301,12 @@ impl PlanBuilder {
             }
             shards.push(match pending.whole_file {
                 Some(file) => whole_file_shard(file_name, file, pending.tensors, &self.sources)?,
-                None => assembled_shard(file_name, pending.tensors, &self.metadata, pending.max_bytes),
+                None => assembled_shard(
+                    file_name,
+                    pending.tensors,
+                    &self.metadata,
+                    pending.max_bytes,
+                ),
             });
         }
         Ok(OutputPlan {
@@ -319,7 +328,9 @@ fn whole_file_shard(
     sources: &[PathBuf],
 ) -> Result<ShardPlan> {
     let path = &sources[file];
-    let file_len = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+    let file_len = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
     let data_len: u64 = tensors.iter().map(|t| t.nbytes).sum();
     let data_start = file_len - data_len;
     let tensors = tensors
@@ -458,7 +469,10 @@ mod tests {
     }
 
     fn single(t: OutputTensor, home_file: usize) -> TensorGroup {
-        TensorGroup { tensors: vec![t], home_file }
+        TensorGroup {
+            tensors: vec![t],
+            home_file,
+        }
     }
 
     #[test]
@@ -499,7 +513,11 @@ mod tests {
         );
         let plan = b.finish(ShardNaming::Standard).unwrap();
         let shard = &plan.shards[0];
-        let order: Vec<&str> = shard.tensors.iter().map(|t| t.tensor.name.as_str()).collect();
+        let order: Vec<&str> = shard
+            .tensors
+            .iter()
+            .map(|t| t.tensor.name.as_str())
+            .collect();
         assert_eq!(order, ["dbl", "word", "half", "byte"]);
         assert_eq!(shard.data_start() % 8, 0);
         for t in &shard.tensors {
@@ -547,7 +565,10 @@ mod tests {
     fn a_tensor_planned_twice_is_refused() {
         let mut b = builder(1);
         b.pack_greedy(
-            vec![single(copied("a", Dtype::U8, 1, 0, 0), 0), single(copied("a", Dtype::U8, 1, 0, 1), 0)],
+            vec![
+                single(copied("a", Dtype::U8, 1, 0, 0), 0),
+                single(copied("a", Dtype::U8, 1, 0, 1), 0),
+            ],
             1 << 30,
         );
         let err = b.finish(ShardNaming::Standard).unwrap_err();

@@ -51,12 +51,21 @@ pub fn find_problems(checkpoint: &Checkpoint) -> Vec<Finding> {
         _ => {}
     }
     for name in &checkpoint.unreferenced_files {
-        add(Severity::Error, format!("{name} is not referenced by the index (stale shard?)"));
+        add(
+            Severity::Error,
+            format!("{name} is not referenced by the index (stale shard?)"),
+        );
     }
     for file in &checkpoint.files {
         if let Some((_, format)) = file.header.metadata.iter().find(|(k, _)| k == "format") {
             if !LOADABLE_FORMATS.contains(&format.as_str()) {
-                add(Severity::Error, format!("{}: __metadata__ format '{format}' is refused by transformers", file.name));
+                add(
+                    Severity::Error,
+                    format!(
+                        "{}: __metadata__ format '{format}' is refused by transformers",
+                        file.name
+                    ),
+                );
             }
         }
         let data_start = file.header.data_start();
@@ -68,7 +77,12 @@ pub fn find_problems(checkpoint: &Checkpoint) -> Vec<Finding> {
         {
             add(
                 Severity::Warning,
-                format!("{}: tensor '{}' is not aligned to its {}-byte elements; loaders must copy it", file.name, t.name, alignment(t.dtype)),
+                format!(
+                    "{}: tensor '{}' is not aligned to its {}-byte elements; loaders must copy it",
+                    file.name,
+                    t.name,
+                    alignment(t.dtype)
+                ),
             );
         }
     }

@@ -69,7 +69,11 @@ impl ShardWriter {
             .filter(|(_, t)| t.tensor.source == TensorSource::Provided)
             .map(|(i, t)| (t.tensor.name.clone(), i))
             .collect();
-        let written = spec.tensors.iter().map(|_| AtomicBool::new(false)).collect();
+        let written = spec
+            .tensors
+            .iter()
+            .map(|_| AtomicBool::new(false))
+            .collect();
         Ok(ShardWriter {
             plan,
             shard,
@@ -105,7 +109,9 @@ impl ShardWriter {
         };
         if let ShardKind::WholeFile { file } = spec.kind {
             copy_range(self.source_at(file), 0, dst, 0, spec.file_len, progress)?;
-            self.written.iter().for_each(|w| w.store(true, Ordering::Release));
+            self.written
+                .iter()
+                .for_each(|w| w.store(true, Ordering::Release));
             return Ok(());
         }
         let data_start = spec.data_start();
@@ -147,7 +153,9 @@ impl ShardWriter {
             detail,
         };
         let Some(&slot) = self.provided_slots.get(name) else {
-            return Err(rejected("this shard has no provided tensor of that name".into()));
+            return Err(rejected(
+                "this shard has no provided tensor of that name".into(),
+            ));
         };
         let placed = &spec.tensors[slot];
         if bytes.len() as u64 != placed.tensor.nbytes {
@@ -171,11 +179,7 @@ impl ShardWriter {
     /// Checks every tensor was written, flushes, and renames the shard into place.
     pub fn finish(self) -> Result<PathBuf> {
         let spec = &self.plan.shards[self.shard];
-        if let Some(missing) = self
-            .written
-            .iter()
-            .position(|w| !w.load(Ordering::Acquire))
-        {
+        if let Some(missing) = self.written.iter().position(|w| !w.load(Ordering::Acquire)) {
             return Err(Error::TensorNotWritten {
                 file: self.dest().into(),
                 tensor: spec.tensors[missing].tensor.name.clone(),
@@ -326,7 +330,11 @@ fn link_into_place(source: &Path, dest: &Path) -> std::io::Result<()> {
 /// Writes `model.safetensors.index.json` for a completed plan, atomically, and syncs the
 /// directory.
 pub fn write_index(plan: &OutputPlan, out_dir: &Path) -> Result<PathBuf> {
-    let text = encode_index(plan.weight_map(), plan.total_size(), plan.total_parameters());
+    let text = encode_index(
+        plan.weight_map(),
+        plan.total_size(),
+        plan.total_parameters(),
+    );
     let path = out_dir.join(INDEX_FILE);
     write_atomically(&path, text.as_bytes())?;
     sync_dir(out_dir)?;

@@ -199,7 +199,8 @@ impl PyCheckpoint {
             .ok_or_else(|| PyKeyError::new_err(name.to_string()))?
             .clone();
         let path = self.inner.files[entry.file].path.clone();
-        py.detach(|| PyTensorView::map(&path, &entry, populate)).or_raise()
+        py.detach(|| PyTensorView::map(&path, &entry, populate))
+            .or_raise()
     }
 
     fn __repr__(&self) -> String {
@@ -244,7 +245,11 @@ unsafe impl Send for MappedBytes {}
 unsafe impl Sync for MappedBytes {}
 
 impl PyTensorView {
-    fn map(path: &std::path::Path, entry: &TensorEntry, populate: bool) -> normalize_core::Result<Self> {
+    fn map(
+        path: &std::path::Path,
+        entry: &TensorEntry,
+        populate: bool,
+    ) -> normalize_core::Result<Self> {
         let len = entry.nbytes() as usize;
         let bytes = if len == 0 {
             MappedBytes {
@@ -282,14 +287,20 @@ impl PyTensorView {
 impl PyTensorView {
     /// # Safety
     /// Called by CPython with a valid `view` to fill.
-    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
         let this = slf.get();
         let (ptr, len) = (this.bytes.ptr, this.bytes.len as ffi::Py_ssize_t);
         // SAFETY: `view` comes from CPython; the buffer lives as long as `slf`, which the view
         // keeps a reference to.
-        let status = unsafe { ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr.cast(), len, 0, flags) };
+        let status =
+            unsafe { ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr.cast(), len, 0, flags) };
         if status == -1 {
-            return Err(PyErr::take(slf.py()).unwrap_or_else(|| PyBufferError::new_err("cannot export the tensor view")));
+            return Err(PyErr::take(slf.py())
+                .unwrap_or_else(|| PyBufferError::new_err("cannot export the tensor view")));
         }
         Ok(())
     }
@@ -299,7 +310,10 @@ impl PyTensorView {
     }
 
     fn __repr__(&self) -> String {
-        format!("TensorView(name={:?}, dtype={}, shape={:?})", self.name, self.dtype, self.shape)
+        format!(
+            "TensorView(name={:?}, dtype={}, shape={:?})",
+            self.name, self.dtype, self.shape
+        )
     }
 }
 

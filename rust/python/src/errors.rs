@@ -52,14 +52,19 @@ const TICK: Duration = Duration::from_millis(100);
 /// Runs `work` on a helper thread without the GIL. Meanwhile the calling thread wakes every
 /// tick to pass the bytes done so far to `progress` (a callable taking an int) and to check for
 /// signals; an exception from either stops the work and is raised.
-pub fn run_cancellable<T, F>(py: Python<'_>, progress: Option<&Bound<'_, PyAny>>, work: F) -> PyResult<T>
+pub fn run_cancellable<T, F>(
+    py: Python<'_>,
+    progress: Option<&Bound<'_, PyAny>>,
+    work: F,
+) -> PyResult<T>
 where
     T: Send,
     F: FnOnce(&(dyn Fn(u64) -> bool + Sync)) -> normalize_core::Result<T> + Send,
 {
     let done_bytes = AtomicU64::new(0);
     let cancel = AtomicBool::new(false);
-    let outcome: (Mutex<Option<normalize_core::Result<T>>>, Condvar) = (Mutex::new(None), Condvar::new());
+    let outcome: (Mutex<Option<normalize_core::Result<T>>>, Condvar) =
+        (Mutex::new(None), Condvar::new());
     std::thread::scope(|scope| {
         scope.spawn(|| {
             let result = work(&|n| {

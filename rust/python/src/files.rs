@@ -33,7 +33,8 @@ pub fn list_aux_files(dir: PathBuf) -> PyResult<Vec<String>> {
 /// files skipped, symlinks followed) into `output`. Returns the top-level names copied.
 #[pyfunction]
 pub fn copy_aux_files(py: Python<'_>, source: PathBuf, output: PathBuf) -> PyResult<Vec<String>> {
-    py.detach(|| aux_files::copy_aux_files(&source, &output)).or_raise()
+    py.detach(|| aux_files::copy_aux_files(&source, &output))
+        .or_raise()
 }
 
 /// Removes `model-NNNNN-of-NNNNN.safetensors` / `model.safetensors` files in `output` that are
@@ -54,6 +55,13 @@ pub fn is_tool_shard_name(name: &str) -> bool {
 /// `progress(n)` receives bytes done.
 #[pyfunction]
 #[pyo3(signature = (source, dest, progress = None))]
-pub fn copy_file(py: Python<'_>, source: PathBuf, dest: PathBuf, progress: Option<Bound<'_, PyAny>>) -> PyResult<()> {
-    run_cancellable(py, progress.as_ref(), |tick| aux_files::copy_file(&source, &dest, tick))
+pub fn copy_file(
+    py: Python<'_>,
+    source: PathBuf,
+    dest: PathBuf,
+    progress: Option<Bound<'_, PyAny>>,
+) -> PyResult<()> {
+    run_cancellable(py, progress.as_ref(), |tick| {
+        aux_files::copy_file(&source, &dest, tick)
+    })
 }

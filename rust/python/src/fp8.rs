@@ -1,6 +1,8 @@
 //! `quantize_fp8_blocks`: the CPU per-block FP8 kernel over Python buffers.
 
-use normalize_core::fp8::{quantize_blocks, BlockLayout, ScaleFormat, SourceFloat};
+use normalize_core::fp8::{
+    quantize_blocks, BlockInput, BlockLayout, BlockOutput, ScaleFormat, SourceFloat,
+};
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -12,7 +14,9 @@ fn writable_region(buffer: &PyBuffer<u8>, what: &str) -> PyResult<(usize, usize)
         return Err(PyValueError::new_err(format!("{what} buffer is read-only")));
     }
     if !buffer.is_c_contiguous() {
-        return Err(PyValueError::new_err(format!("{what} buffer must be C-contiguous")));
+        return Err(PyValueError::new_err(format!(
+            "{what} buffer must be C-contiguous"
+        )));
     }
     Ok((buffer.buf_ptr() as usize, buffer.len_bytes()))
 }
@@ -45,7 +49,11 @@ pub fn quantize_fp8_blocks(
         "BF16" => SourceFloat::BF16,
         "F16" => SourceFloat::F16,
         "F32" => SourceFloat::F32,
-        other => return Err(PyValueError::new_err(format!("cannot quantize dtype {other:?}; expected BF16, F16 or F32"))),
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "cannot quantize dtype {other:?}; expected BF16, F16 or F32"
+            )))
+        }
     };
     if !input.is_c_contiguous() {
         return Err(PyValueError::new_err("input buffer must be C-contiguous"));
@@ -61,8 +69,16 @@ pub fn quantize_fp8_blocks(
             }
         }
     }
-    let layout = BlockLayout { batch, rows, cols, block };
-    let format = ScaleFormat { ue8m0, bf16: scale_bf16 };
+    let layout = BlockLayout {
+        batch,
+        rows,
+        cols,
+        block,
+    };
+    let format = ScaleFormat {
+        ue8m0,
+        bf16: scale_bf16,
+    };
     py.detach(|| {
         // SAFETY: the three PyBuffers keep their exporters' memory alive and unmoved until this
         // function returns; the regions were checked not to overlap, outputs are writable.
@@ -73,7 +89,13 @@ pub fn quantize_fp8_blocks(
                 std::slice::from_raw_parts_mut(s_addr as *mut u8, s_len),
             )
         };
-        quantize_blocks(tensor, input, source, layout, format, q, s, threads)
+        let input = BlockInput {
+            tensor,
+            bytes: input,
+            source,
+            layout,
+        };
+        quantize_blocks(input, format, BlockOutput { fp8: q, scales: s }, threads)
     })
     .or_raise()
 }

@@ -13,7 +13,10 @@ use pyo3::prelude::*;
 #[pymodule(gil_used = false)]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("NormalizeError", m.py().get_type::<errors::NormalizeError>())?;
+    m.add(
+        "NormalizeError",
+        m.py().get_type::<errors::NormalizeError>(),
+    )?;
     m.add_class::<checkpoint::PyCheckpoint>()?;
     m.add_class::<checkpoint::PyTensorEntry>()?;
     m.add_class::<checkpoint::PyTensorView>()?;

@@ -19,10 +19,18 @@ use crate::writer::PyShardWriter;
 /// into `model-{i:05d}-of-{n:05d}.safetensors` shards of at most `max_shard_bytes` bytes (a
 /// tensor larger than that gets a shard of its own). Reads nothing but headers.
 #[pyfunction]
-pub fn plan_shards(py: Python<'_>, checkpoint: &PyCheckpoint, max_shard_bytes: u64) -> PyResult<PyOutputPlan> {
+pub fn plan_shards(
+    py: Python<'_>,
+    checkpoint: &PyCheckpoint,
+    max_shard_bytes: u64,
+) -> PyResult<PyOutputPlan> {
     let inner = Arc::clone(&checkpoint.inner);
-    let plan = py.detach(|| plan_repack(&inner, max_shard_bytes)).or_raise()?;
-    Ok(PyOutputPlan { inner: Arc::new(plan) })
+    let plan = py
+        .detach(|| plan_repack(&inner, max_shard_bytes))
+        .or_raise()?;
+    Ok(PyOutputPlan {
+        inner: Arc::new(plan),
+    })
 }
 
 /// One planned output tensor (made by `PlanBuilder.copied` or `PlanBuilder.provided`).
@@ -110,7 +118,8 @@ impl PyPlanBuilder {
 impl PyPlanBuilder {
     #[new]
     fn new(checkpoints: Vec<PyRef<'_, PyCheckpoint>>) -> Self {
-        let checkpoints: Vec<Arc<Checkpoint>> = checkpoints.iter().map(|c| Arc::clone(&c.inner)).collect();
+        let checkpoints: Vec<Arc<Checkpoint>> =
+            checkpoints.iter().map(|c| Arc::clone(&c.inner)).collect();
         let refs: Vec<&Checkpoint> = checkpoints.iter().map(|c| c.as_ref()).collect();
         let (builder, bases) = PlanBuilder::new(&refs);
         PyPlanBuilder {
@@ -136,7 +145,8 @@ impl PyPlanBuilder {
     /// A tensor of the given dtype ("F8_E4M3", "F32", ...) and shape whose bytes the caller
     /// writes with `ShardWriter.write`.
     fn provided(&self, name: String, dtype: &str, shape: Vec<u64>) -> PyResult<PyOutputTensor> {
-        let dtype = parse_dtype(dtype).ok_or_else(|| PyValueError::new_err(format!("unknown dtype {dtype:?}")))?;
+        let dtype = parse_dtype(dtype)
+            .ok_or_else(|| PyValueError::new_err(format!("unknown dtype {dtype:?}")))?;
         Ok(PyOutputTensor {
             inner: OutputTensor::provided(name, dtype, shape).or_raise()?,
             home_file: None,
@@ -146,7 +156,12 @@ impl PyPlanBuilder {
     /// Bundles tensors into one shard. `home` names the source tensor whose file the group
     /// belongs to (for `pack_by_source_file`); by default the first copied tensor's file.
     #[pyo3(signature = (tensors, home = None, checkpoint = 0))]
-    fn group(&self, tensors: Vec<PyRef<'_, PyOutputTensor>>, home: Option<&str>, checkpoint: usize) -> PyResult<PyTensorGroup> {
+    fn group(
+        &self,
+        tensors: Vec<PyRef<'_, PyOutputTensor>>,
+        home: Option<&str>,
+        checkpoint: usize,
+    ) -> PyResult<PyTensorGroup> {
         let home_file = match home {
             Some(name) => {
                 let ckpt = self.checkpoint(checkpoint)?;
@@ -156,7 +171,9 @@ impl PyPlanBuilder {
                 self.bases[checkpoint] + entry.file
             }
             None => tensors.iter().find_map(|t| t.home_file).ok_or_else(|| {
-                PyValueError::new_err("a group of provided tensors needs `home`, the source tensor it derives from")
+                PyValueError::new_err(
+                    "a group of provided tensors needs `home`, the source tensor it derives from",
+                )
             })?,
         };
         Ok(PyTensorGroup {
@@ -168,7 +185,11 @@ impl PyPlanBuilder {
     }
 
     /// Packs groups in order into shards of at most `max_shard_bytes` (file size).
-    fn pack_greedy(&self, groups: Vec<PyRef<'_, PyTensorGroup>>, max_shard_bytes: u64) -> PyResult<()> {
+    fn pack_greedy(
+        &self,
+        groups: Vec<PyRef<'_, PyTensorGroup>>,
+        max_shard_bytes: u64,
+    ) -> PyResult<()> {
         let groups = groups.iter().map(|g| g.inner.clone()).collect();
         self.with_builder(|b| b.pack_greedy(groups, max_shard_bytes))
     }
@@ -205,7 +226,11 @@ impl PyPlanBuilder {
         let naming = match naming {
             "standard" => ShardNaming::Standard,
             "source" => ShardNaming::SourceNames,
-            other => return Err(PyValueError::new_err(format!("naming must be 'standard' or 'source', not {other:?}"))),
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "naming must be 'standard' or 'source', not {other:?}"
+                )))
+            }
         };
         let builder = self
             .builder
@@ -214,7 +239,9 @@ impl PyPlanBuilder {
             .take()
             .ok_or_else(|| PyRuntimeError::new_err("this PlanBuilder is already finished"))?;
         let plan = py.detach(|| builder.finish(naming)).or_raise()?;
-        Ok(PyOutputPlan { inner: Arc::new(plan) })
+        Ok(PyOutputPlan {
+            inner: Arc::new(plan),
+        })
     }
 }
 
@@ -327,7 +354,9 @@ impl PyOutputPlan {
     ) -> PyResult<Bound<'py, PyDict>> {
         let plan = Arc::clone(&self.inner);
         let options = ExecuteOptions { jobs, hardlink };
-        let report = run_cancellable(py, progress.as_ref(), |tick| execute_plan(&plan, &output_dir, options, tick))?;
+        let report = run_cancellable(py, progress.as_ref(), |tick| {
+            execute_plan(&plan, &output_dir, options, tick)
+        })?;
         let result = PyDict::new(py);
         result.set_item("linked", report.linked)?;
         result.set_item("link_fallbacks", report.link_fallbacks)?;
@@ -335,9 +364,17 @@ impl PyOutputPlan {
     }
 
     /// Opens shard `index` for writing in `output_dir` (temporary file, header written).
-    fn open_shard(&self, py: Python<'_>, index: usize, output_dir: PathBuf) -> PyResult<PyShardWriter> {
+    fn open_shard(
+        &self,
+        py: Python<'_>,
+        index: usize,
+        output_dir: PathBuf,
+    ) -> PyResult<PyShardWriter> {
         if index >= self.inner.shards.len() {
-            return Err(PyIndexError::new_err(format!("the plan has {} shards", self.inner.shards.len())));
+            return Err(PyIndexError::new_err(format!(
+                "the plan has {} shards",
+                self.inner.shards.len()
+            )));
         }
         let plan = Arc::clone(&self.inner);
         let writer = py

@@ -31,7 +31,11 @@ impl PyShardWriter {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let provided = writer.provided_tensors().into_iter().map(String::from).collect();
+        let provided = writer
+            .provided_tensors()
+            .into_iter()
+            .map(String::from)
+            .collect();
         PyShardWriter {
             state: RwLock::new(Some(writer)),
             file_name,
@@ -70,7 +74,9 @@ impl PyShardWriter {
     /// e.g. `tensor.view(torch.uint8).numpy()`), without copying them first.
     fn write(&self, py: Python<'_>, name: &str, data: PyBuffer<u8>) -> PyResult<()> {
         if !data.is_c_contiguous() {
-            return Err(PyValueError::new_err(format!("bytes for '{name}' must be C-contiguous")));
+            return Err(PyValueError::new_err(format!(
+                "bytes for '{name}' must be C-contiguous"
+            )));
         }
         let (address, len) = (data.buf_ptr() as usize, data.len_bytes());
         let guard = self.state.read().unwrap();
@@ -87,7 +93,12 @@ impl PyShardWriter {
     /// Checks every planned tensor was written, fsyncs and renames the shard into place.
     /// Returns the final path.
     fn finish(&self, py: Python<'_>) -> PyResult<PathBuf> {
-        let writer = self.state.write().unwrap().take().ok_or_else(Self::closed)?;
+        let writer = self
+            .state
+            .write()
+            .unwrap()
+            .take()
+            .ok_or_else(Self::closed)?;
         py.detach(|| writer.finish()).or_raise()
     }
 

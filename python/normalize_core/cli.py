@@ -1,0 +1,235 @@
+"""The ``normalize`` command line."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from normalize_core import __version__
+from normalize_core._core import NormalizeError
+from normalize_core.progress import byte_progress, stderr
+from normalize_core.repack import DEFAULT_JOBS, plan_repack, write_repack
+from normalize_core.report import inspect_checkpoint, verify_checkpoint
+from normalize_core.sample import write_sample_checkpoint
+from normalize_core.sizes import GIB, MIB, format_bytes, gib_to_bytes, parse_size
+
+app = typer.Typer(
+    name="normalize",
+    help="Turn a training engine's safetensors checkpoint into one that transformers, vLLM and "
+    "SGLang load as-is: re-shard it, convert it to per-block FP8, merge checkpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+stdout = Console()
+
+#: Exit status for user errors (bad input, refused output): one line on stderr, no traceback.
+USER_ERROR = 2
+
+
+def fail(message: str) -> typer.Exit:
+    """Prints ``error: message`` on stderr and returns the exit to raise."""
+    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(USER_ERROR)
+
+
+def shard_limit(shard_size_gb: float | None, max_shard_size: str | None) -> int:
+    """Bytes per shard from ``--shard-size-gb`` (GiB) or ``--max-shard-size`` (``5GB``, ``4GiB``)."""
+    if shard_size_gb is not None and max_shard_size is not None:
+        raise typer.BadParameter("give --shard-size-gb or --max-shard-size, not both")
+    try:
+        if max_shard_size is not None:
+            return parse_size(max_shard_size)
+        return gib_to_bytes(4.0 if shard_size_gb is None else shard_size_gb)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+SourceOpt = Annotated[Path, typer.Option("--source", "-s", help="Checkpoint directory to read (never written).")]
+OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Directory to write (created; must be empty unless --overwrite).")]
+ShardGbOpt = Annotated[
+    float | None,
+    typer.Option("--shard-size-gb", help="Largest shard in GiB (default 4; fractions allowed: 0.25 = 256 MiB)."),
+]
+MaxShardOpt = Annotated[
+    str | None,
+    typer.Option("--max-shard-size", help="Largest shard as a size string: 5GB (decimal, like HF) or 4GiB."),
+]
+JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1, help="Shards written at the same time.")]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Write into a non-empty output, replacing only files this tool writes.")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        stdout.print(f"normalize {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Global options."""
+
+
+def print_plan(plan) -> None:
+    table = Table(title="Shard plan", show_lines=False)
+    table.add_column("shard")
+    table.add_column("tensors", justify="right")
+    table.add_column("tensor bytes", justify="right")
+    table.add_column("file bytes", justify="right")
+    for shard in plan.shards:
+        table.add_row(shard.file_name, str(len(shard.tensor_names)), format_bytes(shard.data_len), format_bytes(shard.file_len))
+    stdout.print(table)
+    stdout.print(
+        f"{len(plan.shards)} shards, {sum(len(s.tensor_names) for s in plan.shards)} tensors, "
+        f"total_size {plan.total_size} bytes ({format_bytes(plan.total_size)})"
+    )
+
+
+@app.command()
+def repack(
+    source: SourceOpt,
+    output: OutputOpt,
+    shard_size_gb: ShardGbOpt = None,
+    max_shard_size: MaxShardOpt = None,
+    jobs: JobsOpt = DEFAULT_JOBS,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the shard plan; write nothing.")] = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Re-shard a checkpoint into model-{i:05d}-of-{n:05d}.safetensors + model.safetensors.index.json.
+
+    Reads any layout (index, a lone model.safetensors, or engine-named *.safetensors in natural
+    order), packs tensors in order into shards of at most the size limit (a larger tensor gets a
+    shard of its own) and copies every non-tensor file. Bytes move inside the kernel; torch is
+    never imported and no tensor is loaded.
+    """
+    limit = shard_limit(shard_size_gb, max_shard_size)
+    try:
+        checkpoint, plan = plan_repack(source, limit)
+        if dry_run:
+            print_plan(plan)
+            return
+        with byte_progress(sum(s.file_len for s in plan.shards), "repack", enabled=not quiet) as advance:
+            result = write_repack(checkpoint, plan, output, jobs=jobs, overwrite=overwrite, progress=advance)
+    except NormalizeError as e:
+        raise fail(str(e)) from None
+    rate = result.total_size / max(result.seconds, 1e-9)
+    stdout.print(
+        f"Wrote {len(result.shards)} shards ({result.tensors} tensors, {format_bytes(result.total_size)}) "
+        f"to {result.output} in {result.seconds:.1f} s ({format_bytes(rate)}/s)."
+    )
+    if result.aux_files:
+        stdout.print(f"Copied {len(result.aux_files)} other files: {', '.join(result.aux_files)}")
+    if result.removed_stale:
+        stdout.print(f"Removed stale shards of an earlier run: {', '.join(result.removed_stale)}")
+
+
+@app.command("inspect")
+def inspect_command(
+    directory: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Describe a checkpoint: tensors, dtypes and their bytes, shards, naming style, quantization, problems."""
+    try:
+        info = inspect_checkpoint(directory)
+    except NormalizeError as e:
+        raise fail(str(e)) from None
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    stdout.print(f"[bold]{info['path']}[/]  ({info['naming']} naming, {info['layout']})")
+    stdout.print(
+        f"{info['tensors']} tensors, {info['total_parameters']} parameters, "
+        f"{format_bytes(info['total_size'])} in {len(info['shards'])} shard files"
+    )
+    dtypes = Table("dtype", "tensors", "bytes", title="dtypes")
+    for dtype, d in sorted(info["dtypes"].items()):
+        dtypes.add_row(dtype, str(d["tensors"]), format_bytes(d["bytes"]))
+    stdout.print(dtypes)
+    q = info["quantization"]
+    stdout.print(f"quantization: {q['scheme']} ({q['fp8_tensors']} FP8 tensors, {q['block_scaled']} with _scale_inv)")
+    if info["aux_files"]:
+        stdout.print(f"other files: {', '.join(info['aux_files'])}")
+    for p in info["problems"]:
+        stdout.print(f"[{'red' if p['severity'] == 'error' else 'yellow'}]{p['severity']}:[/] {p['message']}")
+    if not info["problems"]:
+        stdout.print("no problems found")
+
+
+@app.command()
+def verify(
+    directory: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Check that a checkpoint loads as written; exit 0 only if every check holds.
+
+    Checks: valid headers, index and shards consistent, correct total_size, no stray or missing
+    tensors, and for FP8 checkpoints the scale tensors and quantization_config.
+    """
+    report = verify_checkpoint(directory)
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        for severity, message in report.findings:
+            stdout.print(f"[{'red' if severity == 'error' else 'yellow'}]{severity}:[/] {message}")
+        verdict = "[green]OK[/]" if report.ok else "[red]FAILED[/]"
+        stdout.print(f"{verdict} {report.path}: {report.tensors} tensors in {report.shards} shard files")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    directory: Annotated[
+        Path | None, typer.Argument(help="Empty or new directory to work in (default: a new temporary one).")
+    ] = None,
+) -> None:
+    """Write a small sample checkpoint with engine-style shard names, repack it, verify the result."""
+    root = directory or Path(tempfile.mkdtemp(prefix="normalize-demo-"))
+    if root.exists() and any(root.iterdir()):
+        raise fail(f"{root}: directory is not empty; give a new or empty directory")
+    source, output = root / "engine-checkpoint", root / "normalized"
+    write_sample_checkpoint(source)
+    stdout.print(f"1. Wrote a sample engine checkpoint to {source}:")
+    for f in sorted(source.iterdir()):
+        stdout.print(f"     {f.name}  ({format_bytes(f.stat().st_size)})")
+    limit = MIB
+    try:
+        checkpoint, plan = plan_repack(source, limit)
+        result = write_repack(checkpoint, plan, output, jobs=DEFAULT_JOBS)
+    except NormalizeError as e:
+        raise fail(str(e)) from None
+    stdout.print(f"2. Repacked it into {len(result.shards)} shards of at most {format_bytes(limit)} in {output}:")
+    for f in sorted(output.iterdir()):
+        stdout.print(f"     {f.name}  ({format_bytes(f.stat().st_size)})")
+    report = verify_checkpoint(output)
+    stdout.print(
+        f"3. Verified: {'OK' if report.ok else 'FAILED'} ({report.tensors} tensors, "
+        f"total_size {result.total_size} bytes)"
+    )
+    for severity, message in report.findings:
+        stdout.print(f"     {severity}: {message}")
+    stdout.print(f"Try: normalize inspect {output}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+__all__ = ["app", "main", "GIB"]

@@ -1,0 +1,123 @@
+"""``inspect`` and ``verify``: what a checkpoint holds and whether engines will load it.
+
+Both read headers, the index and ``config.json`` only (plus FP8 scale tensors, which are
+small); neither imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from normalize_core._core import Checkpoint, NormalizeError, list_aux_files
+from normalize_core.fp8.contract import fp8_findings
+
+FP8_DTYPES = {"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
+
+
+def naming_style(checkpoint: Checkpoint) -> str:
+    """``standard`` (HF names + index), ``single_file``, ``indexed_custom`` (index, other names)
+    or ``engine`` (several shards, no index)."""
+    if checkpoint.has_standard_names:
+        return "standard"
+    return {"single_file": "single_file", "indexed": "indexed_custom"}.get(checkpoint.layout, "engine")
+
+
+def read_config(directory: Path) -> dict[str, Any] | None:
+    """``config.json`` as a dict, or None when absent or unreadable."""
+    try:
+        return json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def quantization_summary(checkpoint: Checkpoint, config: dict[str, Any] | None) -> dict[str, Any]:
+    """Counts FP8 weights and scale tensors and names the scheme."""
+    names = set(checkpoint.names())
+    fp8 = [t for t in checkpoint.tensors if t.dtype in FP8_DTYPES]
+    block_scaled = [t for t in fp8 if f"{t.name}_scale_inv" in names]
+    scale_dtypes = Counter(checkpoint.tensor(f"{t.name}_scale_inv").dtype for t in block_scaled)
+    if not fp8:
+        scheme = "none"
+    elif len(block_scaled) == len(fp8):
+        scheme = "fp8_block"
+    else:
+        scheme = "fp8_other"
+    summary: dict[str, Any] = {
+        "scheme": scheme,
+        "fp8_tensors": len(fp8),
+        "block_scaled": len(block_scaled),
+        "scale_dtypes": dict(scale_dtypes),
+    }
+    if config and "quantization_config" in config:
+        summary["config"] = config["quantization_config"]
+    return summary
+
+
+def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON-ready description: layout, naming, shards, dtypes, quantization, aux files, problems."""
+    directory = Path(path)
+    checkpoint = Checkpoint.open(directory)
+    per_file: dict[str, list[int]] = {name: [0, 0] for name in checkpoint.files}
+    dtypes: dict[str, dict[str, int]] = {}
+    for t in checkpoint.tensors:
+        per_file[t.file][0] += 1
+        per_file[t.file][1] += t.nbytes
+        entry = dtypes.setdefault(t.dtype, {"tensors": 0, "bytes": 0})
+        entry["tensors"] += 1
+        entry["bytes"] += t.nbytes
+    config = read_config(directory)
+    problems = [{"severity": s, "message": m} for s, m in checkpoint.problems()]
+    problems += [{"severity": s, "message": m} for s, m in fp8_findings(checkpoint, config)]
+    return {
+        "path": str(directory),
+        "layout": checkpoint.layout,
+        "naming": naming_style(checkpoint),
+        "tensors": len(checkpoint),
+        "total_size": checkpoint.total_size,
+        "total_parameters": checkpoint.total_parameters,
+        "shards": [{"file": f, "tensors": n, "bytes": b} for f, (n, b) in per_file.items()],
+        "dtypes": dtypes,
+        "quantization": quantization_summary(checkpoint, config),
+        "aux_files": list_aux_files(directory),
+        "unreferenced_files": checkpoint.unreferenced_files,
+        "problems": problems,
+    }
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of ``verify``: ``ok`` unless some finding is an error."""
+
+    path: Path
+    ok: bool
+    tensors: int = 0
+    shards: int = 0
+    findings: list[tuple[str, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "ok": self.ok,
+            "tensors": self.tensors,
+            "shards": self.shards,
+            "findings": [{"severity": s, "message": m} for s, m in self.findings],
+        }
+
+
+def verify_checkpoint(path: str | os.PathLike) -> VerifyReport:
+    """Checks headers, index ↔ shard consistency, ``total_size``, stray or missing tensors, and
+    for FP8 checkpoints the scale tensors and ``quantization_config``."""
+    directory = Path(path)
+    try:
+        checkpoint = Checkpoint.open(directory)
+    except NormalizeError as e:
+        return VerifyReport(directory, ok=False, findings=[("error", str(e))])
+    findings = list(checkpoint.problems())
+    findings += fp8_findings(checkpoint, read_config(directory))
+    ok = not any(severity == "error" for severity, _ in findings)
+    return VerifyReport(directory, ok, len(checkpoint), len(checkpoint.files), findings)
