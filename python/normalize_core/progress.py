@@ -20,8 +20,9 @@ stderr = Console(stderr=True)
 
 @contextmanager
 def byte_progress(total: int, description: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """Yields ``advance(n)``; shows a bar of ``total`` bytes while the block runs (if enabled)."""
-    if not enabled:
+    """Yields ``advance(n)``; shows a bar of ``total`` bytes while the block runs, when enabled and
+    stderr is a terminal."""
+    if not (enabled and stderr.is_terminal):
         yield lambda _n: None
         return
     columns = (

@@ -7,6 +7,7 @@ tensor is ever loaded into Python, and torch is never imported.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -118,7 +119,5 @@ class fresh_output:  # noqa: N801 - used as a context manager, reads like a func
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None and self.created:
-            try:
+            with contextlib.suppress(OSError):
                 self.output.rmdir()
-            except OSError:
-                pass

@@ -64,16 +64,16 @@ def fp8_findings(checkpoint: Checkpoint, config: dict[str, Any] | None) -> list[
     findings: list[tuple[str, str]] = []
     block_size = qconfig.get("weight_block_size") or [128, 128]
     block = (int(block_size[0]), int(block_size[1]))
-    block_scheme = bool(qconfig.get("weight_block_size")) or any(
-        f"{t.name}{SCALE_SUFFIX}" in tensors for t in fp8
-    )
+    block_scheme = bool(qconfig.get("weight_block_size")) or any(f"{t.name}{SCALE_SUFFIX}" in tensors for t in fp8)
     ue8m0 = qconfig.get("scale_fmt") == "ue8m0"
 
     if block_scheme:
         for weight in fp8:
             scale = tensors.get(f"{weight.name}{SCALE_SUFFIX}")
             if scale is None:
-                other = next((n for n in (f"{weight.name}_scale", f"{weight.name[:-7]}.weight_scale") if n in tensors), None)
+                other = next(
+                    (n for n in (f"{weight.name}_scale", f"{weight.name[:-7]}.weight_scale") if n in tensors), None
+                )
                 hint = f"; it has {other}, which block-FP8 loaders ignore" if other else ""
                 findings.append(("error", f"{weight.name} is FP8 but has no {weight.name}{SCALE_SUFFIX}{hint}"))
                 continue
@@ -81,20 +81,24 @@ def fp8_findings(checkpoint: Checkpoint, config: dict[str, Any] | None) -> list[
                 findings.append(("error", f"{scale.name} is {scale.dtype}; engines expect F32 or BF16 scales"))
                 continue
             if scale.shape not in block_scale_shapes(weight.shape, block):
-                findings.append((
-                    "error",
-                    f"{scale.name} has shape {scale.shape}, expected {block_scale_shapes(weight.shape, block)[0]} "
-                    f"for {weight.shape} in {block[0]}x{block[1]} blocks",
-                ))
+                findings.append(
+                    (
+                        "error",
+                        f"{scale.name} has shape {scale.shape}, expected {block_scale_shapes(weight.shape, block)[0]} "
+                        f"for {weight.shape} in {block[0]}x{block[1]} blocks",
+                    )
+                )
                 continue
             if not _scale_values_ok(checkpoint, scale.name, scale.dtype):
                 findings.append(("error", f"{scale.name} holds a zero, negative, NaN or infinite scale"))
             elif ue8m0 and not _scales_are_powers_of_two(checkpoint, scale.name, scale.dtype):
-                findings.append((
-                    "error",
-                    f"scale_fmt is ue8m0 but {scale.name} has scales that are not powers of two "
-                    "(transformers would round them and corrupt the weights)",
-                ))
+                findings.append(
+                    (
+                        "error",
+                        f"scale_fmt is ue8m0 but {scale.name} has scales that are not powers of two "
+                        "(transformers would round them and corrupt the weights)",
+                    )
+                )
 
     if fp8 and not is_fp8_config:
         findings.append(("error", "FP8 weights but config.json has no quantization_config with quant_method 'fp8'"))
@@ -107,7 +111,10 @@ def fp8_findings(checkpoint: Checkpoint, config: dict[str, Any] | None) -> list[
     kept_modules = {
         m
         for t in tensors.values()
-        if t.dtype in FLOATING and not t.name.endswith(SCALE_SUFFIX) and (m := module_of(t.name)) and m not in fp8_modules
+        if t.dtype in FLOATING
+        and not t.name.endswith(SCALE_SUFFIX)
+        and (m := module_of(t.name))
+        and m not in fp8_modules
     }
     skip = qconfig.get("modules_to_not_convert")
     if skip is None:
@@ -115,14 +122,18 @@ def fp8_findings(checkpoint: Checkpoint, config: dict[str, Any] | None) -> list[
     for module in sorted(set(skip) & fp8_modules):
         findings.append(("error", f"{module} is listed in modules_to_not_convert but its weight is FP8"))
     unlisted = sorted(
-        m for m in kept_modules - set(skip) if len(tensors[f"{m}.weight"].shape if f"{m}.weight" in tensors else []) >= 2
+        m
+        for m in kept_modules - set(skip)
+        if len(tensors[f"{m}.weight"].shape if f"{m}.weight" in tensors else []) >= 2
     )
     if unlisted:
-        findings.append((
-            "warning",
-            f"{len(unlisted)} unquantized 2-D weights are not in modules_to_not_convert "
-            f"(an engine may expect FP8 there), e.g. {unlisted[0]}",
-        ))
+        findings.append(
+            (
+                "warning",
+                f"{len(unlisted)} unquantized 2-D weights are not in modules_to_not_convert "
+                f"(an engine may expect FP8 there), e.g. {unlisted[0]}",
+            )
+        )
     for problem in split_fused_groups(fp8_modules, kept_modules):
         findings.append(("error", problem))
     return findings

@@ -1,4 +1,4 @@
-"""The ``normalize`` command line."""
+"""``repack``, ``inspect``, ``verify`` and ``demo``: commands that need no torch."""
 
 from __future__ import annotations
 
@@ -8,79 +8,27 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from normalize_core import __version__
-from normalize_core._core import NormalizeError
-from normalize_core.progress import byte_progress, stderr
+from normalize_core._core import NormalizeError, check_separate
+from normalize_core.cli.app import (
+    JobsOpt,
+    MaxShardOpt,
+    OutputOpt,
+    OverwriteOpt,
+    QuietOpt,
+    ShardGbOpt,
+    SourceOpt,
+    app,
+    fail,
+    shard_limit,
+    stdout,
+)
+from normalize_core.progress import byte_progress
 from normalize_core.repack import DEFAULT_JOBS, plan_repack, write_repack
 from normalize_core.report import inspect_checkpoint, verify_checkpoint
 from normalize_core.sample import write_sample_checkpoint
-from normalize_core.sizes import GIB, MIB, format_bytes, gib_to_bytes, parse_size
-
-app = typer.Typer(
-    name="normalize",
-    help="Turn a training engine's safetensors checkpoint into one that transformers, vLLM and "
-    "SGLang load as-is: re-shard it, convert it to per-block FP8, merge checkpoints.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-stdout = Console()
-
-#: Exit status for user errors (bad input, refused output): one line on stderr, no traceback.
-USER_ERROR = 2
-
-
-def fail(message: str) -> typer.Exit:
-    """Prints ``error: message`` on stderr and returns the exit to raise."""
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(USER_ERROR)
-
-
-def shard_limit(shard_size_gb: float | None, max_shard_size: str | None) -> int:
-    """Bytes per shard from ``--shard-size-gb`` (GiB) or ``--max-shard-size`` (``5GB``, ``4GiB``)."""
-    if shard_size_gb is not None and max_shard_size is not None:
-        raise typer.BadParameter("give --shard-size-gb or --max-shard-size, not both")
-    try:
-        if max_shard_size is not None:
-            return parse_size(max_shard_size)
-        return gib_to_bytes(4.0 if shard_size_gb is None else shard_size_gb)
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
-
-
-SourceOpt = Annotated[Path, typer.Option("--source", "-s", help="Checkpoint directory to read (never written).")]
-OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Directory to write (created; must be empty unless --overwrite).")]
-ShardGbOpt = Annotated[
-    float | None,
-    typer.Option("--shard-size-gb", help="Largest shard in GiB (default 4; fractions allowed: 0.25 = 256 MiB)."),
-]
-MaxShardOpt = Annotated[
-    str | None,
-    typer.Option("--max-shard-size", help="Largest shard as a size string: 5GB (decimal, like HF) or 4GiB."),
-]
-JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1, help="Shards written at the same time.")]
-OverwriteOpt = Annotated[
-    bool, typer.Option("--overwrite", help="Write into a non-empty output, replacing only files this tool writes.")
-]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
-
-
-def version_callback(value: bool) -> None:
-    if value:
-        stdout.print(f"normalize {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def main_options(
-    version: Annotated[
-        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version.")
-    ] = False,
-) -> None:
-    """Global options."""
+from normalize_core.sizes import MIB, format_bytes
 
 
 def print_plan(plan) -> None:
@@ -90,7 +38,9 @@ def print_plan(plan) -> None:
     table.add_column("tensor bytes", justify="right")
     table.add_column("file bytes", justify="right")
     for shard in plan.shards:
-        table.add_row(shard.file_name, str(len(shard.tensor_names)), format_bytes(shard.data_len), format_bytes(shard.file_len))
+        table.add_row(
+            shard.file_name, str(len(shard.tensor_names)), format_bytes(shard.data_len), format_bytes(shard.file_len)
+        )
     stdout.print(table)
     stdout.print(
         f"{len(plan.shards)} shards, {sum(len(s.tensor_names) for s in plan.shards)} tensors, "
@@ -118,6 +68,8 @@ def repack(
     """
     limit = shard_limit(shard_size_gb, max_shard_size)
     try:
+        if not dry_run:
+            check_separate([source], output)
         checkpoint, plan = plan_repack(source, limit)
         if dry_run:
             print_plan(plan)
@@ -225,11 +177,3 @@ def demo(
     stdout.print(f"Try: normalize inspect {output}")
     if not report.ok:
         raise typer.Exit(1)
-
-
-def main() -> None:
-    """Console-script entry point."""
-    app()
-
-
-__all__ = ["app", "main", "GIB"]

@@ -1,0 +1,12 @@
+"""The ``normalize`` command line: one module per family of commands, all on one typer app."""
+
+from normalize_core.cli import checkpoint_commands  # noqa: F401  (registers the commands)
+from normalize_core.cli.app import app
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,78 @@
+"""The typer app, shared options and the one-line error convention of every command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from normalize_core import __version__
+from normalize_core.progress import stderr
+from normalize_core.sizes import gib_to_bytes, parse_size
+
+app = typer.Typer(
+    name="normalize",
+    help="Turn a training engine's safetensors checkpoint into one that transformers, vLLM and "
+    "SGLang load as-is: re-shard it, convert it to per-block FP8, merge checkpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+stdout = Console()
+
+#: Exit status for user errors (bad input, refused output): one line on stderr, no traceback.
+USER_ERROR = 2
+
+
+def fail(message: str) -> typer.Exit:
+    """Prints ``error: message`` on stderr and returns the exit to raise."""
+    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(USER_ERROR)
+
+
+def shard_limit(shard_size_gb: float | None, max_shard_size: str | None) -> int:
+    """Bytes per shard from ``--shard-size-gb`` (GiB) or ``--max-shard-size`` (``5GB``, ``4GiB``)."""
+    if shard_size_gb is not None and max_shard_size is not None:
+        raise typer.BadParameter("give --shard-size-gb or --max-shard-size, not both")
+    try:
+        if max_shard_size is not None:
+            return parse_size(max_shard_size)
+        return gib_to_bytes(4.0 if shard_size_gb is None else shard_size_gb)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+SourceOpt = Annotated[Path, typer.Option("--source", "-s", help="Checkpoint directory to read (never written).")]
+OutputOpt = Annotated[
+    Path, typer.Option("--output", "-o", help="Directory to write (created; must be empty unless --overwrite).")
+]
+ShardGbOpt = Annotated[
+    float | None,
+    typer.Option("--shard-size-gb", help="Largest shard in GiB (default 4; fractions allowed: 0.25 = 256 MiB)."),
+]
+MaxShardOpt = Annotated[
+    str | None,
+    typer.Option("--max-shard-size", help="Largest shard as a size string: 5GB (decimal, like HF) or 4GiB."),
+]
+JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1, help="Shards written at the same time.")]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Write into a non-empty output, replacing only files this tool writes.")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        stdout.print(f"normalize {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Global options."""
