@@ -1,0 +1,15 @@
+"""Shared fixtures. Area-specific helpers live next to the tests that use them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from normalize_core.sample import write_sample_checkpoint
+
+
+@pytest.fixture
+def engine_checkpoint(tmp_path: Path) -> Path:
+    """The built-in sample: three engine-named bf16 shards plus config and tokenizer files."""
+    return write_sample_checkpoint(tmp_path / "engine")
