@@ -30,21 +30,73 @@ impl SourceFloat {
             SourceFloat::F32 => 4,
         }
     }
+}
 
+/// How one source element is stored, for the monomorphized stripe kernel.
+trait Element {
+    const SIZE: usize;
+    /// Bits of the smallest non-finite magnitude; magnitude bits at or above it are Inf/NaN.
+    const INFINITY_BITS: u32;
+    /// The magnitude's bits (sign cleared): for IEEE formats they order like the magnitudes, so
+    /// the block maximum is an integer maximum.
+    fn magnitude_bits(raw: &[u8]) -> u32;
+    /// Converts magnitude bits back to a value.
+    fn magnitude_value(bits: u32) -> f32;
+    fn value(raw: &[u8]) -> f32;
+}
+
+struct Bf16;
+struct Half;
+struct Single;
+
+impl Element for Bf16 {
+    const SIZE: usize = 2;
+    const INFINITY_BITS: u32 = 0x7f80;
     #[inline(always)]
-    fn load(self, bytes: &[u8], i: usize) -> f32 {
-        match self {
-            SourceFloat::BF16 => {
-                f32::from_bits((u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]) as u32) << 16)
-            }
-            SourceFloat::F16 => f16_to_f32(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])),
-            SourceFloat::F32 => f32::from_le_bytes([
-                bytes[4 * i],
-                bytes[4 * i + 1],
-                bytes[4 * i + 2],
-                bytes[4 * i + 3],
-            ]),
-        }
+    fn magnitude_bits(raw: &[u8]) -> u32 {
+        u32::from(u16::from_le_bytes([raw[0], raw[1]])) & 0x7fff
+    }
+    #[inline(always)]
+    fn magnitude_value(bits: u32) -> f32 {
+        f32::from_bits(bits << 16)
+    }
+    #[inline(always)]
+    fn value(raw: &[u8]) -> f32 {
+        f32::from_bits(u32::from(u16::from_le_bytes([raw[0], raw[1]])) << 16)
+    }
+}
+
+impl Element for Half {
+    const SIZE: usize = 2;
+    const INFINITY_BITS: u32 = 0x7c00;
+    #[inline(always)]
+    fn magnitude_bits(raw: &[u8]) -> u32 {
+        u32::from(u16::from_le_bytes([raw[0], raw[1]])) & 0x7fff
+    }
+    #[inline(always)]
+    fn magnitude_value(bits: u32) -> f32 {
+        f16_to_f32(bits as u16)
+    }
+    #[inline(always)]
+    fn value(raw: &[u8]) -> f32 {
+        f16_to_f32(u16::from_le_bytes([raw[0], raw[1]]))
+    }
+}
+
+impl Element for Single {
+    const SIZE: usize = 4;
+    const INFINITY_BITS: u32 = 0x7f80_0000;
+    #[inline(always)]
+    fn magnitude_bits(raw: &[u8]) -> u32 {
+        u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]) & 0x7fff_ffff
+    }
+    #[inline(always)]
+    fn magnitude_value(bits: u32) -> f32 {
+        f32::from_bits(bits)
+    }
+    #[inline(always)]
+    fn value(raw: &[u8]) -> f32 {
+        f32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]])
     }
 }
 
@@ -215,8 +267,15 @@ pub fn quantize_blocks(
                     let (q, q_tail) = fp8_part.split_at_mut(n);
                     let (s, s_tail) = scale_part.split_at_mut(scale_row);
                     let src = &input[elem * source.size()..(elem + n) * source.size()];
-                    if !quantize_stripe(src, source, rows, layout.cols, layout.block, format, q, s)
-                    {
+                    let work = Stripe {
+                        src,
+                        rows,
+                        cols: layout.cols,
+                        block: layout.block,
+                        q,
+                        scales: s,
+                    };
+                    if !quantize_stripe(source, work, format) {
                         bad_stripe.lock().unwrap().get_or_insert(stripe);
                         return;
                     }
@@ -246,89 +305,126 @@ fn first_element(stripe: usize, layout: BlockLayout) -> usize {
     (matrix * layout.rows + row) * layout.cols
 }
 
-/// Quantizes `rows × cols` elements (one stripe). Returns `false` on a non-finite input.
-#[allow(clippy::too_many_arguments)]
-fn quantize_stripe(
-    src: &[u8],
-    source: SourceFloat,
+/// One stripe of `rows × cols` elements and its outputs.
+struct Stripe<'a> {
+    src: &'a [u8],
     rows: usize,
     cols: usize,
     block: usize,
+    q: &'a mut [u8],
+    scales: &'a mut [u8],
+}
+
+/// Quantizes one stripe, using AVX2 when the processor has it (same arithmetic, wider
+/// registers: the result is bit-identical). Returns `false` on a non-finite input.
+fn quantize_stripe(source: SourceFloat, stripe: Stripe<'_>, format: ScaleFormat) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the processor supports AVX2, checked just above.
+        return unsafe { quantize_stripe_avx2(source, stripe, format) };
+    }
+    quantize_stripe_portable(source, stripe, format)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_stripe_avx2(
+    source: SourceFloat,
+    stripe: Stripe<'_>,
     format: ScaleFormat,
-    q: &mut [u8],
-    scale_out: &mut [u8],
 ) -> bool {
+    quantize_stripe_portable(source, stripe, format)
+}
+
+#[inline(always)]
+fn quantize_stripe_portable(source: SourceFloat, stripe: Stripe<'_>, format: ScaleFormat) -> bool {
+    match source {
+        SourceFloat::BF16 => quantize_stripe_of::<Bf16>(stripe, format),
+        SourceFloat::F16 => quantize_stripe_of::<Half>(stripe, format),
+        SourceFloat::F32 => quantize_stripe_of::<Single>(stripe, format),
+    }
+}
+
+#[inline(always)]
+fn quantize_stripe_of<E: Element>(stripe: Stripe<'_>, format: ScaleFormat) -> bool {
+    let Stripe {
+        src,
+        rows,
+        cols,
+        block,
+        q,
+        scales,
+    } = stripe;
+    let row_bytes = cols * E::SIZE;
+    let block_bytes = block * E::SIZE;
     let block_cols = cols.div_ceil(block);
-    let mut amax = vec![0f32; block_cols];
-    let mut finite = true;
-    for r in 0..rows {
-        for (b, slot) in amax.iter_mut().enumerate() {
-            let (c0, c1) = (b * block, ((b + 1) * block).min(cols));
-            let mut m = *slot;
-            for c in c0..c1 {
-                let x = source.load(src, r * cols + c);
-                finite &= x.is_finite();
-                m = m.max(x.abs());
-            }
-            *slot = m;
+
+    // Pass 1: each tile's largest magnitude, as an integer maximum over magnitude bits.
+    let mut amax_bits = vec![0u32; block_cols];
+    for row in src.chunks_exact(row_bytes).take(rows) {
+        for (slot, segment) in amax_bits.iter_mut().zip(row.chunks(block_bytes)) {
+            let m = segment
+                .chunks_exact(E::SIZE)
+                .map(E::magnitude_bits)
+                .fold(0, u32::max);
+            *slot = (*slot).max(m);
         }
     }
-    if !finite {
+    if amax_bits.iter().any(|&m| m >= E::INFINITY_BITS) {
         return false;
     }
+
     let mut inverse = vec![0f32; block_cols];
-    for (b, &m) in amax.iter().enumerate() {
-        let s = format.scale_for(m);
-        inverse[b] = 1.0 / s;
+    for (b, (&m, inv)) in amax_bits.iter().zip(inverse.iter_mut()).enumerate() {
+        let s = format.scale_for(E::magnitude_value(m));
+        *inv = 1.0 / s;
         if format.bf16 {
             let bits = (s.to_bits() >> 16) as u16;
-            scale_out[2 * b..2 * b + 2].copy_from_slice(&bits.to_le_bytes());
+            scales[2 * b..2 * b + 2].copy_from_slice(&bits.to_le_bytes());
         } else {
-            scale_out[4 * b..4 * b + 4].copy_from_slice(&s.to_le_bytes());
+            scales[4 * b..4 * b + 4].copy_from_slice(&s.to_le_bytes());
         }
     }
-    for r in 0..rows {
-        for (b, &inv) in inverse.iter().enumerate() {
-            let (c0, c1) = (b * block, ((b + 1) * block).min(cols));
-            for c in c0..c1 {
-                let i = r * cols + c;
-                let x = source.load(src, i) * inv;
-                q[i] = f32_to_e4m3fn(x.clamp(-E4M3_MAX, E4M3_MAX));
+
+    // Pass 2: scale, clamp and round every element (the stripe is still in cache).
+    for (row, q_row) in src.chunks_exact(row_bytes).zip(q.chunks_exact_mut(cols)) {
+        for ((segment, q_segment), &inv) in row
+            .chunks(block_bytes)
+            .zip(q_row.chunks_mut(block))
+            .zip(&inverse)
+        {
+            for (raw, out) in segment.chunks_exact(E::SIZE).zip(q_segment.iter_mut()) {
+                *out = f32_to_e4m3fn((E::value(raw) * inv).clamp(-E4M3_MAX, E4M3_MAX));
             }
         }
     }
     true
 }
 
-/// Rounds a positive finite `f32` to `float8_e4m3fn`, round-to-nearest-even. Inputs are
-/// already clamped to ±448, so the NaN encoding is never produced.
+/// Rounds a finite `f32` within ±448 to `float8_e4m3fn`, round-to-nearest-even. (Callers
+/// clamp first, so the NaN encoding is never produced.) Branch-free so it vectorizes.
 #[inline(always)]
 pub fn f32_to_e4m3fn(x: f32) -> u8 {
+    const MIN_NORMAL_BITS: u32 = 121 << 23; // 2^-6, the smallest normal e4m3fn
     let bits = x.to_bits();
-    let sign = ((bits >> 24) & 0x80) as u8;
+    let sign = (bits >> 24) & 0x80;
     let magnitude = bits & 0x7fff_ffff;
-    // Below 2^-6 e4m3fn is subnormal, with a fixed step of 2^-9.
-    const MIN_NORMAL_BITS: u32 = 121 << 23; // 2^-6
+    // Normal: rebias the exponent (127 → 7) and round the 23-bit mantissa to 3 bits, ties to
+    // even (add 0x7ffff plus the lowest kept bit, then truncate).
+    let odd = (magnitude >> 20) & 1;
+    let normal = magnitude
+        .wrapping_sub((127 - 7) << 23)
+        .wrapping_add(0x7ffff + odd)
+        >> 20;
+    // Subnormal: the code is the magnitude in units of 2^-9, rounded to an integer; adding 2^23
+    // makes the FPU round it (ties to even) into the low mantissa bits.
+    let subnormal = (f32::from_bits(magnitude) * 512.0 + 8_388_608.0).to_bits() - 0x4b00_0000;
     let code = if magnitude < MIN_NORMAL_BITS {
-        subnormal_code(f32::from_bits(magnitude))
+        subnormal
     } else {
-        // Rebias the exponent (127 → 7) and round the 23-bit mantissa to 3 bits, ties to even.
-        let odd = (magnitude >> 20) & 1;
-        let rounded = magnitude
-            .wrapping_sub((127 - 7) << 23)
-            .wrapping_add(0x7ffff + odd);
-        (rounded >> 20) as u8
+        normal
     };
-    code | sign
-}
-
-/// Code of a magnitude below the smallest normal e4m3fn: the nearest multiple of 2^-9
-/// (ties to even), which is exactly the 3-bit subnormal mantissa (and 8 → the smallest normal).
-#[inline(always)]
-fn subnormal_code(magnitude: f32) -> u8 {
-    // magnitude · 2^9 is in [0, 8); rounding it to an integer with ties to even is exact in
-    // f32, and the integer is the code.
-    (magnitude * 512.0).round_ties_even() as u8
+    (code | sign) as u8
 }
 
 /// `2^ceil(log2 s)` for positive normal `s`, computed on the bits (exact, unlike `log2`).
