@@ -1,0 +1,78 @@
+"""The ``quantization_config`` block of ``config.json`` and the skip list inside it.
+
+``modules_to_not_convert`` holds exactly the modules whose weight stays unquantized: full
+names without ``.weight``, every kept Linear (routers, ``lm_head``, …) included, never a module
+whose weight is FP8 (vLLM matches these names exactly and would read FP8 bytes as bf16).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from normalize_core.errors import normalize_error
+from normalize_core.fp8.groups import module_of, split_fused_groups
+
+FLOATING_DTYPES = frozenset({"BF16", "F16", "F32", "F64"})
+
+
+def module_sets(quantized: Iterable[str], kept: Iterable[str], dtypes: Mapping[str, str]) -> tuple[set[str], set[str]]:
+    """``(modules whose weight becomes FP8, modules whose floating weight stays)`` from tensor names."""
+    fp8 = {m for name in quantized if (m := module_of(name))}
+    stays = {m for name in kept if dtypes[name] in FLOATING_DTYPES and (m := module_of(name))} - fp8
+    return fp8, stays
+
+
+def check_fused_groups(fp8_modules: set[str], kept_modules: set[str]) -> None:
+    """Raises ``NormalizeError`` when modules an engine fuses into one layer would differ in precision."""
+    problems = split_fused_groups(fp8_modules, kept_modules)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise normalize_error(
+            "split_fused_group",
+            f"{problems[0]}{more}; quantize or keep the whole group (adjust --quantize-pattern / --skip-pattern)",
+        )
+
+
+def fp8_quantization_config(modules_to_not_convert: list[str], *, block_size: int, scale_fmt: str) -> dict[str, Any]:
+    """The block written to ``config.json``. ``scale_fmt`` appears only for ue8m0 (power-of-two
+    scales); ``ignored_layers`` mirrors the skip list for older vLLM."""
+    config: dict[str, Any] = {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "weight_block_size": [block_size, block_size],
+    }
+    if scale_fmt == "ue8m0":
+        config["scale_fmt"] = "ue8m0"
+    config["modules_to_not_convert"] = list(modules_to_not_convert)
+    config["ignored_layers"] = list(modules_to_not_convert)
+    return config
+
+
+def write_quantized_config(source_config: Path, output_config: Path, quantization_config: dict[str, Any]) -> bool:
+    """Writes ``output_config`` as ``source_config`` plus ``quantization_config`` (every other key
+    and its order kept). Returns False, writing nothing, when the source has no config.json."""
+    try:
+        text = source_config.read_text()
+    except FileNotFoundError:
+        return False
+    try:
+        config = json.loads(text)
+    except ValueError as e:
+        raise normalize_error(
+            "invalid_config", f"{source_config}: not valid JSON: {e}", file=str(source_config)
+        ) from None
+    if not isinstance(config, dict):
+        raise normalize_error("invalid_config", f"{source_config}: not a JSON object", file=str(source_config))
+    config["quantization_config"] = quantization_config
+    temporary = output_config.with_name(f".{output_config.name}.partial-{os.getpid()}")
+    with open(temporary, "w") as f:
+        f.write(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, output_config)
+    return True
