@@ -1,0 +1,304 @@
+"""Which tensors become per-block FP8 and which stay as they are.
+
+Three sources of decisions, each a ``decide(name, dtype, shape) -> Decision``:
+
+- ``HeuristicRules`` (default): quantize the large matmul weights, keep everything else. It reproduces the
+  decisions of the published block-FP8 releases (DeepSeek-V3, Kimi-K2, MiniMax-M2.7, Qwen3-8B/30B/235B-FP8,
+  Qwen3-Next-80B-FP8, Qwen3.5-FP8's skip list); ``tests/test_fp8_rules.py`` holds it to them.
+- ``PatternRules`` (``-p/--quantize-pattern``): quantize exactly the eligible tensors a regex matches.
+- ``ReferenceRules`` (``--reference DIR``): quantize what an existing FP8 checkpoint quantized.
+
+``with_skip_patterns`` (``--skip-pattern``) keeps matching tensors on top of any of them. A tensor is only
+ever quantized when ``ineligible_reason`` has nothing against it. No torch: torch-free commands use this.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from normalize_core._core import TensorEntry, read_header
+from normalize_core.fp8.contract import SCALE_SUFFIX
+from normalize_core.fp8.groups import is_fused_expert_param
+
+#: The safetensors dtypes a tensor must have to be quantized.
+QUANTIZABLE_DTYPES = frozenset({"BF16", "F16", "F32"})
+
+#: Block edge of the FP8 scheme, for the size estimate of a scale tensor.
+BLOCK = 128
+
+_NOT_FLOATING = frozenset({"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64"})
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Whether the source tensor ``name`` becomes FP8, and a short human-readable why."""
+
+    name: str
+    quantize: bool
+    reason: str
+
+
+class Rules(Protocol):
+    """Anything that decides per tensor: the three rule kinds and their ``with_skip_patterns`` wrapper."""
+
+    def decide(self, name: str, dtype: str, shape: Sequence[int]) -> Decision: ...
+
+
+def ineligible_reason(name: str, dtype: str, shape: Sequence[int]) -> str | None:
+    """Why this tensor can never be quantized, or None when it can: a BF16/F16/F32 tensor of at least two
+    dimensions named ``*.weight``, or a 3-D fused-expert parameter (``...experts.gate_up_proj`` /
+    ``...experts.down_proj``). No rule, pattern or reference overrides this."""
+    if dtype.startswith("F8_"):
+        return "already FP8"
+    if dtype in _NOT_FLOATING:
+        return "not floating"
+    if dtype not in QUANTIZABLE_DTYPES:
+        return f"dtype {dtype}"
+    if name.endswith(".bias"):
+        return "bias"
+    if len(shape) < 2:
+        return "1-D" if len(shape) == 1 else "scalar"
+    if is_fused_expert_param(name):
+        return None if len(shape) == 3 else f"fused experts are {len(shape)}-D, not 3-D"
+    if not name.endswith(".weight"):
+        return "not a weight"
+    return None
+
+
+#: The built-in KEEP table: an eligible tensor whose name matches one of these regexes (``re.search``) stays
+#: as it is, with that reason; every other eligible tensor is a matmul weight and becomes FP8. The first
+#: match gives the reason. Names are matched whole-segment, so ``gate_proj`` is not the router ``gate``.
+HEURISTIC_KEEP_RULES: tuple[tuple[str, str], ...] = (
+    # Whole encoder towers of multimodal models, projectors included (Qwen3.5-FP8 keeps every model.visual.*).
+    (
+        r"(?:^|\.)(?:visual|vision_tower|vision_model|vision_encoder|multi_modal_projector|mm_projector)\.",
+        "vision tower",
+    ),
+    # Output heads, including DeepSeek's MTP head ``model.layers.61.shared_head.head`` (its own vocab projection).
+    (r"(?:^|\.)(?:lm_head|shared_head\.head)\.weight$", "lm_head"),
+    # Token/position embeddings: embed_tokens (also DeepSeek MTP's model.layers.61.embed_tokens), pos_embed, wte, ...
+    (r"(?:^|\.)(?:[^.]*embed[^.]*|wte|wpe)\.weight$", "embedding"),
+    # Norms that are not 1-D (every norm seen so far is 1-D and ineligible anyway).
+    (r"(?:^|\.)[^.]*norm[^.]*\.weight$", "norm"),
+    # MoE routers (mlp.gate, block_sparse_moe.gate, gpt-oss/Llama-4 router) and Qwen's shared-expert gate:
+    # small and precision-sensitive; every real release keeps them.
+    (r"(?:^|\.)(?:gate|router|shared_expert_gate)\.weight$", "router"),
+    # DeepSeek-V3.2's sparse-attention indexer scores heads through weights_proj, which vLLM and SGLang build
+    # unquantized (quant_config=None) while its wq_b and wk are FP8.
+    (r"(?:^|\.)indexer\.weights_proj\.weight$", "indexer head weights"),
+    # MTP blocks' fusion of embedding and hidden state: DeepSeek/GLM eh_proj, Qwen3-Next/3.5 mtp.fc.
+    (r"(?:^|\.)(?:eh_proj|mtp\.fc)\.weight$", "MTP fusion projection"),
+    # Gated-delta-net control paths: the causal conv1d and the tiny per-head a/b (beta, decay) projections.
+    (r"(?:^|\.)(?:conv1d|in_proj_a|in_proj_b|in_proj_ba)\.weight$", "linear-attention control"),
+)
+
+
+class HeuristicRules:
+    """Quantize every eligible tensor except those the ``keep_rules`` table (default
+    ``HEURISTIC_KEEP_RULES``) names: "quantize the large matmul weights, keep everything else"."""
+
+    def __init__(self, keep_rules: Sequence[tuple[str, str]] = HEURISTIC_KEEP_RULES):
+        self.keep_rules = tuple(keep_rules)
+        self._compiled = tuple((re.compile(pattern), reason) for pattern, reason in self.keep_rules)
+
+    def decide(self, name: str, dtype: str, shape: Sequence[int]) -> Decision:
+        """Keep with the ineligibility or the first matching table row's reason; otherwise quantize."""
+        if reason := ineligible_reason(name, dtype, shape):
+            return Decision(name, False, reason)
+        for pattern, reason in self._compiled:
+            if pattern.search(name):
+                return Decision(name, False, reason)
+        return Decision(name, True, "matmul weight")
+
+
+def _compile(patterns: Sequence[str], option: str) -> list[re.Pattern[str]]:
+    """User regexes, or ``ValueError`` naming the option and the bad pattern."""
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as e:
+            raise ValueError(f"invalid {option} {pattern!r}: {e}") from None
+    return compiled
+
+
+class PatternRules:
+    """``-p/--quantize-pattern``, in place of the heuristic: quantize iff eligible and some pattern
+    ``re.search``-matches the name. Raises ``ValueError`` for no patterns or an invalid regex."""
+
+    def __init__(self, quantize_patterns: Sequence[str]):
+        if not quantize_patterns:
+            raise ValueError("give at least one --quantize-pattern")
+        self.quantize_patterns = tuple(quantize_patterns)
+        self._compiled = _compile(self.quantize_patterns, "--quantize-pattern")
+
+    def decide(self, name: str, dtype: str, shape: Sequence[int]) -> Decision:
+        """Quantize with the first matching pattern as the reason; keep when none matches."""
+        if reason := ineligible_reason(name, dtype, shape):
+            return Decision(name, False, reason)
+        for pattern in self._compiled:
+            if pattern.search(name):
+                return Decision(name, True, f"matched --quantize-pattern {pattern.pattern!r}")
+        return Decision(name, False, "no --quantize-pattern matched")
+
+
+class ReferenceRules:
+    """``--reference DIR``: quantize iff eligible and the reference checkpoint has ``<name>_scale_inv``.
+
+    ``scale_dtype`` is the dtype of the reference's scale tensors (``"F32"`` or ``"BF16"`` in real
+    releases) when a header holding one was readable, else None."""
+
+    def __init__(self, reference_names: Iterable[str], scale_dtype: str | None = None):
+        self.names = frozenset(reference_names)
+        self.scale_dtype = scale_dtype
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> ReferenceRules:
+        """Reads the names from ``model.safetensors.index.json`` when present (its shards need not exist; those
+        that do are read for ``scale_dtype``), otherwise from the headers of ``*.safetensors``. Reads no tensor
+        data. Raises ``ValueError`` for a directory without either, a malformed index, a reference without any
+        ``*_scale_inv`` tensor, or scale tensors of two dtypes; ``NormalizeError`` for a bad header."""
+        root = Path(path)
+        if not root.is_dir():
+            raise ValueError(f"--reference {root}: not a directory")
+        index_path = root / "model.safetensors.index.json"
+        scale_dtypes: set[str] = set()
+        if index_path.is_file():
+            weight_map = _read_weight_map(index_path)
+            names: Iterable[str] = weight_map
+            shards_with_scales = sorted({shard for name, shard in weight_map.items() if name.endswith(SCALE_SUFFIX)})
+            for shard in shards_with_scales:
+                if (root / shard).is_file():
+                    scale_dtypes |= _scale_dtypes(read_header(root / shard).tensors)
+        else:
+            shard_paths = sorted(root.glob("*.safetensors"))
+            if not shard_paths:
+                raise ValueError(f"--reference {root}: no model.safetensors.index.json and no *.safetensors")
+            seen: dict[str, str] = {}
+            for shard_path in shard_paths:
+                tensors = read_header(shard_path).tensors
+                for tensor in tensors:
+                    if tensor.name in seen:
+                        raise ValueError(
+                            f"--reference {root}: {tensor.name} is in both {seen[tensor.name]} and {shard_path.name}"
+                        )
+                    seen[tensor.name] = shard_path.name
+                scale_dtypes |= _scale_dtypes(tensors)
+            names = seen
+        if not any(name.endswith(SCALE_SUFFIX) for name in names):
+            raise ValueError(
+                f"--reference {root}: no *{SCALE_SUFFIX} tensors, so it is not a block-FP8 checkpoint "
+                "(per-channel FP8 stores *.weight_scale, which this scheme does not use)"
+            )
+        if len(scale_dtypes) > 1:
+            raise ValueError(f"--reference {root}: scale tensors of several dtypes: {sorted(scale_dtypes)}")
+        return cls(names, next(iter(scale_dtypes), None))
+
+    def decide(self, name: str, dtype: str, shape: Sequence[int]) -> Decision:
+        """Quantize where the reference has this weight's scale; say whether a kept weight is in it at all."""
+        if reason := ineligible_reason(name, dtype, shape):
+            return Decision(name, False, reason)
+        if f"{name}{SCALE_SUFFIX}" in self.names:
+            return Decision(name, True, "reference has scale")
+        return Decision(name, False, "reference has no scale" if name in self.names else "not in reference")
+
+    def compare(self, source_names: Iterable[str]) -> tuple[list[str], list[str]]:
+        """``(only in source, only in reference)``, sorted, over tensors named like weights (``*.weight`` and
+        fused-expert parameters); scale tensors are not weights. Non-empty lists mean the reference is another
+        layout or model, and its decisions for those names say nothing."""
+        source = {name for name in source_names if _is_weight_name(name)}
+        reference = {name for name in self.names if _is_weight_name(name)}
+        return sorted(source - reference), sorted(reference - source)
+
+
+def _read_weight_map(index_path: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{index_path}: not a safetensors index ({e})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index_path}: weight_map must map tensor names to shard file names")
+    for shard in set(weight_map.values()):
+        # Only plain file names inside the reference directory are ever opened.
+        if not shard or "/" in shard or "\\" in shard or shard in (".", ".."):
+            raise ValueError(f"{index_path}: shard name {shard!r} is not a plain file name")
+    return weight_map
+
+
+def _scale_dtypes(tensors: Iterable[TensorEntry]) -> set[str]:
+    return {tensor.dtype for tensor in tensors if tensor.name.endswith(SCALE_SUFFIX)}
+
+
+def _is_weight_name(name: str) -> bool:
+    return name.endswith(".weight") or is_fused_expert_param(name)
+
+
+class SkipPatternRules:
+    """``rules`` with ``--skip-pattern`` on top: a tensor they would quantize stays as it is when a skip
+    pattern ``re.search``-matches its name. ``rules`` stays reachable (e.g. for ``scale_dtype``)."""
+
+    def __init__(self, rules: Rules, skip_patterns: Sequence[str]):
+        self.rules = rules
+        self.skip_patterns = tuple(skip_patterns)
+        self._compiled = _compile(self.skip_patterns, "--skip-pattern")
+
+    def decide(self, name: str, dtype: str, shape: Sequence[int]) -> Decision:
+        """The inner decision, unless it quantizes a name a skip pattern matches."""
+        decision = self.rules.decide(name, dtype, shape)
+        if decision.quantize:
+            for pattern in self._compiled:
+                if pattern.search(name):
+                    return Decision(name, False, f"matched --skip-pattern {pattern.pattern!r}")
+        return decision
+
+
+def with_skip_patterns(rules: Rules, skip_patterns: Sequence[str]) -> Rules:
+    """``rules`` plus ``--skip-pattern`` regexes (``rules`` itself when there are none). Raises ``ValueError``
+    for an invalid regex."""
+    return SkipPatternRules(rules, skip_patterns) if skip_patterns else rules
+
+
+def decide_all(entries: Iterable[tuple[str, str, Sequence[int]]], rules: Rules) -> list[Decision]:
+    """One decision per ``(name, dtype, shape)``, in order."""
+    return [rules.decide(name, dtype, shape) for name, dtype, shape in entries]
+
+
+def name_pattern(name: str) -> str:
+    """``model.layers.12.mlp.experts.7.w1.weight`` → ``model.layers.N.mlp.experts.N.wN.weight``."""
+    return re.sub(r"\d+", "N", name)
+
+
+def scale_bytes(shape: Sequence[int]) -> int:
+    """Size of a weight's ``_scale_inv`` as float32: one per 128x128 block, per leading index (expert)."""
+    *batch, rows, cols = shape
+    return math.prod(batch) * math.ceil(rows / BLOCK) * math.ceil(cols / BLOCK) * 4
+
+
+def summarize(
+    decisions: Iterable[Decision], sizes: Mapping[str, int], shapes: Mapping[str, Sequence[int]]
+) -> list[dict]:
+    """Decisions grouped by name pattern (digit runs → ``N``) and outcome, in order of first appearance:
+    ``{"pattern", "quantize", "reason", "count", "bytes", "bytes_saved"}``. ``sizes`` are source bytes and
+    ``shapes`` source shapes per name. An FP8 weight saves ``bytes * (1 - 1/itemsize)`` less its scale, the
+    scale counted as float32 (bfloat16 scales, as some references have, save a little more)."""
+    rows: dict[tuple[str, bool, str], dict] = {}
+    for decision in decisions:
+        key = (name_pattern(decision.name), decision.quantize, decision.reason)
+        row = rows.setdefault(
+            key,
+            {"pattern": key[0], "quantize": key[1], "reason": key[2], "count": 0, "bytes": 0, "bytes_saved": 0},
+        )
+        size = sizes[decision.name]
+        row["count"] += 1
+        row["bytes"] += size
+        if decision.quantize:
+            shape = shapes[decision.name]
+            # One byte per element after quantization, whatever the source itemsize was.
+            row["bytes_saved"] += size - math.prod(shape) - scale_bytes(shape)
+    return list(rows.values())
