@@ -123,9 +123,10 @@ def test_qwen35_fused_experts_are_quantized_and_gated_delta_net_controls_kept() 
         "model.language_model.layers.N.mlp.experts.gate_up_proj": (True, "matmul weight"),
         "model.language_model.layers.N.mlp.experts.down_proj": (True, "matmul weight"),
         "model.language_model.layers.N.linear_attn.in_proj_qkv.weight": (True, "matmul weight"),
-        "model.language_model.layers.N.linear_attn.conv1d.weight": (False, "linear-attention control"),
+        "model.language_model.layers.N.linear_attn.conv1d.weight": (False, "3-D weight (not a Linear)"),
         "model.language_model.layers.N.linear_attn.in_proj_a.weight": (False, "linear-attention control"),
-        "model.visual.patch_embed.proj.weight": (False, "vision tower"),
+        "model.visual.patch_embed.proj.weight": (False, "5-D weight (not a Linear)"),
+        "model.visual.blocks.N.attn.qkv.weight": (False, "vision tower"),
         "mtp.fc.weight": (False, "MTP fusion projection"),
         "mtp.layers.N.mlp.experts.N.gate_proj.weight": (True, "matmul weight"),
     }
@@ -285,7 +286,8 @@ def test_ineligible_reason(name: str, dtype: str, shape: list[int], reason: str 
         ("model.layers.0.self_attn.indexer.wk.weight", [128, 7168], True, "matmul weight"),
         # Mamba-style in_proj is a large matmul; only the gated-delta-net a/b/ba projections are controls.
         ("backbone.layers.0.mixer.in_proj.weight", [8192, 2048], True, "matmul weight"),
-        ("backbone.layers.0.mixer.conv1d.weight", [4096, 1, 4], False, "linear-attention control"),
+        ("backbone.layers.0.mixer.conv1d.weight", [4096, 1, 4], False, "3-D weight (not a Linear)"),
+        ("model.layers.0.linear_attn.conv1d.weight", [4096, 4], False, "linear-attention control"),
         ("model.layers.0.linear_attn.in_proj_ba.weight", [64, 2048], False, "linear-attention control"),
     ],
 )

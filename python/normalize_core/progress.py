@@ -17,21 +17,30 @@ from rich.progress import (
 
 stderr = Console(stderr=True)
 
+#: ``advance(n_bytes, items=0)``: report bytes (and, optionally, finished items) done.
+Advance = Callable[..., None]
+
 
 @contextmanager
-def byte_progress(total: int, description: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """Yields ``advance(n)``; shows a bar of ``total`` bytes while the block runs, when enabled and
-    stderr is a terminal."""
+def byte_progress(
+    total: int, description: str, enabled: bool = True, items_total: int | None = None, items_label: str = ""
+) -> Iterator[Advance]:
+    """Yields ``advance(n_bytes, items=0)``; shows a bar of ``total`` bytes while the block runs,
+    when enabled and stderr is a terminal. With ``items_total``, also counts items (e.g. tensors)."""
     if not (enabled and stderr.is_terminal):
-        yield lambda _n: None
+        yield lambda _n, items=0: None
         return
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-    )
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(binary_units=True)]
+    if items_total is not None:
+        columns.append(TextColumn("{task.fields[items]}/" + f"{items_total} {items_label}"))
+    columns += [TransferSpeedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=stderr, transient=False) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n: progress.advance(task, n)
+        task = progress.add_task(description, total=total, items=0)
+        done_items = 0
+
+        def advance(n: int, items: int = 0) -> None:
+            nonlocal done_items
+            done_items += items
+            progress.update(task, advance=n, items=done_items)
+
+        yield advance

@@ -31,24 +31,27 @@ def block_scale_shapes(shape: list[int], block: tuple[int, int]) -> list[list[in
     return shapes
 
 
+def _read_array(checkpoint: Checkpoint, name: str, typecode: str) -> array:
+    """A tensor's bytes as an ``array`` of ``typecode`` (little-endian, as this machine)."""
+    values = array(typecode)
+    values.frombytes(memoryview(checkpoint.view(name)))
+    return values
+
+
 def _scales_are_powers_of_two(checkpoint: Checkpoint, name: str, dtype: str) -> bool:
-    data = memoryview(checkpoint.view(name))
     if dtype == "F32":
-        return all(bits & 0x7FFFFF == 0 for bits in array("I", data))
-    return all(bits & 0x7F == 0 for bits in array("H", data))
+        return all(bits & 0x7FFFFF == 0 for bits in _read_array(checkpoint, name, "I"))
+    return all(bits & 0x7F == 0 for bits in _read_array(checkpoint, name, "H"))
 
 
 def _scale_values_ok(checkpoint: Checkpoint, name: str, dtype: str) -> bool:
     """Every scale finite and positive."""
-    data = memoryview(checkpoint.view(name))
     if dtype == "F32":
-        values = array("f", data)
+        values = _read_array(checkpoint, name, "f")
     else:
         # bfloat16 is the top half of a float32.
-        widened = bytearray(2 * len(data))
-        widened[2::4] = data[0::2]
-        widened[3::4] = data[1::2]
-        values = array("f", bytes(widened))
+        values = array("f")
+        values.frombytes(b"".join(b"\0\0" + h.to_bytes(2, "little") for h in _read_array(checkpoint, name, "H")))
     return all(v > 0 and math.isfinite(v) for v in values)
 
 

@@ -51,8 +51,8 @@ class Rules(Protocol):
 
 
 def ineligible_reason(name: str, dtype: str, shape: Sequence[int]) -> str | None:
-    """Why this tensor can never be quantized, or None when it can: a BF16/F16/F32 tensor of at least two
-    dimensions named ``*.weight``, or a 3-D fused-expert parameter (``...experts.gate_up_proj`` /
+    """Why this tensor can never be quantized, or None when it can: a 2-D BF16/F16/F32 tensor named
+    ``*.weight`` (a Linear's weight), or a 3-D fused-expert parameter (``...experts.gate_up_proj`` /
     ``...experts.down_proj``). No rule, pattern or reference overrides this."""
     if dtype.startswith("F8_"):
         return "already FP8"
@@ -68,6 +68,9 @@ def ineligible_reason(name: str, dtype: str, shape: Sequence[int]) -> str | None
         return None if len(shape) == 3 else f"fused experts are {len(shape)}-D, not 3-D"
     if not name.endswith(".weight"):
         return "not a weight"
+    if len(shape) > 2:
+        # Convolutions and the like: engines load block-FP8 only into Linear layers and fused experts.
+        return f"{len(shape)}-D weight (not a Linear)"
     return None
 
 

@@ -1,0 +1,181 @@
+"""``to-fp8``: convert a bf16/fp16/fp32 checkpoint to per-block FP8. torch is imported only here,
+and only when the command runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from normalize_core._core import NormalizeError, check_separate
+from normalize_core.cli.app import (
+    MaxShardOpt,
+    OverwriteOpt,
+    QuietOpt,
+    ShardGbOpt,
+    SourceOpt,
+    app,
+    fail,
+    shard_limit,
+    stdout,
+)
+from normalize_core.progress import byte_progress
+from normalize_core.sizes import format_bytes
+
+
+def print_decisions(fp8) -> None:
+    from normalize_core.fp8.rules import summarize
+
+    entries = fp8.checkpoint.tensors
+    sizes = {t.name: t.nbytes for t in entries}
+    shapes = {t.name: t.shape for t in entries}
+    table = Table(title="FP8 decisions by name pattern")
+    table.add_column("pattern", overflow="fold", ratio=3)
+    for column in ("decision", "reason", "tensors", "bytes", "saved"):
+        table.add_column(column, justify="right" if column in ("tensors", "bytes", "saved") else "left")
+    for row in summarize(fp8.decisions, sizes, shapes):
+        table.add_row(
+            row["pattern"],
+            "[green]FP8[/]" if row["quantize"] else "keep",
+            row["reason"],
+            str(row["count"]),
+            format_bytes(row["bytes"]),
+            format_bytes(row["bytes_saved"]) if row["quantize"] else "",
+        )
+    stdout.print(table)
+    plan = fp8.plan
+    stdout.print(
+        f"{len(fp8.layouts)} tensors to FP8, {len(fp8.decisions) - len(fp8.layouts)} kept; "
+        f"{format_bytes(fp8.checkpoint.total_size)} → {format_bytes(plan.total_size)} in {len(plan.shards)} shards "
+        f"({'bin-packed into model-i-of-n' if fp8.repacked else 'source shard layout kept'})"
+    )
+
+
+@app.command("to-fp8")
+def to_fp8_command(
+    source: SourceOpt,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Directory to write (created; must be empty unless --overwrite)."),
+    ] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option(
+            "--reference",
+            help="An FP8 checkpoint to imitate: a tensor is quantized iff the reference has <name>_scale_inv "
+            "(its index, or its headers); its scale dtype is followed.",
+        ),
+    ] = None,
+    quantize_pattern: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--quantize-pattern", "-p", help="Regex (repeatable) of tensors to quantize; replaces the built-in rules."
+        ),
+    ] = None,
+    skip_pattern: Annotated[
+        list[str] | None,
+        typer.Option("--skip-pattern", help="Regex (repeatable) of tensors to keep, on top of any rules."),
+    ] = None,
+    no_repack: Annotated[
+        bool, typer.Option("--no-repack", help="Keep the source's shard files even when their names are not standard.")
+    ] = False,
+    repack: Annotated[
+        bool, typer.Option("--repack", help="Bin-pack into model-{i:05d}-of-{n:05d} shards even for standard sources.")
+    ] = False,
+    shard_size_gb: ShardGbOpt = None,
+    max_shard_size: MaxShardOpt = None,
+    device: Annotated[
+        str, typer.Option("--device", help="auto (a GPU when torch sees one), cpu, cuda or cuda:N.")
+    ] = "auto",
+    scale_fmt: Annotated[
+        str,
+        typer.Option(
+            "--scale-fmt", help="float (any scale) or ue8m0 (power-of-two scales; writes scale_fmt to the config)."
+        ),
+    ] = "float",
+    scale_dtype: Annotated[
+        str | None,
+        typer.Option("--scale-dtype", help="float32 or bfloat16 (default: the reference's, else float32)."),
+    ] = None,
+    block_size: Annotated[int, typer.Option("--block-size", min=1, help="Tile edge of the per-block scales.")] = 128,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the decisions (headers only); write nothing.")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="With --dry-run: one JSON object {quantize: [...], keep: [...]}.")
+    ] = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Quantize weights to per-block (128x128) float8_e4m3fn with float32 <name>_scale_inv scales.
+
+    Large matmul weights become FP8; norms, routers, embeddings, lm_head, MTP fusion projections,
+    vision towers, biases and linear-attention control tensors stay as they are (or follow
+    --reference / --quantize-pattern / --skip-pattern). 3-D fused experts are quantized per
+    expert. config.json gets a quantization_config that vLLM, SGLang and transformers read.
+    Engine-named shards are bin-packed into standard shards in the same pass unless --no-repack.
+    """
+    if no_repack and repack:
+        raise typer.BadParameter("give --repack or --no-repack, not both")
+    if scale_fmt not in ("float", "ue8m0"):
+        raise typer.BadParameter("--scale-fmt must be float or ue8m0")
+    if scale_dtype not in (None, "float32", "bfloat16"):
+        raise typer.BadParameter("--scale-dtype must be float32 or bfloat16")
+    if output is None and not dry_run:
+        raise typer.BadParameter("--output is required unless --dry-run")
+    if as_json and not dry_run:
+        raise typer.BadParameter("--json goes with --dry-run")
+    limit = shard_limit(shard_size_gb, max_shard_size)
+    from normalize_core.fp8.convert import plan_fp8, write_fp8
+    from normalize_core.fp8.quantizers import quantizer_for
+
+    try:
+        if output is not None and not dry_run:
+            check_separate([source], output)
+        fp8 = plan_fp8(
+            source,
+            reference=reference,
+            quantize_patterns=quantize_pattern or (),
+            skip_patterns=skip_pattern or (),
+            repack=True if repack else (False if no_repack else None),
+            max_shard_bytes=limit,
+            scale_fmt=scale_fmt,
+            scale_dtype=scale_dtype,
+            block_size=block_size,
+        )
+        if fp8.reference_mismatch:
+            only_source, only_reference = fp8.reference_mismatch
+            if only_source or only_reference:
+                stdout.print(
+                    f"[yellow]reference differs:[/] {len(only_source)} weights only in the source"
+                    f"{' (e.g. ' + only_source[0] + ')' if only_source else ''}, {len(only_reference)} only in the "
+                    f"reference{' (e.g. ' + only_reference[0] + ')' if only_reference else ''}"
+                )
+        if dry_run:
+            if as_json:
+                print(json.dumps({"quantize": sorted(fp8.quantized), "keep": sorted(fp8.kept)}))
+            else:
+                print_decisions(fp8)
+            return
+        target = quantizer_for(device, fp8).device
+        progress = byte_progress(
+            fp8.checkpoint.total_size,
+            f"to-fp8 on {target}",
+            enabled=not quiet,
+            items_total=len(fp8.layouts),
+            items_label="quantized",
+        )
+        with progress as advance:
+            result = write_fp8(fp8, output, device=target, overwrite=overwrite, progress=advance)
+    except (NormalizeError, ValueError) as e:
+        raise fail(str(e)) from None
+    stdout.print(
+        f"Wrote {len(result.shards)} shards to {result.output} on {result.device} in {result.seconds:.1f} s: "
+        f"{result.quantized} tensors to FP8, {result.kept} kept, "
+        f"{format_bytes(result.bytes_before)} → {format_bytes(result.bytes_after)}."
+    )
+    if not result.config_written:
+        stdout.print("[yellow]warning:[/] the source has no config.json, so no quantization_config was written")

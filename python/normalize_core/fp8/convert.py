@@ -1,0 +1,298 @@
+"""``to_fp8``: a bf16/fp16/fp32 checkpoint to per-block FP8, in one streaming pass.
+
+Planning reads headers only: the rules decide per tensor, each quantized weight becomes an FP8
+tensor of the same shape plus a ``_scale_inv`` whose size is known up front, so the Rust planner
+fixes every output shard, header and offset before any byte moves. Then, shard by shard, the
+Rust writer copies the untouched tensors inside the kernel (on a helper thread) while this
+thread quantizes the others: each source tensor is a zero-copy view of its file, read ahead by
+one tensor, quantized, and its bytes handed to the writer without a copy.
+
+On the CPU the Rust kernel quantizes straight from the mapped file, and torch is not even
+imported; on a GPU, torch does (see ``quantize.py``), with the same bytes as result.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from normalize_core._core import (
+    Checkpoint,
+    OutputPlan,
+    PlanBuilder,
+    check_separate,
+    copy_aux_files,
+    remove_stale_shards,
+)
+from normalize_core.errors import normalize_error
+from normalize_core.fp8.config import check_fused_groups, fp8_quantization_config, module_sets, write_quantized_config
+from normalize_core.fp8.layout import SCALE_SUFFIX, QuantizedLayout, quantized_layout
+from normalize_core.fp8.quantizers import quantizer_for
+from normalize_core.fp8.rules import (
+    Decision,
+    HeuristicRules,
+    PatternRules,
+    ReferenceRules,
+    decide_all,
+    with_skip_patterns,
+)
+from normalize_core.repack import fresh_output
+from normalize_core.sizes import GIB
+
+SCALE_DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16"}
+FP8_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0"})
+
+
+@dataclass
+class Fp8Plan:
+    """Everything ``to_fp8`` decided before writing."""
+
+    checkpoint: Checkpoint
+    decisions: list[Decision]
+    layouts: dict[str, QuantizedLayout]
+    plan: OutputPlan
+    repacked: bool
+    scale_dtype: str
+    scale_fmt: str
+    block_size: int
+    quantization_config: dict
+    #: With ``--reference``: (weights only in the source, weights only in the reference).
+    reference_mismatch: tuple[list[str], list[str]] | None = None
+
+    @property
+    def quantized(self) -> list[str]:
+        return [d.name for d in self.decisions if d.quantize]
+
+    @property
+    def kept(self) -> list[str]:
+        return [d.name for d in self.decisions if not d.quantize]
+
+
+@dataclass
+class Fp8Result:
+    """What ``to_fp8`` wrote."""
+
+    output: Path
+    shards: list[str]
+    quantized: int
+    kept: int
+    bytes_before: int
+    bytes_after: int
+    device: str
+    seconds: float
+    config_written: bool
+    aux_files: list[str] = field(default_factory=list)
+    removed_stale: list[str] = field(default_factory=list)
+
+
+def refuse_quantized_source(checkpoint: Checkpoint) -> None:
+    """An FP8 (or otherwise scaled) source cannot be quantized again."""
+    for entry in checkpoint.tensors:
+        if entry.dtype in FP8_DTYPES or entry.name.endswith((SCALE_SUFFIX, "weight_scale", "input_scale")):
+            raise normalize_error(
+                "already_quantized",
+                f"{checkpoint.dir}: tensor '{entry.name}' ({entry.dtype}) shows the checkpoint is already quantized; "
+                "to-fp8 needs a bf16/fp16/fp32 source",
+                file=entry.file,
+                tensor=entry.name,
+            )
+
+
+def choose_rules(reference, quantize_patterns: Sequence[str], skip_patterns: Sequence[str]):
+    """Reference rules, else user patterns, else the built-in heuristic; skip patterns on top."""
+    if reference is not None and quantize_patterns:
+        raise ValueError("give --reference or --quantize-pattern, not both")
+    if reference is not None:
+        rules = ReferenceRules.from_dir(Path(reference))
+    elif quantize_patterns:
+        rules = PatternRules(quantize_patterns)
+    else:
+        rules = HeuristicRules()
+    return with_skip_patterns(rules, skip_patterns) if skip_patterns else rules, rules
+
+
+def decide(checkpoint: Checkpoint, rules) -> list[Decision]:
+    """A decision per source tensor, in checkpoint order; split fused groups are an error."""
+    entries = checkpoint.tensors
+    decisions = decide_all(((t.name, t.dtype, t.shape) for t in entries), rules)
+    dtypes = {t.name: t.dtype for t in entries}
+    fp8, kept = module_sets(
+        (d.name for d in decisions if d.quantize), (d.name for d in decisions if not d.quantize), dtypes
+    )
+    check_fused_groups(fp8, kept)
+    return decisions
+
+
+def plan_fp8(
+    source: str | os.PathLike,
+    *,
+    reference: str | os.PathLike | None = None,
+    quantize_patterns: Sequence[str] = (),
+    skip_patterns: Sequence[str] = (),
+    repack: bool | None = None,
+    max_shard_bytes: int = 4 * GIB,
+    scale_fmt: str = "float",
+    scale_dtype: str | None = None,
+    block_size: int = 128,
+) -> Fp8Plan:
+    """Decides and plans a conversion from headers alone.
+
+    ``repack=None`` keeps a standard or single-file source's shard layout and bin-packs other
+    (engine-named) layouts into ``model-{i:05d}-of-{n:05d}`` shards; ``True`` always bin-packs,
+    ``False`` always keeps the source's files. ``scale_dtype`` ("float32"/"bfloat16") defaults to
+    the reference's, else float32.
+    """
+    checkpoint = Checkpoint.open(Path(source))
+    refuse_quantized_source(checkpoint)
+    rules, base_rules = choose_rules(reference, quantize_patterns, skip_patterns)
+    decisions = decide(checkpoint, rules)
+    if scale_dtype is None:
+        reference_dtype = getattr(base_rules, "scale_dtype", None)
+        scale_dtype = {"BF16": "bfloat16"}.get(reference_dtype, "float32")
+    if scale_dtype not in SCALE_DTYPE_NAMES:
+        raise ValueError(f"scale dtype must be float32 or bfloat16, not {scale_dtype!r}")
+    if block_size <= 0:
+        raise ValueError("block size must be positive")
+
+    entries = {t.name: t for t in checkpoint.tensors}
+    layouts = {d.name: quantized_layout(d.name, entries[d.name].shape, block_size) for d in decisions if d.quantize}
+    if repack is None:
+        repack = not (checkpoint.has_standard_names or checkpoint.layout == "single_file")
+    builder = PlanBuilder([checkpoint])
+    groups = []
+    for decision in decisions:
+        layout = layouts.get(decision.name)
+        if layout is None:
+            groups.append(builder.group([builder.copied(decision.name)]))
+            continue
+        weight = builder.provided(layout.name, "F8_E4M3", list(layout.shape))
+        scale = builder.provided(layout.scale_name, SCALE_DTYPE_NAMES[scale_dtype], list(layout.scale_shape))
+        groups.append(builder.group([weight, scale], home=decision.name))
+    if repack:
+        builder.pack_greedy(groups, max_shard_bytes)
+    else:
+        builder.pack_by_source_file(groups)
+    plan = builder.finish("standard" if repack else "source")
+
+    fp8_modules, kept_modules = module_sets(
+        layouts, (d.name for d in decisions if not d.quantize), {n: e.dtype for n, e in entries.items()}
+    )
+    mismatch = base_rules.compare(entries) if isinstance(base_rules, ReferenceRules) else None
+    return Fp8Plan(
+        checkpoint=checkpoint,
+        decisions=decisions,
+        layouts=layouts,
+        plan=plan,
+        repacked=repack,
+        scale_dtype=scale_dtype,
+        scale_fmt=scale_fmt,
+        block_size=block_size,
+        quantization_config=fp8_quantization_config(sorted(kept_modules), block_size=block_size, scale_fmt=scale_fmt),
+        reference_mismatch=mismatch,
+    )
+
+
+def to_fp8(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    device: str = "auto",
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+    **plan_options,
+) -> Fp8Result:
+    """Converts ``source`` to block FP8 in ``output`` (see ``plan_fp8`` for the options):
+    FP8 weights with ``_scale_inv`` companions, a fresh index, ``config.json`` with its
+    ``quantization_config``, every other file copied. ``progress(n)`` receives source bytes done.
+    """
+    check_separate([Path(source)], Path(output))
+    return write_fp8(plan_fp8(source, **plan_options), output, device=device, overwrite=overwrite, progress=progress)
+
+
+def write_fp8(
+    fp8: Fp8Plan,
+    output: str | os.PathLike,
+    *,
+    device: str = "auto",
+    overwrite: bool = False,
+    progress: Callable[..., None] | None = None,
+) -> Fp8Result:
+    """Executes a plan made by ``plan_fp8``. ``progress(n_bytes, items=0)`` receives source bytes
+    done and, per quantized tensor, ``items=1``."""
+    started = time.monotonic()
+    output = Path(output)
+    quantizer = quantizer_for(device, fp8)
+    checkpoint = fp8.checkpoint
+    check_separate([checkpoint.dir], output)
+    advance = progress or (lambda _n, items=0: None)
+    with fresh_output(output, overwrite):
+        finished: list[Path] = []
+        try:
+            write_shards(fp8, output, quantizer, advance, finished)
+        except BaseException:
+            for path in finished:
+                path.unlink(missing_ok=True)
+            raise
+        aux = copy_aux_files(checkpoint.dir, output)
+        config_written = write_quantized_config(
+            checkpoint.dir / "config.json", output / "config.json", fp8.quantization_config
+        )
+        fp8.plan.write_index(output)
+        shards = [s.file_name for s in fp8.plan.shards]
+        stale = remove_stale_shards(output, shards)
+    return Fp8Result(
+        output=output,
+        shards=shards,
+        quantized=len(fp8.layouts),
+        kept=len(fp8.decisions) - len(fp8.layouts),
+        bytes_before=checkpoint.total_size,
+        bytes_after=fp8.plan.total_size,
+        device=quantizer.device,
+        seconds=time.monotonic() - started,
+        config_written=config_written,
+        aux_files=aux,
+        removed_stale=stale,
+    )
+
+
+def write_shards(fp8: Fp8Plan, output: Path, quantizer, advance, finished: list[Path]) -> None:
+    """Writes every shard: kernel copies on a helper thread, quantization on this one."""
+    checkpoint = fp8.checkpoint
+    order = [name for shard in fp8.plan.shards for name in shard.provided if name in fp8.layouts]
+    sources = read_ahead(order, quantizer.load)
+    with ThreadPoolExecutor(1, thread_name_prefix="normalize-copy") as copier:
+        for index, shard in enumerate(fp8.plan.shards):
+            writer = fp8.plan.open_shard(index, output)
+            try:
+                copying = copier.submit(writer.copy_sources, advance)
+                for name in shard.provided:
+                    layout = fp8.layouts.get(name)
+                    if layout is None:
+                        continue
+                    loaded_name, source = next(sources)
+                    assert loaded_name == name, (loaded_name, name)
+                    fp8_bytes, scale_bytes = quantizer.quantize(source, layout)
+                    del source
+                    writer.write(name, fp8_bytes)
+                    writer.write(layout.scale_name, scale_bytes)
+                    advance(checkpoint.tensor(name).nbytes, 1)
+                copying.result()
+                finished.append(writer.finish())
+            except BaseException:
+                writer.abort()
+                raise
+
+
+def read_ahead(names: list[str], load: Callable[[str], object]) -> Iterator[tuple[str, object]]:
+    """Yields ``(name, load(name))`` in order, loading the next one on a helper thread while the
+    caller works on the current one."""
+    with ThreadPoolExecutor(1, thread_name_prefix="normalize-read") as reader:
+        pending = reader.submit(load, names[0]) if names else None
+        for i, name in enumerate(names):
+            current = pending.result()
+            pending = reader.submit(load, names[i + 1]) if i + 1 < len(names) else None
+            yield name, current
