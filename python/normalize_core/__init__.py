@@ -25,27 +25,50 @@ from normalize_core._core import (
     plan_shards,
     read_header,
 )
+from normalize_core.diff import CheckpointDiff, TensorConflict, diff
+from normalize_core.merge import MergePlan, MergeResult, merge, plan_merge
+from normalize_core.place import (
+    PlacementError,
+    PlacementPlan,
+    PlacementResult,
+    offer_placement,
+    place,
+    plan_placement,
+)
 from normalize_core.repack import WriteResult, plan_repack, repack
 from normalize_core.report import VerifyReport, inspect_checkpoint, verify_checkpoint
 from normalize_core.sizes import parse_size
 
 __all__ = [
     "Checkpoint",
+    "CheckpointDiff",
+    "MergePlan",
+    "MergeResult",
     "NormalizeError",
     "OutputPlan",
     "OutputTensor",
+    "PlacementError",
+    "PlacementPlan",
+    "PlacementResult",
     "PlanBuilder",
     "ShardHeader",
     "ShardPlan",
     "ShardWriter",
+    "TensorConflict",
     "TensorEntry",
     "TensorGroup",
     "TensorView",
     "VerifyReport",
     "WriteResult",
     "__version__",
+    "diff",
     "inspect_checkpoint",
+    "merge",
+    "offer_placement",
     "parse_size",
+    "place",
+    "plan_merge",
+    "plan_placement",
     "plan_repack",
     "plan_shards",
     "read_header",
