@@ -61,6 +61,20 @@ OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="Write into a non-empty output, replacing only files this tool writes.")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+PlaceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--place",
+        metavar="keep|source|DIR",
+        help="Where the written weights go afterwards: 'keep' (stay at --output), 'source' (copied into "
+        "--source, replacing its weights) or a directory to copy them to (./keep for a folder named keep). "
+        "Copies, never moves; --output stays intact. Default: ask on a terminal, keep otherwise.",
+    ),
+]
+YesOpt = Annotated[
+    bool,
+    typer.Option("--yes", "-y", help="Confirm without asking, e.g. overwriting the files placing would replace."),
+]
 
 
 def version_callback(value: bool) -> None:

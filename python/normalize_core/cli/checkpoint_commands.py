@@ -16,14 +16,17 @@ from normalize_core.cli.app import (
     MaxShardOpt,
     OutputOpt,
     OverwriteOpt,
+    PlaceOpt,
     QuietOpt,
     ShardGbOpt,
     SourceOpt,
+    YesOpt,
     app,
     fail,
     shard_limit,
     stdout,
 )
+from normalize_core.place import offer_placement
 from normalize_core.progress import byte_progress
 from normalize_core.repack import DEFAULT_JOBS, plan_repack, write_repack
 from normalize_core.report import inspect_checkpoint, verify_checkpoint
@@ -58,6 +61,8 @@ def repack(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the shard plan; write nothing.")] = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    place: PlaceOpt = None,
+    yes: YesOpt = False,
 ) -> None:
     """Re-shard a checkpoint into model-{i:05d}-of-{n:05d}.safetensors + model.safetensors.index.json.
 
@@ -65,6 +70,9 @@ def repack(
     order), packs tensors in order into shards of at most the size limit (a larger tensor gets a
     shard of its own) and copies every non-tensor file. Bytes move inside the kernel; torch is
     never imported and no tensor is loaded.
+
+    --output is a staging area: afterwards you choose (on a terminal, or with --place) whether
+    the weights stay there, are copied into --source, or are copied to another directory.
     """
     limit = shard_limit(shard_size_gb, max_shard_size)
     try:
@@ -87,6 +95,10 @@ def repack(
         stdout.print(f"Copied {len(result.aux_files)} other files: {', '.join(result.aux_files)}")
     if result.removed_stale:
         stdout.print(f"Removed stale shards of an earlier run: {', '.join(result.removed_stale)}")
+    try:
+        offer_placement(result.output, source, place, yes, show_progress=not quiet)
+    except NormalizeError as e:
+        raise fail(str(e)) from None
 
 
 @app.command("inspect")

@@ -1,0 +1,213 @@
+"""``diff``, ``merge`` and ``place``: combining checkpoints and moving a finished output to its home."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from normalize_core._core import Checkpoint, NormalizeError, check_separate
+from normalize_core.cli.app import (
+    JobsOpt,
+    MaxShardOpt,
+    OverwriteOpt,
+    QuietOpt,
+    ShardGbOpt,
+    app,
+    fail,
+    shard_limit,
+)
+from normalize_core.cli.checkpoint_commands import print_plan
+from normalize_core.diff import CheckpointDiff, diff
+from normalize_core.merge import MergePlan, MergeResult, plan_merge, write_merge
+from normalize_core.place import place_interactively, say, terminal_attached
+from normalize_core.progress import byte_progress
+from normalize_core.repack import DEFAULT_JOBS
+from normalize_core.sizes import format_bytes
+
+#: Extra-only tensors listed by name in the human-readable summary (``--json`` lists all).
+LISTED_TENSORS = 40
+
+
+def print_diff(comparison: CheckpointDiff, extra: Checkpoint) -> None:
+    """The human-readable diff summary (shared by ``diff`` and ``merge``)."""
+    say(f"base   {comparison.base}: {comparison.base_count} tensors")
+    say(f"extra  {comparison.extra}: {comparison.extra_count} tensors")
+    say(f"  only in base:  {comparison.base_only_count}")
+    say(
+        f"  only in extra: {len(comparison.extra_only)} ({format_bytes(comparison.extra_only_bytes)}, "
+        f"{comparison.extra_only_bytes} bytes)"
+    )
+    say(f"  in both:       {len(comparison.overlap)} (base's copy wins)")
+    for name in comparison.extra_only[:LISTED_TENSORS]:
+        tensor = extra.tensor(name)
+        say(f"    + {name}  {tensor.dtype} {list(tensor.shape)}  {format_bytes(tensor.nbytes)}")
+    if len(comparison.extra_only) > LISTED_TENSORS:
+        say(f"    … and {len(comparison.extra_only) - LISTED_TENSORS} more (--json lists all)")
+    if comparison.conflicts:
+        say(f"{len(comparison.conflicts)} tensors in both differ in dtype or shape; base's are kept:", "yellow")
+        for conflict in comparison.conflicts:
+            say(f"    ! {conflict.describe()}")
+
+
+@app.command("diff")
+def diff_command(
+    base: Annotated[Path, typer.Argument(help="Base checkpoint directory.")],
+    extra: Annotated[Path, typer.Argument(help="Checkpoint compared against it.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Compare two checkpoints by their headers and indexes alone (no tensor data is read).
+
+    Counts the tensors of each, lists the ones only EXTRA holds (with their bytes: what
+    `normalize merge` would add) and those both hold, and flags tensors both hold with a
+    different dtype or shape (a merge keeps base's). --json prints {extra_only, overlap,
+    conflicts} (sorted names) and base_count, extra_count, extra_only_bytes.
+    """
+    try:
+        extra_ckpt = Checkpoint.open(extra)
+        comparison = diff(Checkpoint.open(base), extra_ckpt)
+    except NormalizeError as e:
+        raise fail(str(e)) from None
+    if as_json:
+        print(json.dumps(comparison.as_dict(), indent=2))
+    else:
+        print_diff(comparison, extra_ckpt)
+
+
+def print_merge_plan(planned: MergePlan, hardlink: bool) -> None:
+    """What the merge will write, and which of extra's other files it leaves out."""
+    how = "hard-linked" if hardlink else "copied"
+    plan = planned.plan
+    say(
+        f"Merge: {planned.base_shards} base shards {how} as they are, then {len(planned.diff.extra_only)} "
+        f"extra tensors in {planned.new_shards} new shards; {len(plan.shards)} shards, "
+        f"total_size {plan.total_size} bytes ({format_bytes(plan.total_size)})."
+    )
+    if not planned.diff.extra_only:
+        say("extra adds no tensors: the output is a copy of base.", "yellow")
+    print_aux_left_out(planned.extra_aux_left_out)
+
+
+def print_aux_left_out(left_out: dict[str, str]) -> None:
+    if not left_out:
+        return
+    say("Non-tensor files of extra that are not copied (base's are); merge them by hand if needed:")
+    for path, status in left_out.items():
+        say(f"    {path}  ({'only in extra' if status == 'new' else 'differs from base'})")
+
+
+def print_merge_result(result: MergeResult) -> None:
+    written = result.written
+    rate = written.total_size / max(written.seconds, 1e-9)
+    say(
+        f"Merged into {written.output}: {len(written.shards)} shards ({result.base_shards} from base, "
+        f"{result.new_shards} new), {written.tensors} tensors, {format_bytes(written.total_size)} "
+        f"in {written.seconds:.1f} s ({format_bytes(rate)}/s)."
+    )
+    if result.linked:
+        say(f"Hard-linked {result.linked} base shards (they share their data with base's files).")
+    if result.link_fallbacks:
+        reason = result.link_fallbacks[0][1]
+        say(
+            f"Could not hard-link {len(result.link_fallbacks)} base shards ({reason}); copied them instead.",
+            "yellow",
+        )
+    if written.aux_files:
+        say(f"Copied base's other files: {', '.join(written.aux_files)}")
+    if result.extra_aux_left_out:
+        say(f"Not copied from extra (listed above): {', '.join(result.extra_aux_left_out)}")
+
+
+@app.command()
+def merge(
+    base: Annotated[Path, typer.Option("--base", "-b", help="Checkpoint whose tensors all go in (wins on overlap).")],
+    extra: Annotated[Path, typer.Option("--extra", "-e", help="Checkpoint whose tensors missing from base are added.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write: the final home, created if missing.")],
+    shard_size_gb: ShardGbOpt = None,
+    max_shard_size: MaxShardOpt = None,
+    hardlink: Annotated[
+        bool,
+        typer.Option(
+            "--hardlink",
+            help="Hard-link base's shards instead of copying them (instant; they then share storage with base, "
+            "so do not edit them in place). Across file systems they are copied, and the summary says so.",
+        ),
+    ] = False,
+    jobs: JobsOpt = DEFAULT_JOBS,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the diff and the shard plan; write nothing.")
+    ] = False,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Merge without asking (required when not on a terminal).")
+    ] = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write base ∪ (extra − base) to --out: base wins wherever both hold a tensor.
+
+    Compares headers only, prints that diff (including tensors whose dtype or shape differ) and
+    asks to confirm. Base's shards are re-emitted in base order under the standard
+    model-{i:05d}-of-{n:05d} names, copied inside the kernel (or hard-linked with --hardlink);
+    tensors only extra holds are packed into new shards after them; then base's non-tensor
+    files and a fresh index (written last). Extra's own non-tensor files are not copied: the
+    summary names those that are new or differ. Works on any layout (index, one
+    model.safetensors, engine-named shards). --out is final: there is no placement step.
+    """
+    limit = shard_limit(shard_size_gb, max_shard_size)
+    try:
+        if not dry_run:
+            check_separate([base, extra], out)
+        planned = plan_merge(base, extra, limit)
+    except NormalizeError as e:
+        raise fail(str(e)) from None
+    print_diff(planned.diff, planned.extra)
+    print_merge_plan(planned, hardlink)
+    if dry_run:
+        print_plan(planned.plan)
+        return
+    if not yes:
+        if not terminal_attached():
+            raise fail("merge asks for confirmation and this is not a terminal; pass --yes to merge without asking")
+        if not typer.confirm(f"Write the merged checkpoint to {out}?", default=True):
+            say("Nothing written.")
+            raise typer.Exit(1)
+    try:
+        with byte_progress(sum(s.file_len for s in planned.plan.shards), "merge", enabled=not quiet) as advance:
+            result = write_merge(planned, out, hardlink=hardlink, jobs=jobs, overwrite=overwrite, progress=advance)
+    except NormalizeError as e:
+        raise fail(str(e)) from None
+    print_merge_result(result)
+
+
+@app.command("place")
+def place_command(
+    staging: Annotated[Path, typer.Argument(help="A written output (shards + index), e.g. repack's --output.")],
+    dest: Annotated[Path, typer.Argument(help="Directory to copy it into (created if missing), e.g. the source.")],
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Replace the listed files without asking (required off a terminal).")
+    ] = False,
+    remove_stale: Annotated[
+        bool | None,
+        typer.Option(
+            "--remove-stale/--keep-stale",
+            help="Remove DEST's *.safetensors files the new index does not reference, or keep them. "
+            "Default: ask on a terminal (answer defaults to keep), keep otherwise.",
+        ),
+    ] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Copy a finished output's weights into DEST: its shards, its index (written last) and the
+    non-tensor files DEST lacks or holds with other bytes (e.g. to-fp8's config.json).
+
+    Copies, never moves: STAGING stays intact (delete it yourself). Files DEST already has are
+    listed and replaced only after confirmation (--yes off a terminal). New files arrive under
+    temporary names and are renamed into place together, so DEST's index never names a missing
+    or half-written shard. DEST's old shards the new index no longer references are listed;
+    they stay unless you choose to remove them.
+    """
+    try:
+        place_interactively(staging, dest, yes, remove_stale=remove_stale, show_progress=not quiet)
+    except NormalizeError as e:
+        raise fail(str(e)) from None
