@@ -246,12 +246,6 @@ def test_a_failure_after_other_shards_completed_removes_them(engine_source, tmp_
     assert not leftover_partials(output)
 
 
-MARKUP_BUG = (
-    "cli/app.py fail() and the verify printer pass messages through rich markup unescaped: '[red]' in a path "
-    "vanishes and a tensor named 'w[/]' raises MarkupError with a traceback (exit 1)"
-)
-
-
 @pytest.fixture
 def bracketed_source(tmp_path: Path) -> Path:
     """A checkpoint in a directory named like rich markup, holding a tensor named like a closing tag."""
@@ -263,7 +257,6 @@ def bracketed_source(tmp_path: Path) -> Path:
     return source
 
 
-@pytest.mark.xfail(strict=True, reason=MARKUP_BUG)
 def test_repack_error_line_shows_names_verbatim(bracketed_source: Path, tmp_path: Path):
     result = run_cli(["repack", "-s", str(bracketed_source), "-o", str(tmp_path / "out"), "-q"])
     assert result.returncode == 2, result.stderr
@@ -272,7 +265,6 @@ def test_repack_error_line_shows_names_verbatim(bracketed_source: Path, tmp_path
     ]
 
 
-@pytest.mark.xfail(strict=True, reason=MARKUP_BUG)
 def test_verify_finding_shows_names_verbatim(bracketed_source: Path):
     result = run_cli(["verify", str(bracketed_source)], env={**os.environ, "COLUMNS": "1000"})
     assert result.returncode == 1, result.stderr

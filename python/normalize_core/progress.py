@@ -15,7 +15,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-stderr = Console(stderr=True)
+#: Markup is off: messages carry user paths and tensor names (see ``cli.app.labelled``).
+stderr = Console(stderr=True, markup=False, highlight=False)
 
 #: ``advance(n_bytes, items=0)``: report bytes (and, optionally, finished items) done.
 Advance = Callable[..., None]

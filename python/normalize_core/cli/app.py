@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from normalize_core import __version__
 from normalize_core.progress import stderr
@@ -20,15 +21,27 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-stdout = Console()
+#: Markup is off: messages carry user paths and tensor names; styles are applied with ``Text``.
+stdout = Console(markup=False, highlight=False)
 
 #: Exit status for user errors (bad input, refused output): one line on stderr, no traceback.
 USER_ERROR = 2
 
 
+def labelled(label: str, message: str, style: str) -> Text:
+    """``label: message`` with the label styled and the message verbatim (paths and tensor names can
+    hold brackets, so nothing the user named is ever read as markup)."""
+    return Text.assemble((f"{label}:", style), " ", message)
+
+
+def finding(severity: str, message: str) -> Text:
+    """An ``error:`` or ``warning:`` line."""
+    return labelled(severity, message, "bold red" if severity == "error" else "yellow")
+
+
 def fail(message: str) -> typer.Exit:
-    """Prints ``error: message`` on stderr and returns the exit to raise."""
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Prints ``error: message`` on stderr as one line and returns the exit to raise."""
+    stderr.print(finding("error", message), soft_wrap=True)
     return typer.Exit(USER_ERROR)
 
 

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from normalize_core._core import NormalizeError, check_separate
 from normalize_core.cli.app import (
@@ -19,6 +20,8 @@ from normalize_core.cli.app import (
     SourceOpt,
     app,
     fail,
+    finding,
+    labelled,
     shard_limit,
     stdout,
 )
@@ -39,7 +42,7 @@ def print_decisions(fp8) -> None:
     for row in summarize(fp8.decisions, sizes, shapes):
         table.add_row(
             row["pattern"],
-            "[green]FP8[/]" if row["quantize"] else "keep",
+            Text("FP8", style="green") if row["quantize"] else "keep",
             row["reason"],
             str(row["count"]),
             format_bytes(row["bytes"]),
@@ -150,9 +153,13 @@ def to_fp8_command(
             only_source, only_reference = fp8.reference_mismatch
             if only_source or only_reference:
                 stdout.print(
-                    f"[yellow]reference differs:[/] {len(only_source)} weights only in the source"
-                    f"{' (e.g. ' + only_source[0] + ')' if only_source else ''}, {len(only_reference)} only in the "
-                    f"reference{' (e.g. ' + only_reference[0] + ')' if only_reference else ''}"
+                    labelled(
+                        "reference differs",
+                        f"{len(only_source)} weights only in the source"
+                        f"{' (e.g. ' + only_source[0] + ')' if only_source else ''}, {len(only_reference)} only in the "
+                        f"reference{' (e.g. ' + only_reference[0] + ')' if only_reference else ''}",
+                        "yellow",
+                    )
                 )
         if dry_run:
             if as_json:
@@ -178,4 +185,4 @@ def to_fp8_command(
         f"{format_bytes(result.bytes_before)} → {format_bytes(result.bytes_after)}."
     )
     if not result.config_written:
-        stdout.print("[yellow]warning:[/] the source has no config.json, so no quantization_config was written")
+        stdout.print(finding("warning", "the source has no config.json, so no quantization_config was written"))
