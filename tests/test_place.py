@@ -122,15 +122,19 @@ def test_failed_copy_leaves_destination_untouched(
 
     def failing_copy(src, dst, progress=None):
         calls.append(dst)
-        if len(calls) == 2:
+        if len(calls) % 2 == 0:  # the second copy of each placement
             raise OSError(28, "No space left on device")
         real_copy(src, dst, progress)
 
     monkeypatch.setattr(place_module, "copy_file", failing_copy)
-    with pytest.raises(OSError):
+    with pytest.raises(PlacementError) as failed:
         place(staging, source, remove_stale=True)
+    assert failed.value.kind == "io" and "No space left on device" in str(failed.value)
     assert snapshot(source) == before_source, "no temporary copies, no index, no removed shards"
     assert snapshot(staging) == before_staging
+    with pytest.raises(PlacementError):
+        place(staging, tmp_path / "new" / "dest")
+    assert not (tmp_path / "new" / "dest").exists(), "a destination created for a failed placement is removed"
 
 
 @pytest.mark.parametrize("where", ["same", "inside"])
@@ -216,6 +220,14 @@ def test_repack_place_directory(engine_checkpoint: Path, tmp_path: Path) -> None
     result = CliRunner().invoke(app, repack_args(engine_checkpoint, out, "--place", str(final)))
     assert result.exit_code == 0, result.output
     assert read_back(final) == read_back(out)
+
+
+def test_repack_rejects_a_place_inside_the_output_before_writing(engine_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, repack_args(engine_checkpoint, out, "--place", str(out / "final")))
+    assert result.exit_code == 2
+    assert "inside the output directory" in result.stderr
+    assert not out.exists()
 
 
 def test_repack_place_refuses_unconfirmed_overwrite(tmp_path: Path) -> None:

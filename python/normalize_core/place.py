@@ -145,9 +145,9 @@ def execute_placement(
 ) -> PlacementResult:
     """Copies a planned placement (see the module docstring for the guarantees). Raises
     ``PlacementError`` before copying anything when files would be replaced and ``overwrite``
-    is False; raises ``NormalizeError``/``OSError`` on I/O failure, with the temporary copies
-    removed and the destination's previous files untouched (except, at worst, a removed old
-    index when the failure hits between the renames)."""
+    is False. On an I/O failure (``NormalizeError``, or ``PlacementError`` of kind ``"io"``) the
+    temporary copies are removed and the destination's previous files are untouched, except,
+    at worst, an old index removed when the failure hits between the renames."""
     started = time.monotonic()
     if plan.replaced and not overwrite:
         raise PlacementError(
@@ -156,31 +156,18 @@ def execute_placement(
             "placement_needs_confirmation",
             plan.destination,
         )
-    plan.destination.mkdir(parents=True, exist_ok=True)
-    staged = _stage_copies(plan, progress)
-    index_path = plan.destination / INDEX_FILE
+    created = not plan.destination.exists()
     try:
-        if index_path.exists() and any(name in plan.replaced for name in plan.shards):
-            # The old index may name shards about to be replaced; no index beats a wrong one.
-            index_path.unlink()
-            _sync_dir(plan.destination)
-        while staged:
-            temp, final = staged.pop(0)
-            os.replace(temp, final)
-        for directory in {(plan.destination / name).parent for name in plan.aux_files}:
-            _sync_dir(directory)
-        copy_file(plan.staging / INDEX_FILE, index_path, progress)
-        _sync_dir(plan.destination)
+        plan.destination.mkdir(parents=True, exist_ok=True)
+        staged = _stage_copies(plan, progress)
+        _commit(plan, staged, progress)
+        removed = _remove_stale(plan) if remove_stale else []
+    except OSError as e:
+        raise PlacementError(f"{e.filename or plan.destination}: {e.strerror or e}", "io", e.filename) from e
     finally:
-        for temp, _final in staged:
+        if created:
             with contextlib.suppress(OSError):
-                temp.unlink()
-    removed: list[str] = []
-    if remove_stale:
-        for name in plan.stale:
-            (plan.destination / name).unlink()
-            removed.append(name)
-        _sync_dir(plan.destination)
+                plan.destination.rmdir()  # only succeeds when the placement left it empty
     return PlacementResult(
         destination=plan.destination,
         copied=plan.files,
@@ -190,6 +177,36 @@ def execute_placement(
         copied_bytes=plan.copy_bytes,
         seconds=time.monotonic() - started,
     )
+
+
+def _commit(plan: PlacementPlan, staged: list[tuple[Path, Path]], progress: Callable[[int], None] | None) -> None:
+    """Renames the staged copies into place, then writes the new index."""
+    index_path = plan.destination / INDEX_FILE
+    try:
+        if index_path.exists() and any(name in plan.replaced for name in plan.shards):
+            # The old index may name shards about to be replaced; no index beats a wrong one.
+            index_path.unlink()
+            _sync_dir(plan.destination)
+        while staged:
+            temp, final = staged[0]
+            os.replace(temp, final)
+            staged.pop(0)
+        for directory in {(plan.destination / name).parent for name in plan.aux_files}:
+            _sync_dir(directory)
+        copy_file(plan.staging / INDEX_FILE, index_path, progress)
+        _sync_dir(plan.destination)
+    finally:
+        for temp, _final in staged:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+
+
+def _remove_stale(plan: PlacementPlan) -> list[str]:
+    """Removes the destination shards the new index (already in place) does not reference."""
+    for name in plan.stale:
+        (plan.destination / name).unlink()
+    _sync_dir(plan.destination)
+    return list(plan.stale)
 
 
 def _stage_copies(plan: PlacementPlan, progress: Callable[[int], None] | None) -> list[tuple[Path, Path]]:
@@ -322,6 +339,22 @@ def place_interactively(
 def _keep(staging: Path) -> PlacementResult:
     say(f"The output stays at {staging}.")
     return PlacementResult(destination=staging)
+
+
+def check_place_option(place: str | None, staging: str | os.PathLike) -> None:
+    """Rejects a ``--place`` directory that can never work (inside the staging directory, or a
+    file) before the long write starts, rather than after it. Raises ``PlacementError``."""
+    if place in (None, "keep", "source"):
+        return
+    destination, staging = Path(place).expanduser(), Path(staging)
+    if destination.resolve() != staging.resolve() and destination.resolve().is_relative_to(staging.resolve()):
+        raise PlacementError(
+            f"--place {place}: lies inside the output directory {staging}; choose a directory outside it",
+            "placement_inside_staging",
+            destination,
+        )
+    if destination.exists() and not destination.is_dir():
+        raise PlacementError(f"--place {place}: not a directory", "not_a_directory", destination)
 
 
 def _destination(staging: Path, source: Path | None, place: str | None, interactive: bool) -> Path | None:

@@ -26,7 +26,7 @@ from normalize_core.cli.app import (
     shard_limit,
     stdout,
 )
-from normalize_core.place import offer_placement
+from normalize_core.place import check_place_option, offer_placement
 from normalize_core.progress import byte_progress
 from normalize_core.repack import DEFAULT_JOBS, plan_repack, write_repack
 from normalize_core.report import inspect_checkpoint, verify_checkpoint
@@ -78,6 +78,7 @@ def repack(
     try:
         if not dry_run:
             check_separate([source], output)
+            check_place_option(place, output)
         checkpoint, plan = plan_repack(source, limit)
         if dry_run:
             print_plan(plan)
