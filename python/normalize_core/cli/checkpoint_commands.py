@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from normalize_core._core import NormalizeError, check_separate
 from normalize_core.cli.app import (
@@ -23,6 +24,7 @@ from normalize_core.cli.app import (
     YesOpt,
     app,
     fail,
+    finding,
     shard_limit,
     stdout,
 )
@@ -115,7 +117,7 @@ def inspect_command(
     if as_json:
         print(json.dumps(info, indent=2))
         return
-    stdout.print(f"[bold]{info['path']}[/]  ({info['naming']} naming, {info['layout']})")
+    stdout.print(Text.assemble((info["path"], "bold"), f"  ({info['naming']} naming, {info['layout']})"))
     stdout.print(
         f"{info['tensors']} tensors, {info['total_parameters']} parameters, "
         f"{format_bytes(info['total_size'])} in {len(info['shards'])} shard files"
@@ -129,7 +131,7 @@ def inspect_command(
     if info["aux_files"]:
         stdout.print(f"other files: {', '.join(info['aux_files'])}")
     for p in info["problems"]:
-        stdout.print(f"[{'red' if p['severity'] == 'error' else 'yellow'}]{p['severity']}:[/] {p['message']}")
+        stdout.print(finding(p["severity"], p["message"]))
     if not info["problems"]:
         stdout.print("no problems found")
 
@@ -149,9 +151,9 @@ def verify(
         print(json.dumps(report.as_dict(), indent=2))
     else:
         for severity, message in report.findings:
-            stdout.print(f"[{'red' if severity == 'error' else 'yellow'}]{severity}:[/] {message}")
-        verdict = "[green]OK[/]" if report.ok else "[red]FAILED[/]"
-        stdout.print(f"{verdict} {report.path}: {report.tensors} tensors in {report.shards} shard files")
+            stdout.print(finding(severity, message))
+        verdict = Text("OK", style="green") if report.ok else Text("FAILED", style="red")
+        stdout.print(Text.assemble(verdict, f" {report.path}: {report.tensors} tensors in {report.shards} shard files"))
     if not report.ok:
         raise typer.Exit(1)
 
