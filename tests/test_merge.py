@@ -240,3 +240,15 @@ def test_cli_refuses_nested_output_in_one_line(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert result.stderr.startswith("error:") and "inside" in result.stderr
+
+
+def test_non_empty_output_needs_overwrite(tmp_path: Path) -> None:
+    base, extra, want = make_pair(tmp_path)
+    out = tmp_path / "out"
+    merge(base, extra, out, max_shard_bytes=2500)  # 8 shards
+    with pytest.raises(NormalizeError) as refused:
+        merge(base, extra, out)
+    assert refused.value.kind == "output_not_empty"
+    result = merge(base, extra, out, overwrite=True)  # 4 shards: the earlier run's are stale
+    assert len(shard_names(out)) == 4 and len(result.written.removed_stale) == 8
+    assert read_back(out) == want

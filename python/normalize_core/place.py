@@ -47,7 +47,8 @@ console = Console(soft_wrap=True)
 
 
 class PlacementError(NormalizeError):
-    """A placement that was refused (unconfirmed overwrite, bad destination). Nothing was copied.
+    """A placement that was refused (unconfirmed overwrite, bad destination; nothing copied) or
+    failed on I/O (kind ``"io"``; temporary copies removed, see ``execute_placement``).
 
     A ``NormalizeError``, so commands that report those as one-line errors report these too.
     """
@@ -328,6 +329,8 @@ def place_interactively(
             "following the index ignore them; `normalize verify` reports them):"
         )
         _print_names(plan.stale)
+        if SINGLE_FILE in plan.stale:
+            _warn_single_file(destination)
         if remove_stale is None:
             remove_stale = interactive and click.confirm("Remove them? (default: leave them)", default=False)
     with byte_progress(plan.copy_bytes, "place", enabled=show_progress) as advance:
@@ -401,12 +404,16 @@ def report_placement(result: PlacementResult) -> None:
     if result.stale_left:
         say(f"Left unreferenced shards in place: {_short_list(result.stale_left)}")
         if SINGLE_FILE in result.stale_left:
-            say(
-                f"warning: transformers loads {SINGLE_FILE} in preference to {INDEX_FILE}: "
-                f"remove {result.destination / SINGLE_FILE} to load the new weights",
-                style="yellow",
-            )
+            _warn_single_file(result.destination)
     say("The staging directory is unchanged; delete it yourself once you no longer need it.")
+
+
+def _warn_single_file(destination: Path) -> None:
+    say(
+        f"warning: transformers loads {SINGLE_FILE} in preference to {INDEX_FILE}: "
+        f"remove {destination / SINGLE_FILE} to load the new weights",
+        style="yellow",
+    )
 
 
 def say(message: str, style: str = "") -> None:
