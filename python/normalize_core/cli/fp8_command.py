@@ -15,9 +15,11 @@ from normalize_core._core import NormalizeError, check_separate
 from normalize_core.cli.app import (
     MaxShardOpt,
     OverwriteOpt,
+    PlaceOpt,
     QuietOpt,
     ShardGbOpt,
     SourceOpt,
+    YesOpt,
     app,
     fail,
     finding,
@@ -25,6 +27,7 @@ from normalize_core.cli.app import (
     shard_limit,
     stdout,
 )
+from normalize_core.place import check_place_option, offer_placement
 from normalize_core.progress import byte_progress
 from normalize_core.sizes import format_bytes
 
@@ -112,6 +115,8 @@ def to_fp8_command(
     ] = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    place: PlaceOpt = None,
+    yes: YesOpt = False,
 ) -> None:
     """Quantize weights to per-block (128x128) float8_e4m3fn with float32 <name>_scale_inv scales.
 
@@ -120,6 +125,9 @@ def to_fp8_command(
     --reference / --quantize-pattern / --skip-pattern). 3-D fused experts are quantized per
     expert. config.json gets a quantization_config that vLLM, SGLang and transformers read.
     Engine-named shards are bin-packed into standard shards in the same pass unless --no-repack.
+
+    --output is a staging area: afterwards you choose (on a terminal, or with --place) whether
+    the weights stay there, are copied into --source, or are copied to another directory.
     """
     if no_repack and repack:
         raise typer.BadParameter("give --repack or --no-repack, not both")
@@ -138,6 +146,7 @@ def to_fp8_command(
     try:
         if output is not None and not dry_run:
             check_separate([source], output)
+            check_place_option(place, output)
         fp8 = plan_fp8(
             source,
             reference=reference,
@@ -186,3 +195,7 @@ def to_fp8_command(
     )
     if not result.config_written:
         stdout.print(finding("warning", "the source has no config.json, so no quantization_config was written"))
+    try:
+        offer_placement(result.output, source, place, yes, show_progress=not quiet)
+    except NormalizeError as e:
+        raise fail(str(e)) from None
