@@ -246,6 +246,22 @@ def test_a_failure_after_other_shards_completed_removes_them(engine_source, tmp_
     assert not leftover_partials(output)
 
 
+def test_an_aux_file_failing_after_the_shards_were_written_leaves_nothing(engine_source, tmp_path: Path):
+    """Aux files are copied once every shard is in place; a dangling symlink among them fails the run
+    then, and the shards already written must go with the directory created for them."""
+    source, _ = engine_source
+    (source / "tokenizer.model").symlink_to(tmp_path / "missing" / "tokenizer.model")
+    output = tmp_path / "out"
+
+    result = run_cli(["repack", "-s", str(source), "-o", str(output), "--max-shard-size", "20KB", "-q"])
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: {source / 'tokenizer.model'}: No such file or directory (os error 2)"
+    ]
+    assert not output.exists()
+
+
 @pytest.fixture
 def bracketed_source(tmp_path: Path) -> Path:
     """A checkpoint in a directory named like rich markup, holding a tensor named like a closing tag."""

@@ -7,8 +7,8 @@ tensor is ever loaded into Python, and torch is never imported.
 
 from __future__ import annotations
 
-import contextlib
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,7 +105,8 @@ def finish_output(plan: OutputPlan, source: Path, output: Path, started: float) 
 
 class fresh_output:  # noqa: N801 - used as a context manager, reads like a function
     """Prepares the output directory; if the block fails and the directory was created for this
-    run, removes it again when it is empty (shards written so far were already removed)."""
+    run, removes it again with everything in it (all written by this run: shards completed before
+    a later step such as copying aux files failed, aux files copied so far)."""
 
     def __init__(self, output: Path, overwrite: bool):
         self.output = output
@@ -119,5 +120,4 @@ class fresh_output:  # noqa: N801 - used as a context manager, reads like a func
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None and self.created:
-            with contextlib.suppress(OSError):
-                self.output.rmdir()
+            shutil.rmtree(self.output, ignore_errors=True)
