@@ -132,6 +132,17 @@ def test_size_options_are_decimal_and_binary(engine_source, tmp_path: Path):
     assert max(sizes) > 20_000 - 8_400  # shards are filled, not split needlessly
 
 
+def test_shard_files_the_index_does_not_reference_are_reported(tmp_path: Path):
+    """A stale shard beside an index is left out, and the CLI says so instead of dropping it silently."""
+    source = save_engine_checkpoint(tmp_path / "src", {"model-00001-of-00001.safetensors": {"a": torch.ones(2)}})
+    (source / INDEX).write_text(json.dumps({"weight_map": {"a": "model-00001-of-00001.safetensors"}}))
+    save_engine_checkpoint(source, {"model-00001-of-00002.safetensors": {"old": torch.zeros(2)}})
+    result = CliRunner().invoke(app, ["repack", "-s", str(source), "-o", str(tmp_path / "out"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "model-00001-of-00002.safetensors" in result.stdout
+    assert "not referenced by the index" in result.stdout
+
+
 def test_both_size_options_is_a_usage_error(engine_source, tmp_path: Path):
     source, _ = engine_source
     args = ["repack", "-s", str(source), "-o", str(tmp_path / "out"), "--max-shard-size", "5GB", "--shard-size-gb", "1"]

@@ -92,6 +92,7 @@ def test_engine_named_shards_round_trip(tmp_path: Path, limit: int):
 
     assert_standard_output(tmp_path / "out", expected_bytes(tensors), limit)
     assert result.tensors == len(tensors)
+    assert result.ignored_files == []
     assert result.aux_files == ["config.json", "tokenizer", "tokenizer.json", "tokenizer.model"]
     out = tmp_path / "out"
     assert (out / "config.json").read_text() == '{"model_type": "llama"}\n'
@@ -159,9 +160,10 @@ def test_standard_input_reshards_and_drops_stale_weight_files(tmp_path: Path):
     save_engine_checkpoint(source, {"old-unreferenced.safetensors": {"stale": torch.zeros(3)}})
     (source / "consolidated.safetensors.index.json").write_text("{}")
 
-    repack(source, tmp_path / "out", max_shard_bytes=40 * KB)
+    result = repack(source, tmp_path / "out", max_shard_bytes=40 * KB)
 
     assert_standard_output(tmp_path / "out", expected_bytes(tensors), 40 * KB)
+    assert result.ignored_files == ["old-unreferenced.safetensors"]
     assert not (tmp_path / "out" / "old-unreferenced.safetensors").exists()
     assert not (tmp_path / "out" / "consolidated.safetensors.index.json").exists()
 

@@ -38,6 +38,8 @@ class WriteResult:
     total_size: int
     aux_files: list[str] = field(default_factory=list)
     removed_stale: list[str] = field(default_factory=list)
+    #: ``*.safetensors`` files of the source that its index does not reference, left out.
+    ignored_files: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -83,7 +85,9 @@ def write_repack(
     check_separate([checkpoint.dir], output)
     with fresh_output(output, overwrite):
         plan.execute(output, jobs=jobs, progress=progress)
-        return finish_output(plan, checkpoint.dir, output, started)
+        result = finish_output(plan, checkpoint.dir, output, started)
+    result.ignored_files = list(checkpoint.unreferenced_files)
+    return result
 
 
 def finish_output(plan: OutputPlan, source: Path, output: Path, started: float) -> WriteResult:

@@ -98,6 +98,8 @@ def repack(
         stdout.print(f"Copied {len(result.aux_files)} other files: {', '.join(result.aux_files)}")
     if result.removed_stale:
         stdout.print(f"Removed stale shards of an earlier run: {', '.join(result.removed_stale)}")
+    if result.ignored_files:
+        stdout.print(f"Left out source files not referenced by the index: {', '.join(result.ignored_files)}")
     try:
         offer_placement(result.output, source, place, yes, show_progress=not quiet)
     except NormalizeError as e:
