@@ -15,8 +15,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import save_file
 
-from normalize_core import NormalizeError, repack
+from normalize_core import Checkpoint, NormalizeError, plan_shards, repack
 from normalize_core.sample import sample_tensors
 from repack_util import (
     INDEX,
@@ -24,6 +25,7 @@ from repack_util import (
     expected_bytes,
     leftover_partials,
     random_tensor,
+    read_raw_header,
     save_engine_checkpoint,
     save_standard_checkpoint,
 )
@@ -299,3 +301,41 @@ def test_sample_checkpoint_fixture_round_trips(engine_checkpoint: Path, tmp_path
     assert set(source_tensors) == set(sample_tensors())
     repack(engine_checkpoint, tmp_path / "out", max_shard_bytes=300 * KB)
     assert_standard_output(tmp_path / "out", expected_bytes(source_tensors), 300 * KB)
+
+
+def save_with_header_length(path: Path, tensors: dict[str, torch.Tensor], header_length: int) -> None:
+    """``save_file`` with a metadata filler sized so the header is exactly ``header_length`` bytes (a
+    multiple of 8): each filler character adds one byte before the padding to 8."""
+    save_file(tensors, path, metadata={"format": "pt", "filler": ""})
+    unfilled = read_raw_header(path)[0]
+    save_file(tensors, path, metadata={"format": "pt", "filler": "x" * (header_length - unfilled)})
+    assert read_raw_header(path)[0] == header_length
+
+
+def test_page_alignment_padding_respects_the_shard_limit(tmp_path: Path):
+    """A shard whose longest source run is ≥ 1 MiB gets header padding so the run keeps its page offset
+    (DESIGN, performance notes), but only when the padded shard still fits the limit. The source run
+    starts 8 bytes into a page, so padding costs almost a page; planned for every limit around the
+    threshold, written for a few."""
+    tensors = {"a": torch.full((100,), 1, dtype=torch.uint8)}
+    tensors |= {name: torch.full((1_200_000,), i, dtype=torch.uint8) for i, name in enumerate("bc")}
+    source = tmp_path / "engine"
+    source.mkdir()
+    save_with_header_length(source / "rank0.safetensors", tensors, 4096)
+    checkpoint = Checkpoint.open(source)
+    assert checkpoint.tensor("a").file_offset % 4096 == 8
+
+    padded, unpadded = set(), set()
+    for limit in range(1_200_100, 1_200_100 + 4400, 8):
+        for shard in plan_shards(checkpoint, limit).shards:
+            assert shard.file_len <= limit or len(shard.tensor_names) == 1
+            if shard.tensor_names[:2] == ["a", "b"]:
+                header = shard.file_len - shard.data_len
+                (padded if header % 4096 == 8 else unpadded).add(limit)
+    assert padded and unpadded, "the limits tried must reach both sides of the padding threshold"
+    assert max(unpadded) < min(padded)
+
+    for limit in (min(unpadded), max(unpadded), min(padded)):
+        out = tmp_path / f"limit-{limit}"
+        repack(source, out, max_shard_bytes=limit)
+        assert_standard_output(out, expected_bytes(tensors), limit)
