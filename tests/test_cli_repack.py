@@ -297,3 +297,22 @@ def test_verify_finding_shows_names_verbatim(bracketed_source: Path):
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert f"{bracketed_source / 'model.safetensors'}: tensor 'w[/]': unknown dtype 'Q9'" in result.stdout
+
+
+def test_an_interrupted_write_leaves_nothing(engine_source, tmp_path: Path):
+    """An exception from the progress callback (how Ctrl-C reaches the writer) fails the write: it
+    propagates, and no shard, finished or half-written, is left."""
+    source, _ = engine_source
+    checkpoint, plan = plan_repack(source, 20_000)
+    output = tmp_path / "out"
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(_bytes: int) -> None:
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        write_repack(checkpoint, plan, output, jobs=2, progress=interrupt)
+
+    assert not output.exists()

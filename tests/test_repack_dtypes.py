@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from normalize_core import repack
+from normalize_core import repack, verify_checkpoint
 from normalize_core.sample import write_safetensors
 from repack_util import (
     INDEX,
@@ -142,3 +142,27 @@ def test_engine_shards_are_read_in_natural_order(tmp_path: Path):
     shard_numbers = [int(weight_map[f"layer.{r}.weight"][6:11]) for r in sorted(ranks)]
     assert shard_numbers == [1, 2, 3, 4, 5]
     assert_standard_output(tmp_path / "many", expected_bytes(tensors), 1)
+
+
+def test_misaligned_source_offsets_come_out_aligned(tmp_path: Path):
+    """A hand-written source whose F64/F32/BF16 tensors sit at odd offsets (valid safetensors, but
+    loaders must copy them) is repacked with every tensor at a multiple of its element size."""
+    entries = [
+        ("bytes", "U8", [3], b"\x01\x02\x03"),
+        ("word", "F32", [1], b"\x00\x00\x80\x3f"),
+        ("half", "BF16", [1], b"\x80\x3f"),
+        ("double", "F64", [2], bytes(range(16))),
+        ("flag", "BOOL", [], b"\x01"),
+    ]
+    source = tmp_path / "single"
+    source.mkdir()
+    write_safetensors(source / "model.safetensors", entries)
+    assert any("not aligned" in message for _, message in verify_checkpoint(source).findings)
+
+    repack(source, tmp_path / "out", max_shard_bytes=1 << 20)
+
+    expected = {name: (dtype, shape, data) for name, dtype, shape, data in entries}
+    assert_standard_output(tmp_path / "out", expected, 1 << 20)
+    _, header = read_raw_header(tmp_path / "out" / "model-00001-of-00001.safetensors")
+    header.pop("__metadata__")
+    assert sorted(header, key=lambda name: header[name]["data_offsets"]) == ["double", "word", "half", "bytes", "flag"]
