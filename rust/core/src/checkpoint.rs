@@ -95,10 +95,7 @@ impl Checkpoint {
         } else {
             Layout::Unindexed
         };
-        let files = scanned
-            .into_iter()
-            .map(|name| load_file(dir, name))
-            .collect::<Result<Vec<_>>>()?;
+        let files = load_files(dir, scanned)?;
         let mut checkpoint = Checkpoint {
             dir: dir.into(),
             layout,
@@ -195,10 +192,7 @@ fn open_indexed(dir: &Path, index: ShardIndex, scanned: Vec<String>) -> Result<C
             file_names.push(shard);
         }
     }
-    let files = file_names
-        .iter()
-        .map(|name| load_file(dir, name.to_string()))
-        .collect::<Result<Vec<_>>>()?;
+    let files = load_files(dir, file_names.iter().map(|n| n.to_string()).collect())?;
 
     // Where each header says each tensor is; a name in two headers is an error.
     let mut located: HashMap<&str, (usize, usize)> = HashMap::new();
@@ -261,10 +255,37 @@ fn open_indexed(dir: &Path, index: ShardIndex, scanned: Vec<String>) -> Result<C
     Ok(checkpoint)
 }
 
-fn load_file(dir: &Path, name: String) -> Result<SourceFile> {
-    let path = dir.join(&name);
-    let header = read_header(&path)?;
-    Ok(SourceFile { name, path, header })
+/// Reads the headers of `names` (in `dir`) on all cores; the first failing file, in `names`
+/// order, is the error reported.
+fn load_files(dir: &Path, names: Vec<String>) -> Result<Vec<SourceFile>> {
+    let load = |name: String| -> Result<SourceFile> {
+        let path = dir.join(&name);
+        let header = read_header(&path)?;
+        Ok(SourceFile { name, path, header })
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(names.len());
+    if threads <= 1 {
+        return names.into_iter().map(load).collect();
+    }
+    let per_thread = names.len().div_ceil(threads);
+    let mut chunks: Vec<Vec<String>> = Vec::new();
+    let mut names = names.into_iter().peekable();
+    while names.peek().is_some() {
+        chunks.push(names.by_ref().take(per_thread).collect());
+    }
+    let loaded: Vec<Vec<Result<SourceFile>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| scope.spawn(move || chunk.into_iter().map(load).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("header reader panicked"))
+            .collect()
+    });
+    loaded.into_iter().flatten().collect()
 }
 
 /// Names of the regular `*.safetensors` files directly in `dir` (symlinks followed), dotfiles

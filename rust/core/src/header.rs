@@ -104,26 +104,15 @@ struct RawEntry {
 
 /// Parses and validates header JSON (without the length prefix) of a file of `file_len` bytes.
 pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<ShardHeader> {
-    let not_json = |detail: String| Error::HeaderNotJson {
-        file: path.into(),
-        detail,
+    // Well-formed headers (nearly all) are read straight into typed entries; anything malformed
+    // is read again member by member, to name the tensor at fault.
+    let (metadata, raw_entries) = match serde_json::from_slice::<TypedMembers>(json) {
+        Ok(TypedMembers(object)) => split_members(path, object)?,
+        Err(_) => split_members(path, parse_loosely(path, json)?)?,
     };
-    let object: OrderedObject =
-        serde_json::from_slice(json).map_err(|e| not_json(e.to_string()))?;
-    if let Some(tensor) = object.duplicate {
-        return Err(Error::DuplicateInHeader {
-            file: path.into(),
-            tensor,
-        });
-    }
-    let mut metadata = Vec::new();
-    let mut tensors = Vec::with_capacity(object.entries.len());
-    for (name, value) in object.entries {
-        if name == "__metadata__" {
-            metadata = parse_metadata(value).map_err(not_json)?;
-            continue;
-        }
-        tensors.push(parse_entry(path, name, value)?);
+    let mut tensors = Vec::with_capacity(raw_entries.len());
+    for (name, raw) in raw_entries {
+        tensors.push(check_entry(path, name, raw)?);
     }
     let header = ShardHeader {
         path: path.into(),
@@ -133,6 +122,103 @@ pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<ShardHead
         tensors,
     };
     validate_layout(header)
+}
+
+/// One member of a header object: `__metadata__` or a tensor entry.
+enum HeaderValue {
+    Metadata(Value),
+    Entry(RawEntry),
+}
+
+/// The fast path: members read straight into `RawEntry` (the key says which type to expect).
+struct TypedMembers(OrderedObject<HeaderValue>);
+
+impl<'de> Deserialize<'de> for TypedMembers {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        struct MembersVisitor;
+        impl<'de> serde::de::Visitor<'de> for MembersVisitor {
+            type Value = TypedMembers;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a safetensors header object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<TypedMembers, A::Error> {
+                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
+                while let Some(key) = map.next_key::<String>()? {
+                    let member = if key == "__metadata__" {
+                        HeaderValue::Metadata(map.next_value()?)
+                    } else {
+                        HeaderValue::Entry(map.next_value()?)
+                    };
+                    entries.push((key, member));
+                }
+                Ok(TypedMembers(OrderedObject { entries }))
+            }
+        }
+        deserializer.deserialize_map(MembersVisitor)
+    }
+}
+
+/// Every member as a `Value`, so a bad entry can be reported with its name.
+fn parse_loosely(path: &Path, json: &[u8]) -> Result<OrderedObject<HeaderValue>> {
+    let object: OrderedObject<Value> =
+        serde_json::from_slice(json).map_err(|e| Error::HeaderNotJson {
+            file: path.into(),
+            detail: e.to_string(),
+        })?;
+    let mut entries = Vec::with_capacity(object.entries.len());
+    for (name, value) in object.entries {
+        let member = if name == "__metadata__" {
+            HeaderValue::Metadata(value)
+        } else {
+            match RawEntry::deserialize(value) {
+                Ok(raw) => HeaderValue::Entry(raw),
+                Err(e) => {
+                    return Err(Error::InvalidTensorEntry {
+                        file: path.into(),
+                        tensor: name,
+                        detail: format!("malformed entry: {e}"),
+                    })
+                }
+            }
+        };
+        entries.push((name, member));
+    }
+    Ok(OrderedObject { entries })
+}
+
+/// Separates `__metadata__` from the tensor entries; a repeated name is an error.
+#[allow(clippy::type_complexity)]
+fn split_members(
+    path: &Path,
+    object: OrderedObject<HeaderValue>,
+) -> Result<(Vec<(String, String)>, Vec<(String, RawEntry)>)> {
+    if let Some(tensor) = object.first_duplicate() {
+        return Err(Error::DuplicateInHeader {
+            file: path.into(),
+            tensor: tensor.to_string(),
+        });
+    }
+    let mut metadata = Vec::new();
+    let mut entries = Vec::with_capacity(object.entries.len());
+    for (name, member) in object.entries {
+        match member {
+            HeaderValue::Metadata(value) => {
+                metadata = parse_metadata(value).map_err(|detail| Error::HeaderNotJson {
+                    file: path.into(),
+                    detail,
+                })?;
+            }
+            HeaderValue::Entry(raw) => entries.push((name, raw)),
+        }
+    }
+    Ok((metadata, entries))
 }
 
 fn parse_metadata(value: Value) -> std::result::Result<Vec<(String, String)>, String> {
@@ -149,17 +235,7 @@ fn parse_metadata(value: Value) -> std::result::Result<Vec<(String, String)>, St
         .collect()
 }
 
-fn parse_entry(path: &Path, name: String, value: Value) -> Result<TensorInfo> {
-    let raw: RawEntry = match serde_json::from_value(value) {
-        Ok(raw) => raw,
-        Err(e) => {
-            return Err(Error::InvalidTensorEntry {
-                file: path.into(),
-                tensor: name,
-                detail: format!("malformed entry: {e}"),
-            })
-        }
-    };
+fn check_entry(path: &Path, name: String, raw: RawEntry) -> Result<TensorInfo> {
     let Some(dtype) = parse_dtype(&raw.dtype) else {
         return Err(Error::UnknownDtype {
             file: path.into(),

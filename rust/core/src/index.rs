@@ -29,7 +29,7 @@ pub struct ShardIndex {
 struct RawIndex {
     #[serde(default)]
     metadata: Option<Value>,
-    weight_map: OrderedObject,
+    weight_map: OrderedObject<Value>,
 }
 
 /// Whether `name` is a plain file name that stays inside the checkpoint directory.
@@ -58,7 +58,7 @@ pub fn read_index(path: &Path) -> Result<ShardIndex> {
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let raw: RawIndex = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
-    if let Some(tensor) = raw.weight_map.duplicate {
+    if let Some(tensor) = raw.weight_map.first_duplicate() {
         return Err(invalid(format!(
             "tensor '{tensor}' is listed twice in weight_map"
         )));
