@@ -35,7 +35,7 @@ from normalize_core.sizes import format_bytes
 def print_decisions(fp8) -> None:
     from normalize_core.fp8.rules import summarize
 
-    entries = fp8.checkpoint.tensors
+    entries = fp8.entries
     sizes = {t.name: t.nbytes for t in entries}
     shapes = {t.name: t.shape for t in entries}
     table = Table(title="FP8 decisions by name pattern")
@@ -52,11 +52,10 @@ def print_decisions(fp8) -> None:
             format_bytes(row["bytes_saved"]) if row["quantize"] else "",
         )
     stdout.print(table)
-    plan = fp8.plan
     stdout.print(
-        f"{len(fp8.layouts)} tensors to FP8, {len(fp8.decisions) - len(fp8.layouts)} kept; "
-        f"{format_bytes(fp8.checkpoint.total_size)} → {format_bytes(plan.total_size)} in {len(plan.shards)} shards "
-        f"({'bin-packed into model-i-of-n' if fp8.repacked else 'source shard layout kept'})"
+        f"{len(fp8.quantized)} tensors to FP8, {len(fp8.kept)} kept; "
+        f"{format_bytes(fp8.checkpoint.total_size)} → {format_bytes(fp8.output_bytes)} "
+        f"({'bin-packed into model-i-of-n shards' if fp8.repacked else 'source shard layout kept'})"
     )
 
 
@@ -157,6 +156,7 @@ def to_fp8_command(
             scale_fmt=scale_fmt,
             scale_dtype=scale_dtype,
             block_size=block_size,
+            build_plan=not dry_run,
         )
         if fp8.reference_mismatch:
             only_source, only_reference = fp8.reference_mismatch

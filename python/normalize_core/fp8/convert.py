@@ -13,6 +13,7 @@ imported; on a GPU, torch does (see ``quantize.py``), with the same bytes as res
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,13 +25,19 @@ from normalize_core._core import (
     Checkpoint,
     OutputPlan,
     PlanBuilder,
+    TensorEntry,
     check_separate,
     copy_aux_files,
     remove_stale_shards,
 )
 from normalize_core.errors import normalize_error
-from normalize_core.fp8.config import check_fused_groups, fp8_quantization_config, module_sets, write_quantized_config
-from normalize_core.fp8.layout import SCALE_SUFFIX, QuantizedLayout, quantized_layout
+from normalize_core.fp8.config import (
+    check_fused_groups,
+    fp8_quantization_config,
+    module_sets,
+    write_quantized_config,
+)
+from normalize_core.fp8.layout import SCALE_SUFFIX, QuantizedLayout, quantized_bytes, quantized_layout
 from normalize_core.fp8.quantizers import quantizer_for
 from normalize_core.fp8.rules import (
     Decision,
@@ -52,9 +59,11 @@ class Fp8Plan:
     """Everything ``to_fp8`` decided before writing."""
 
     checkpoint: Checkpoint
+    #: The checkpoint's tensors, in order (one entry per decision).
+    entries: list[TensorEntry]
     decisions: list[Decision]
-    layouts: dict[str, QuantizedLayout]
-    plan: OutputPlan
+    #: None when planned with ``build_plan=False``.
+    plan: OutputPlan | None
     repacked: bool
     scale_dtype: str
     scale_fmt: str
@@ -70,6 +79,20 @@ class Fp8Plan:
     @property
     def kept(self) -> list[str]:
         return [d.name for d in self.decisions if not d.quantize]
+
+    @functools.cached_property
+    def layouts(self) -> dict[str, QuantizedLayout]:
+        """The output layout of every quantized tensor."""
+        return quantized_layouts(self.decisions, self.entries, self.block_size)
+
+    @property
+    def output_bytes(self) -> int:
+        """Tensor bytes of the output (what its ``total_size`` will be)."""
+        scale_size = 2 if self.scale_dtype == "bfloat16" else 4
+        return sum(
+            quantized_bytes(entry.name, entry.shape, self.block_size, scale_size) if d.quantize else entry.nbytes
+            for d, entry in zip(self.decisions, self.entries, strict=True)
+        )
 
 
 @dataclass
@@ -89,9 +112,9 @@ class Fp8Result:
     removed_stale: list[str] = field(default_factory=list)
 
 
-def refuse_quantized_source(checkpoint: Checkpoint) -> None:
+def refuse_quantized_source(checkpoint: Checkpoint, entries: list[TensorEntry]) -> None:
     """An FP8 (or otherwise scaled) source cannot be quantized again."""
-    for entry in checkpoint.tensors:
+    for entry in entries:
         if entry.dtype in FP8_DTYPES or entry.name.endswith((SCALE_SUFFIX, "weight_scale", "input_scale")):
             raise normalize_error(
                 "already_quantized",
@@ -115,16 +138,16 @@ def choose_rules(reference, quantize_patterns: Sequence[str], skip_patterns: Seq
     return with_skip_patterns(rules, skip_patterns) if skip_patterns else rules, rules
 
 
-def decide(checkpoint: Checkpoint, rules) -> list[Decision]:
-    """A decision per source tensor, in checkpoint order; split fused groups are an error."""
-    entries = checkpoint.tensors
+def decide(entries: list[TensorEntry], rules) -> tuple[list[Decision], set[str]]:
+    """A decision per source tensor, in checkpoint order, and the modules whose weight stays
+    unquantized; split fused groups are an error."""
     decisions = decide_all(((t.name, t.dtype, t.shape) for t in entries), rules)
     dtypes = {t.name: t.dtype for t in entries}
     fp8, kept = module_sets(
         (d.name for d in decisions if d.quantize), (d.name for d in decisions if not d.quantize), dtypes
     )
     check_fused_groups(fp8, kept)
-    return decisions
+    return decisions, kept
 
 
 def plan_fp8(
@@ -138,18 +161,21 @@ def plan_fp8(
     scale_fmt: str = "float",
     scale_dtype: str | None = None,
     block_size: int = 128,
+    build_plan: bool = True,
 ) -> Fp8Plan:
     """Decides and plans a conversion from headers alone.
 
+    With ``build_plan=False`` (dry runs) only the decisions are made: ``plan`` is None.
     ``repack=None`` keeps a standard or single-file source's shard layout and bin-packs other
     (engine-named) layouts into ``model-{i:05d}-of-{n:05d}`` shards; ``True`` always bin-packs,
     ``False`` always keeps the source's files. ``scale_dtype`` ("float32"/"bfloat16") defaults to
     the reference's, else float32.
     """
     checkpoint = Checkpoint.open(Path(source))
-    refuse_quantized_source(checkpoint)
+    entries = checkpoint.tensors
+    refuse_quantized_source(checkpoint, entries)
     rules, base_rules = choose_rules(reference, quantize_patterns, skip_patterns)
-    decisions = decide(checkpoint, rules)
+    decisions, kept_modules = decide(entries, rules)
     if scale_dtype is None:
         reference_dtype = getattr(base_rules, "scale_dtype", None)
         scale_dtype = {"BF16": "bfloat16"}.get(reference_dtype, "float32")
@@ -158,10 +184,47 @@ def plan_fp8(
     if block_size <= 0:
         raise ValueError("block size must be positive")
 
-    entries = {t.name: t for t in checkpoint.tensors}
-    layouts = {d.name: quantized_layout(d.name, entries[d.name].shape, block_size) for d in decisions if d.quantize}
     if repack is None:
         repack = not (checkpoint.has_standard_names or checkpoint.layout == "single_file")
+    names = (t.name for t in entries)
+    mismatch = base_rules.compare(names) if isinstance(base_rules, ReferenceRules) else None
+    fp8 = Fp8Plan(
+        checkpoint=checkpoint,
+        entries=entries,
+        decisions=decisions,
+        plan=None,
+        repacked=repack,
+        scale_dtype=scale_dtype,
+        scale_fmt=scale_fmt,
+        block_size=block_size,
+        quantization_config=fp8_quantization_config(sorted(kept_modules), block_size=block_size, scale_fmt=scale_fmt),
+        reference_mismatch=mismatch,
+    )
+    if build_plan:
+        fp8.plan = build_output_plan(checkpoint, decisions, fp8.layouts, scale_dtype, repack, max_shard_bytes)
+    return fp8
+
+
+def quantized_layouts(
+    decisions: list[Decision], entries: list[TensorEntry], block_size: int
+) -> dict[str, QuantizedLayout]:
+    """The output layout of every tensor decided to be quantized."""
+    return {
+        d.name: quantized_layout(d.name, entry.shape, block_size)
+        for d, entry in zip(decisions, entries, strict=True)
+        if d.quantize
+    }
+
+
+def build_output_plan(
+    checkpoint: Checkpoint,
+    decisions: list[Decision],
+    layouts: dict[str, QuantizedLayout],
+    scale_dtype: str,
+    repack: bool,
+    max_shard_bytes: int,
+) -> OutputPlan:
+    """Every kept tensor copied; every quantized one an FP8 weight and its scale, in one group."""
     builder = PlanBuilder([checkpoint])
     groups = []
     for decision in decisions:
@@ -176,24 +239,7 @@ def plan_fp8(
         builder.pack_greedy(groups, max_shard_bytes)
     else:
         builder.pack_by_source_file(groups)
-    plan = builder.finish("standard" if repack else "source")
-
-    fp8_modules, kept_modules = module_sets(
-        layouts, (d.name for d in decisions if not d.quantize), {n: e.dtype for n, e in entries.items()}
-    )
-    mismatch = base_rules.compare(entries) if isinstance(base_rules, ReferenceRules) else None
-    return Fp8Plan(
-        checkpoint=checkpoint,
-        decisions=decisions,
-        layouts=layouts,
-        plan=plan,
-        repacked=repack,
-        scale_dtype=scale_dtype,
-        scale_fmt=scale_fmt,
-        block_size=block_size,
-        quantization_config=fp8_quantization_config(sorted(kept_modules), block_size=block_size, scale_fmt=scale_fmt),
-        reference_mismatch=mismatch,
-    )
+    return builder.finish("standard" if repack else "source")
 
 
 def to_fp8(

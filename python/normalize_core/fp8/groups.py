@@ -7,7 +7,6 @@ which must therefore share one precision.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
 #: 3-D parameters of a fused-experts module (``...mlp.experts.gate_up_proj`` is ``[E, 2I, H]``).
@@ -23,7 +22,8 @@ FUSED_SIBLINGS = (
     ("in_proj_a", "in_proj_b"),
 )
 
-_EXPERTS = re.compile(r"^(.*?(?:^|\.)experts)(?:\.|$)")
+#: Each sibling's group label suffix, e.g. ``k_proj`` → ``{q_proj,k_proj,v_proj}``.
+_SIBLING_LABEL = {member: "{" + ",".join(siblings) + "}" for siblings in FUSED_SIBLINGS for member in siblings}
 
 
 def is_fused_expert_param(name: str) -> bool:
@@ -44,14 +44,13 @@ def module_of(tensor: str) -> str | None:
 
 def fused_group(module: str) -> str | None:
     """A key shared by all modules an engine fuses with ``module``, or None."""
-    experts = _EXPERTS.match(module)
-    if experts:
-        return f"{experts.group(1)}.*"
+    dotted = f".{module}."
+    experts = dotted.find(".experts.")
+    if experts >= 0:
+        return f"{dotted[1 : experts + len('.experts')]}.*"
     head, _, last = module.rpartition(".")
-    for siblings in FUSED_SIBLINGS:
-        if last in siblings:
-            return f"{head}.{{{','.join(siblings)}}}"
-    return None
+    label = _SIBLING_LABEL.get(last)
+    return None if label is None else f"{head}.{label}"
 
 
 def split_fused_groups(quantized: Iterable[str], kept: Iterable[str]) -> list[str]:

@@ -8,14 +8,14 @@ so when a half is not a whole number of blocks each half is quantized as a matri
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 SCALE_SUFFIX = "_scale_inv"
 
 
-@dataclass(frozen=True)
-class QuantizedLayout:
+class QuantizedLayout(NamedTuple):
     """How one source tensor is quantized and what it becomes."""
 
     name: str
@@ -32,15 +32,25 @@ class QuantizedLayout:
 
 def quantized_layout(name: str, shape: tuple[int, ...] | list[int], block: int) -> QuantizedLayout:
     """The layout of ``name`` (shape ``shape``, at least 2-D) quantized in ``block × block`` tiles."""
-    shape = tuple(int(d) for d in shape)
+    shape = tuple(shape)
     if len(shape) < 2:
         raise ValueError(f"{name}: only tensors of 2 or more dimensions are quantized, got shape {list(shape)}")
+    batch, rows, cols, scale_shape, split = _tiling(shape, name.endswith("gate_up_proj"), block)
+    return QuantizedLayout(name, shape, batch, rows, cols, name + SCALE_SUFFIX, scale_shape, split)
+
+
+@functools.lru_cache(maxsize=4096)
+def _tiling(shape: tuple[int, ...], gate_up: bool, block: int) -> tuple[int, int, int, tuple[int, ...], bool]:
+    """``(batch, rows, cols, scale shape, split halves)``; shapes repeat across layers and experts."""
     *leading, rows, cols = shape
     batch = math.prod(leading)
-    split = len(shape) == 3 and name.endswith("gate_up_proj") and rows % 2 == 0 and (rows // 2) % block != 0
-    if split:
+    if len(shape) == 3 and gate_up and rows % 2 == 0 and (rows // 2) % block != 0:
         half = rows // 2
-        scale_shape = (*leading, 2 * math.ceil(half / block), math.ceil(cols / block))
-        return QuantizedLayout(name, shape, 2 * batch, half, cols, name + SCALE_SUFFIX, scale_shape, True)
-    scale_shape = (*leading, math.ceil(rows / block), math.ceil(cols / block))
-    return QuantizedLayout(name, shape, batch, rows, cols, name + SCALE_SUFFIX, scale_shape, False)
+        return 2 * batch, half, cols, (*leading, 2 * math.ceil(half / block), math.ceil(cols / block)), True
+    return batch, rows, cols, (*leading, math.ceil(rows / block), math.ceil(cols / block)), False
+
+
+def quantized_bytes(name: str, shape: tuple[int, ...] | list[int], block: int, scale_size: int) -> int:
+    """Bytes ``name`` takes once quantized: one per element plus its scales."""
+    _, _, _, scale_shape, _ = _tiling(tuple(shape), name.endswith("gate_up_proj"), block)
+    return math.prod(shape) + math.prod(scale_shape) * scale_size

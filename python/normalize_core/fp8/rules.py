@@ -14,6 +14,7 @@ ever quantized when ``ineligible_reason`` has nothing against it. No torch: torc
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -33,6 +34,9 @@ QUANTIZABLE_DTYPES = frozenset({"BF16", "F16", "F32"})
 BLOCK = 128
 
 _NOT_FLOATING = frozenset({"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64"})
+
+#: A whole numeric name segment (a layer or expert index), as in ``layers.12.`` or ``experts.7``.
+_NUMBER_SEGMENT = re.compile(r"\.\d+(?=\.|$)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,15 +113,33 @@ class HeuristicRules:
     def __init__(self, keep_rules: Sequence[tuple[str, str]] = HEURISTIC_KEEP_RULES):
         self.keep_rules = tuple(keep_rules)
         self._compiled = tuple((re.compile(pattern), reason) for pattern, reason in self.keep_rules)
+        # Most eligible tensors match no row: one search of all rows at once settles them.
+        self._any_row = re.compile("|".join(f"(?:{pattern})" for pattern, _ in self.keep_rules))
+        # The built-in table never looks at layer or expert numbers (a test holds it to that), so
+        # its verdict is remembered per name pattern: 150k tensors take a few hundred patterns.
+        self._verdicts: dict[tuple[str, str, int], tuple[bool, str]] | None = (
+            {} if self.keep_rules == HEURISTIC_KEEP_RULES else None
+        )
 
     def decide(self, name: str, dtype: str, shape: Sequence[int]) -> Decision:
         """Keep with the ineligibility or the first matching table row's reason; otherwise quantize."""
+        if self._verdicts is None:
+            return Decision(name, *self._verdict(name, dtype, shape))
+        key = (_NUMBER_SEGMENT.sub(".N", name), dtype, len(shape))
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            verdict = self._verdicts[key] = self._verdict(name, dtype, shape)
+        return Decision(name, *verdict)
+
+    def _verdict(self, name: str, dtype: str, shape: Sequence[int]) -> tuple[bool, str]:
         if reason := ineligible_reason(name, dtype, shape):
-            return Decision(name, False, reason)
+            return False, reason
+        if not self._any_row.search(name):
+            return True, "matmul weight"
         for pattern, reason in self._compiled:
             if pattern.search(name):
-                return Decision(name, False, reason)
-        return Decision(name, True, "matmul weight")
+                return False, reason
+        return True, "matmul weight"
 
 
 def _compile(patterns: Sequence[str], option: str) -> list[re.Pattern[str]]:
@@ -272,9 +294,12 @@ def decide_all(entries: Iterable[tuple[str, str, Sequence[int]]], rules: Rules) 
     return [rules.decide(name, dtype, shape) for name, dtype, shape in entries]
 
 
+_DIGIT_RUN = re.compile(r"\d+")
+
+
 def name_pattern(name: str) -> str:
     """``model.layers.12.mlp.experts.7.w1.weight`` → ``model.layers.N.mlp.experts.N.wN.weight``."""
-    return re.sub(r"\d+", "N", name)
+    return _DIGIT_RUN.sub("N", name)
 
 
 def scale_bytes(shape: Sequence[int]) -> int:
@@ -301,7 +326,12 @@ def summarize(
         row["count"] += 1
         row["bytes"] += size
         if decision.quantize:
-            shape = shapes[decision.name]
             # One byte per element after quantization, whatever the source itemsize was.
-            row["bytes_saved"] += size - math.prod(shape) - scale_bytes(shape)
+            row["bytes_saved"] += size - _quantized_size(tuple(shapes[decision.name]))
     return list(rows.values())
+
+
+@functools.lru_cache(maxsize=4096)
+def _quantized_size(shape: tuple[int, ...]) -> int:
+    """FP8 bytes plus float32 scale bytes of a weight of this shape (shapes repeat across layers)."""
+    return math.prod(shape) + scale_bytes(shape)
