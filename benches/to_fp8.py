@@ -1,6 +1,6 @@
 """Benchmark: ``normalize to-fp8`` (CPU path) against a straightforward torch conversion.
 
-Builds a synthetic bf16 MoE checkpoint (default ≈2.3 GiB in standard-named shards), then
+Builds a synthetic bf16 MoE checkpoint (default ≈2.6 GiB in standard-named shards), then
 alternates, in one run, ``normalize to-fp8 --device cpu`` and a straightforward version written
 here (``safetensors.torch.load_file`` per shard, per-block quantization with plain torch ops,
 ``save_file``), each in its own process, each followed by ``sync``, deleting the output between
@@ -10,7 +10,7 @@ Targets (issue #3): ours ≥ 3× the straightforward version's throughput; our p
 largest tensor + 300 MiB. With ``--gpu`` (on a machine with CUDA), also runs the GPU path once
 and reports GB/s against the time to just read the source.
 
-    python benches/to_fp8.py [--layers 3] [--rounds 3] [--workdir DIR] [--gpu]
+    python benches/to_fp8.py [--layers 4] [--rounds 3] [--workdir DIR] [--gpu]
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def source_bytes(directory: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=3, help="MoE layers (64 experts each, ~0.6 GiB per layer)")
+    parser.add_argument("--layers", type=int, default=4, help="MoE layers (64 experts each, ~0.6 GiB per layer)")
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)

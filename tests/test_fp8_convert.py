@@ -293,3 +293,18 @@ def test_scale_shapes_follow_the_block_size(tmp_path):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["quantization_config"]["weight_block_size"] == [64, 64]
     assert verify_checkpoint(tmp_path / "out").ok
+
+
+def test_torch_quantizer_writes_the_same_bytes_as_the_kernel(tmp_path):
+    """The GPU path's loader and torch arithmetic, run on the CPU, produce the kernel's bytes."""
+    from normalize_core.fp8.quantizers import KernelQuantizer, TorchQuantizer
+
+    source = write_checkpoint(tmp_path / "src", moe_tensors(), "single")
+    fp8 = plan_fp8(source)
+    kernel = KernelQuantizer(fp8.checkpoint, fp8.block_size, "ue8m0", "bfloat16")
+    torch_path = TorchQuantizer(fp8.checkpoint, fp8.block_size, "ue8m0", "bfloat16", "cpu")
+    for name, layout in fp8.layouts.items():
+        expected = kernel.quantize(kernel.load(name), layout)
+        produced = torch_path.quantize(torch_path.load(name), layout)
+        assert bytes(produced[0]) == bytes(expected[0]), name
+        assert bytes(produced[1]) == bytes(expected[1]), name

@@ -42,6 +42,7 @@ def quantize_block_fp8(
     scale_dtype: torch.dtype = torch.float32,
     split_halves: bool = False,
     name: str = "tensor",
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantizes a bf16/fp16/fp32 tensor of 2 or more dims to ``(fp8, scale)`` on its device.
 
@@ -49,6 +50,9 @@ def quantize_block_fp8(
     ceil(K/b)]`` (one matrix per expert). With ``split_halves`` a fused ``[E, 2I, H]``
     projection is quantized as ``2E`` matrices of ``[I, H]`` and its scale is ``[E,
     2*ceil(I/b), ceil(H/b)]``. Raises ``NormalizeError`` naming ``name`` on NaN or Inf input.
+
+    ``backend``: ``"auto"`` (the Rust kernel for CPU tensors, torch otherwise), ``"kernel"`` or
+    ``"torch"``; both give the same bytes.
     """
     if tensor.dtype not in _KERNEL_DTYPES:
         raise ValueError(f"{name}: cannot quantize {tensor.dtype}; expected bfloat16, float16 or float32")
@@ -66,7 +70,12 @@ def quantize_block_fp8(
         batch, rows = 2 * batch, rows // 2
     tiles_r, tiles_c = math.ceil(rows / block_size), math.ceil(cols / block_size)
     matrices = tensor.reshape(batch, rows, cols)
-    if tensor.device.type == "cpu":
+    if backend not in ("auto", "kernel", "torch"):
+        raise ValueError(f"backend must be auto, kernel or torch, not {backend!r}")
+    on_cpu = tensor.device.type == "cpu"
+    if backend == "kernel" and not on_cpu:
+        raise ValueError(f"{name}: the kernel backend quantizes CPU tensors only, not {tensor.device}")
+    if backend == "kernel" or (backend == "auto" and on_cpu):
         fp8, scale = _quantize_with_kernel(matrices, block_size, scale_fmt, scale_dtype, name)
     else:
         fp8, scale = _quantize_with_torch(matrices, block_size, scale_fmt, scale_dtype, name)

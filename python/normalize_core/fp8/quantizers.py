@@ -77,8 +77,9 @@ class KernelQuantizer:
 
 
 class TorchQuantizer:
-    """Quantizes with torch on ``device``: the source is copied to pinned memory on the read-ahead
-    thread and moved to the device without blocking; results come back as host bytes."""
+    """Quantizes with torch's arithmetic on ``device`` (meant for GPUs): the source is copied to
+    page-locked memory on the read-ahead thread and moved to the device without blocking;
+    results come back as host bytes."""
 
     def __init__(self, checkpoint: Checkpoint, block_size: int, scale_fmt: str, scale_dtype: str, device: str):
         import torch
@@ -98,16 +99,17 @@ class TorchQuantizer:
         self.dtypes = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
     def load(self, name: str):
-        torch = self.torch
+        import numpy
+
+        from normalize_core.fp8.quantize import as_byte_array
+
         entry = self.checkpoint.tensor(name)
         dtype = self.dtypes[entry.dtype]
-        if entry.nbytes == 0:
-            return torch.empty(entry.shape, dtype=dtype, device=self.target)
-        host = torch.frombuffer(self.checkpoint.view(name, populate=True), dtype=dtype).view(entry.shape)
-        if self.target.type == CPU:
-            return host
-        pinned = torch.empty(entry.shape, dtype=dtype, pin_memory=True)
-        pinned.copy_(host)
+        # Page-locked host memory lets the copy to the GPU run without blocking this thread.
+        pinned = self.torch.empty(entry.shape, dtype=dtype, pin_memory=self.target.type == "cuda")
+        if entry.nbytes:
+            source = numpy.frombuffer(self.checkpoint.view(name, populate=True), dtype=numpy.uint8)
+            as_byte_array(pinned)[:] = source
         return pinned.to(self.target, non_blocking=True)
 
     def quantize(self, source, layout: QuantizedLayout):
@@ -120,5 +122,6 @@ class TorchQuantizer:
             scale_dtype=self.scale_dtype,
             split_halves=layout.split_halves,
             name=layout.name,
+            backend="torch",
         )
         return as_byte_array(q.cpu()), as_byte_array(s.cpu())

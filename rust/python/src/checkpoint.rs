@@ -189,8 +189,8 @@ impl PyCheckpoint {
             .collect()
     }
 
-    /// A zero-copy, copy-on-write view of one tensor's bytes (buffer protocol). With
-    /// `populate`, the pages are read in now (useful from a prefetch thread).
+    /// A zero-copy, read-only view of one tensor's bytes (buffer protocol). With `populate`,
+    /// the pages are read in now (useful from a read-ahead thread).
     #[pyo3(signature = (name, populate = false))]
     fn view(&self, py: Python<'_>, name: &str, populate: bool) -> PyResult<PyTensorView> {
         let entry = self
@@ -215,11 +215,12 @@ impl PyCheckpoint {
     }
 }
 
-/// Bytes of one tensor, mapped privately from its file: reading costs page faults only, and
-/// writes (if any) stay in this process, never reaching the source file.
+/// Bytes of one tensor, mapped read-only from its file: reading costs page faults only, and
+/// nothing can write through it.
 #[pyclass(name = "TensorView", module = "normalize_core._core", frozen)]
 pub struct PyTensorView {
-    bytes: MappedBytes,
+    /// None for a zero-byte tensor (nothing to map).
+    map: Option<memmap2::Mmap>,
     #[pyo3(get)]
     name: String,
     #[pyo3(get)]
@@ -230,20 +231,6 @@ pub struct PyTensorView {
     nbytes: u64,
 }
 
-/// A private mapping and the address of its first byte. The address is taken once, while the
-/// mapping is exclusively owned; afterwards only Python's buffer consumers use it.
-struct MappedBytes {
-    _map: Option<memmap2::MmapMut>,
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the mapping is owned by this value for its whole life and never resized; the raw
-// pointer is only handed to Python buffer consumers, which synchronize their own access.
-unsafe impl Send for MappedBytes {}
-// SAFETY: as above; Rust code never reads or writes through `ptr`.
-unsafe impl Sync for MappedBytes {}
-
 impl PyTensorView {
     fn map(
         path: &std::path::Path,
@@ -251,12 +238,8 @@ impl PyTensorView {
         populate: bool,
     ) -> normalize_core::Result<Self> {
         let len = entry.nbytes() as usize;
-        let bytes = if len == 0 {
-            MappedBytes {
-                _map: None,
-                ptr: std::ptr::NonNull::<u8>::dangling().as_ptr(),
-                len: 0,
-            }
+        let map = if len == 0 {
+            None
         } else {
             let file = File::open(path).map_err(|e| Error::io(path, e))?;
             let mut options = memmap2::MmapOptions::new();
@@ -264,22 +247,21 @@ impl PyTensorView {
             if populate {
                 options.populate();
             }
-            // SAFETY: a private (copy-on-write) mapping: later changes to the file by other
-            // processes are the one hazard, as for every reader of memory-mapped checkpoints.
-            let mut map = unsafe { options.map_copy(&file) }.map_err(|e| Error::io(path, e))?;
-            MappedBytes {
-                ptr: map.as_mut_ptr(),
-                _map: Some(map),
-                len,
-            }
+            // SAFETY: a read-only mapping; another process truncating or rewriting the source
+            // while it is read is the one hazard, as for every reader of mapped checkpoints.
+            Some(unsafe { options.map(&file) }.map_err(|e| Error::io(path, e))?)
         };
         Ok(PyTensorView {
-            bytes,
+            map,
             name: entry.name.clone(),
             dtype: entry.dtype.to_string(),
             shape: entry.shape.clone(),
             nbytes: entry.nbytes(),
         })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
     }
 }
 
@@ -292,12 +274,12 @@ impl PyTensorView {
         view: *mut ffi::Py_buffer,
         flags: c_int,
     ) -> PyResult<()> {
-        let this = slf.get();
-        let (ptr, len) = (this.bytes.ptr, this.bytes.len as ffi::Py_ssize_t);
-        // SAFETY: `view` comes from CPython; the buffer lives as long as `slf`, which the view
-        // keeps a reference to.
+        let bytes = slf.get().bytes();
+        let (ptr, len) = (bytes.as_ptr().cast_mut(), bytes.len() as ffi::Py_ssize_t);
+        // SAFETY: `view` comes from CPython; the mapping lives as long as `slf`, which the view
+        // keeps a reference to; the buffer is exported read-only (a request to write fails).
         let status =
-            unsafe { ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr.cast(), len, 0, flags) };
+            unsafe { ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr.cast(), len, 1, flags) };
         if status == -1 {
             return Err(PyErr::take(slf.py())
                 .unwrap_or_else(|| PyBufferError::new_err("cannot export the tensor view")));
@@ -306,7 +288,7 @@ impl PyTensorView {
     }
 
     fn __len__(&self) -> usize {
-        self.bytes.len
+        self.bytes().len()
     }
 
     fn __repr__(&self) -> String {
