@@ -7,6 +7,7 @@ it into ``(fp8 bytes, scale bytes)`` buffers for the shard writer (``quantize(so
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from pathlib import Path
 
@@ -47,18 +48,25 @@ class KernelQuantizer:
         self.ue8m0 = scale_fmt == "ue8m0"
         self.scale_bf16 = scale_dtype == "bfloat16"
         self.threads = os.cpu_count() or 1
+        # Output buffers are reused from tensor to tensor (grown when needed): fresh ones would
+        # cost a page fault and a zeroing per page of every output byte.
+        self._fp8 = bytearray()
+        self._scale = bytearray()
 
     def load(self, name: str):
         """A zero-copy view of the tensor's bytes, its pages read in now."""
         return self.checkpoint.view(name, populate=True)
 
-    def quantize(self, source, layout: QuantizedLayout) -> tuple[bytearray, bytearray]:
+    def quantize(self, source, layout: QuantizedLayout) -> tuple[memoryview, memoryview]:
+        """``(fp8 bytes, scale bytes)``, valid until the next call (the buffers are reused)."""
         elements = layout.batch * layout.rows * layout.cols
-        scales = 1
-        for d in layout.scale_shape:
-            scales *= d
-        fp8 = bytearray(elements)
-        scale = bytearray(scales * (2 if self.scale_bf16 else 4))
+        scale_bytes = math.prod(layout.scale_shape) * (2 if self.scale_bf16 else 4)
+        if len(self._fp8) < elements:
+            self._fp8 = bytearray(elements)
+        if len(self._scale) < scale_bytes:
+            self._scale = bytearray(scale_bytes)
+        fp8 = memoryview(self._fp8)[:elements]
+        scale = memoryview(self._scale)[:scale_bytes]
         quantize_fp8_blocks(
             layout.name,
             source,

@@ -32,17 +32,20 @@ impl SourceFloat {
     }
 }
 
-/// How one source element is stored, for the monomorphized stripe kernel.
+/// How one source element is stored, for the monomorphized stripe kernel. Elements are read
+/// as native integers (`Raw`), which lets the loops below vectorize.
 trait Element {
-    const SIZE: usize;
+    type Raw: Copy + Default;
     /// Bits of the smallest non-finite magnitude; magnitude bits at or above it are Inf/NaN.
     const INFINITY_BITS: u32;
-    /// The magnitude's bits (sign cleared): for IEEE formats they order like the magnitudes, so
-    /// the block maximum is an integer maximum.
-    fn magnitude_bits(raw: &[u8]) -> u32;
+    /// The largest magnitude in `values`, as bits: for IEEE formats the bits of magnitudes
+    /// (sign cleared) order like the magnitudes, so this is an integer maximum.
+    fn max_magnitude_bits(values: &[Self::Raw]) -> u32;
     /// Converts magnitude bits back to a value.
     fn magnitude_value(bits: u32) -> f32;
-    fn value(raw: &[u8]) -> f32;
+    fn value(raw: Self::Raw) -> f32;
+    /// Decodes one little-endian element (for inputs that are not aligned in memory).
+    fn from_le_bytes(bytes: &[u8]) -> Self::Raw;
 }
 
 struct Bf16;
@@ -50,53 +53,68 @@ struct Half;
 struct Single;
 
 impl Element for Bf16 {
-    const SIZE: usize = 2;
+    type Raw = u16;
     const INFINITY_BITS: u32 = 0x7f80;
     #[inline(always)]
-    fn magnitude_bits(raw: &[u8]) -> u32 {
-        u32::from(u16::from_le_bytes([raw[0], raw[1]])) & 0x7fff
+    fn max_magnitude_bits(values: &[u16]) -> u32 {
+        u32::from(
+            values
+                .iter()
+                .fold(0u16, |m, &x| m.max(u16::from_le(x) & 0x7fff)),
+        )
     }
     #[inline(always)]
     fn magnitude_value(bits: u32) -> f32 {
         f32::from_bits(bits << 16)
     }
     #[inline(always)]
-    fn value(raw: &[u8]) -> f32 {
-        f32::from_bits(u32::from(u16::from_le_bytes([raw[0], raw[1]])) << 16)
+    fn value(raw: u16) -> f32 {
+        f32::from_bits(u32::from(u16::from_le(raw)) << 16)
+    }
+    fn from_le_bytes(bytes: &[u8]) -> u16 {
+        u16::from_ne_bytes([bytes[0], bytes[1]])
     }
 }
 
 impl Element for Half {
-    const SIZE: usize = 2;
+    type Raw = u16;
     const INFINITY_BITS: u32 = 0x7c00;
     #[inline(always)]
-    fn magnitude_bits(raw: &[u8]) -> u32 {
-        u32::from(u16::from_le_bytes([raw[0], raw[1]])) & 0x7fff
+    fn max_magnitude_bits(values: &[u16]) -> u32 {
+        Bf16::max_magnitude_bits(values)
     }
     #[inline(always)]
     fn magnitude_value(bits: u32) -> f32 {
         f16_to_f32(bits as u16)
     }
     #[inline(always)]
-    fn value(raw: &[u8]) -> f32 {
-        f16_to_f32(u16::from_le_bytes([raw[0], raw[1]]))
+    fn value(raw: u16) -> f32 {
+        f16_to_f32(u16::from_le(raw))
+    }
+    fn from_le_bytes(bytes: &[u8]) -> u16 {
+        u16::from_ne_bytes([bytes[0], bytes[1]])
     }
 }
 
 impl Element for Single {
-    const SIZE: usize = 4;
+    type Raw = u32;
     const INFINITY_BITS: u32 = 0x7f80_0000;
     #[inline(always)]
-    fn magnitude_bits(raw: &[u8]) -> u32 {
-        u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]) & 0x7fff_ffff
+    fn max_magnitude_bits(values: &[u32]) -> u32 {
+        values
+            .iter()
+            .fold(0u32, |m, &x| m.max(u32::from_le(x) & 0x7fff_ffff))
     }
     #[inline(always)]
     fn magnitude_value(bits: u32) -> f32 {
         f32::from_bits(bits)
     }
     #[inline(always)]
-    fn value(raw: &[u8]) -> f32 {
-        f32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]])
+    fn value(raw: u32) -> f32 {
+        f32::from_bits(u32::from_le(raw))
+    }
+    fn from_le_bytes(bytes: &[u8]) -> u32 {
+        u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
     }
 }
 
@@ -355,19 +373,24 @@ fn quantize_stripe_of<E: Element>(stripe: Stripe<'_>, format: ScaleFormat) -> bo
         q,
         scales,
     } = stripe;
-    let row_bytes = cols * E::SIZE;
-    let block_bytes = block * E::SIZE;
+    // SAFETY: `Raw` is a plain integer type: every bit pattern is valid.
+    let (head, aligned, _) = unsafe { src.align_to::<E::Raw>() };
+    let copied: Vec<E::Raw>;
+    let values: &[E::Raw] = if head.is_empty() {
+        aligned
+    } else {
+        // The tensor starts at an odd address (a hand-made file): decode a copy.
+        let size = std::mem::size_of::<E::Raw>();
+        copied = src.chunks_exact(size).map(E::from_le_bytes).collect();
+        &copied
+    };
     let block_cols = cols.div_ceil(block);
 
-    // Pass 1: each tile's largest magnitude, as an integer maximum over magnitude bits.
+    // Pass 1: each tile's largest magnitude.
     let mut amax_bits = vec![0u32; block_cols];
-    for row in src.chunks_exact(row_bytes).take(rows) {
-        for (slot, segment) in amax_bits.iter_mut().zip(row.chunks(block_bytes)) {
-            let m = segment
-                .chunks_exact(E::SIZE)
-                .map(E::magnitude_bits)
-                .fold(0, u32::max);
-            *slot = (*slot).max(m);
+    for row in values.chunks_exact(cols).take(rows) {
+        for (slot, segment) in amax_bits.iter_mut().zip(row.chunks(block)) {
+            *slot = (*slot).max(E::max_magnitude_bits(segment));
         }
     }
     if amax_bits.iter().any(|&m| m >= E::INFINITY_BITS) {
@@ -387,13 +410,11 @@ fn quantize_stripe_of<E: Element>(stripe: Stripe<'_>, format: ScaleFormat) -> bo
     }
 
     // Pass 2: scale, clamp and round every element (the stripe is still in cache).
-    for (row, q_row) in src.chunks_exact(row_bytes).zip(q.chunks_exact_mut(cols)) {
-        for ((segment, q_segment), &inv) in row
-            .chunks(block_bytes)
-            .zip(q_row.chunks_mut(block))
-            .zip(&inverse)
+    for (row, q_row) in values.chunks_exact(cols).zip(q.chunks_exact_mut(cols)) {
+        for ((segment, q_segment), &inv) in
+            row.chunks(block).zip(q_row.chunks_mut(block)).zip(&inverse)
         {
-            for (raw, out) in segment.chunks_exact(E::SIZE).zip(q_segment.iter_mut()) {
+            for (&raw, out) in segment.iter().zip(q_segment.iter_mut()) {
                 *out = f32_to_e4m3fn((E::value(raw) * inv).clamp(-E4M3_MAX, E4M3_MAX));
             }
         }

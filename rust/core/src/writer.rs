@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::atomic_file::{sync_dir, temp_path_for, write_atomically, AtomicFile};
-use crate::copy::{copy_range, preallocate, FileAt, Progress};
+use crate::copy::{copy_range, preallocate, start_writeback, FileAt, Progress};
 use crate::error::{Error, Result};
 use crate::index::{encode_index, INDEX_FILE};
 use crate::plan::{OutputPlan, ShardKind, TensorSource};
@@ -170,10 +170,13 @@ impl ShardWriter {
         if self.written[slot].swap(true, Ordering::AcqRel) {
             return Err(rejected("written twice".into()));
         }
+        let offset = spec.data_start() + placed.data_offsets.0;
         self.out
             .file()
-            .write_all_at(bytes, spec.data_start() + placed.data_offsets.0)
-            .map_err(|e| Error::io(self.out.temp_path(), e))
+            .write_all_at(bytes, offset)
+            .map_err(|e| Error::io(self.out.temp_path(), e))?;
+        start_writeback(self.out.file(), offset, bytes.len() as u64);
+        Ok(())
     }
 
     /// Checks every tensor was written, flushes, and renames the shard into place.
