@@ -228,6 +228,12 @@ MALFORMED: dict[str, Malformed] = {
         indexed({S1: ("a",)}, f'{{"weight_map": {{"a": "{S1}", "a": "{S1}"}}}}'), "invalid_index", INDEX, None
     ),
     "no safetensors at all": Malformed(lambda src: (src / "config.json").write_text("{}"), "no_safetensors", "", None),
+    "no tensors in any shard": Malformed(
+        lambda src: write_raw(src / "rank0.safetensors", {"__metadata__": {"format": "pt"}}),
+        "empty_checkpoint",
+        "",
+        None,
+    ),
 }
 
 

@@ -28,7 +28,7 @@ impl AtomicFile {
             .create(true)
             .truncate(true)
             .open(&temp)
-            .map_err(|e| Error::io(&temp, e))?;
+            .map_err(|e| Error::io(dest, e))?;
         Ok(AtomicFile {
             file,
             temp,
@@ -42,11 +42,6 @@ impl AtomicFile {
         &self.file
     }
 
-    /// The temporary file's path, for error messages.
-    pub fn temp_path(&self) -> &Path {
-        &self.temp
-    }
-
     /// The final path.
     pub fn dest(&self) -> &Path {
         &self.dest
@@ -54,7 +49,7 @@ impl AtomicFile {
 
     /// Flushes the data to disk and gives the file its final name.
     pub fn commit(mut self) -> Result<()> {
-        self.file.sync_all().map_err(|e| Error::io(&self.temp, e))?;
+        self.file.sync_all().map_err(|e| Error::io(&self.dest, e))?;
         std::fs::rename(&self.temp, &self.dest).map_err(|e| Error::io(&self.dest, e))?;
         self.committed = true;
         Ok(())
@@ -83,8 +78,7 @@ pub fn write_atomically(dest: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let atomic = AtomicFile::create(dest)?;
     let mut file = atomic.file();
-    file.write_all(bytes)
-        .map_err(|e| Error::io(atomic.temp_path(), e))?;
+    file.write_all(bytes).map_err(|e| Error::io(dest, e))?;
     atomic.commit()
 }
 
@@ -105,8 +99,8 @@ mod tests {
         let dest = dir.path().join("out.bin");
         let f = AtomicFile::create(&dest).unwrap();
         assert!(!dest.exists());
-        assert!(f.temp_path().exists());
-        let temp = f.temp_path().to_path_buf();
+        let temp = temp_path_for(&dest);
+        assert!(temp.exists());
         drop(f);
         assert!(!temp.exists());
         write_atomically(&dest, b"abc").unwrap();

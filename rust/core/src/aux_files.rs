@@ -66,7 +66,7 @@ pub fn copy_file(from: &Path, to: &Path, progress: Progress<'_>) -> Result<()> {
         0,
         FileAt {
             file: out.file(),
-            path: out.temp_path(),
+            path: out.dest(),
         },
         0,
         len,

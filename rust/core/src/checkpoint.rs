@@ -144,8 +144,14 @@ impl Checkpoint {
                 .all(|(i, name)| *name == standard_shard_name(i + 1, n))
     }
 
-    /// Adds tensors in the given (file, position-in-header) order and checks names are unique.
+    /// Adds tensors in the given (file, position-in-header) order and checks names are unique
+    /// and that there is at least one.
     fn fill_tensors(&mut self, order: Vec<(usize, usize)>) -> Result<()> {
+        if order.is_empty() {
+            return Err(Error::EmptyCheckpoint {
+                dir: self.dir.clone(),
+            });
+        }
         self.tensors.reserve(order.len());
         for (f, t) in order {
             let file = &self.files[f];

@@ -144,6 +144,10 @@ pub enum Error {
     #[error("{}: no *.safetensors files and no model.safetensors.index.json found", dir.display())]
     NoSafetensors { dir: PathBuf },
 
+    /// The checkpoint's files hold no tensor at all (likely the wrong directory).
+    #[error("{}: the checkpoint holds no tensors", dir.display())]
+    EmptyCheckpoint { dir: PathBuf },
+
     /// A checkpoint path is not a directory.
     #[error("{}: not a directory", path.display())]
     NotADirectory { path: PathBuf },
@@ -227,6 +231,7 @@ impl Error {
             Error::MissingFromShard { .. } => "missing_from_shard",
             Error::NotInIndex { .. } => "not_in_index",
             Error::NoSafetensors { .. } => "no_safetensors",
+            Error::EmptyCheckpoint { .. } => "empty_checkpoint",
             Error::NotADirectory { .. } => "not_a_directory",
             Error::OutputIsSource { .. } => "output_is_source",
             Error::OutputInsideSource { .. } => "output_inside_source",
@@ -264,7 +269,7 @@ impl Error {
             | Error::WriteRejected { file, .. }
             | Error::TensorNotWritten { file, .. } => Some(file),
             Error::DuplicateTensor { second, .. } => Some(second),
-            Error::NoSafetensors { dir } => Some(dir),
+            Error::NoSafetensors { dir } | Error::EmptyCheckpoint { dir } => Some(dir),
             Error::OutputIsSource { output }
             | Error::OutputInsideSource { output, .. }
             | Error::SourceInsideOutput { output, .. }

@@ -35,7 +35,7 @@ impl ShardWriter {
         let out = AtomicFile::create(&out_dir.join(&spec.file_name))?;
         let at = FileAt {
             file: out.file(),
-            path: out.temp_path(),
+            path: out.dest(),
         };
         preallocate(at, spec.file_len)?;
         let mut sources = HashMap::new();
@@ -52,7 +52,7 @@ impl ShardWriter {
                 use std::os::unix::fs::FileExt;
                 out.file()
                     .write_all_at(header, 0)
-                    .map_err(|e| Error::io(out.temp_path(), e))?;
+                    .map_err(|e| Error::io(out.dest(), e))?;
             }
             ShardKind::WholeFile { file } => needed.push(*file),
         }
@@ -105,7 +105,7 @@ impl ShardWriter {
         let spec = &self.plan.shards[self.shard];
         let dst = FileAt {
             file: self.out.file(),
-            path: self.out.temp_path(),
+            path: self.out.dest(),
         };
         if let ShardKind::WholeFile { file } = spec.kind {
             copy_range(self.source_at(file), 0, dst, 0, spec.file_len, progress)?;
@@ -174,7 +174,7 @@ impl ShardWriter {
         self.out
             .file()
             .write_all_at(bytes, offset)
-            .map_err(|e| Error::io(self.out.temp_path(), e))?;
+            .map_err(|e| Error::io(self.out.dest(), e))?;
         start_writeback(self.out.file(), offset, bytes.len() as u64);
         Ok(())
     }
