@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
+import typer
 from rich.console import Console
 from rich.text import Text
 
@@ -320,7 +320,7 @@ def place_interactively(
                     "placement_needs_confirmation",
                     destination,
                 )
-            if not click.confirm("Replace them?", default=False):
+            if not typer.confirm("Replace them?", default=False):
                 say("Nothing copied.")
                 return _keep(staging)
     if plan.stale:
@@ -332,7 +332,7 @@ def place_interactively(
         if SINGLE_FILE in plan.stale:
             _warn_single_file(destination)
         if remove_stale is None:
-            remove_stale = interactive and click.confirm("Remove them? (default: leave them)", default=False)
+            remove_stale = interactive and typer.confirm("Remove them? (default: leave them)", default=False)
     with byte_progress(plan.copy_bytes, "place", enabled=show_progress) as advance:
         result = execute_placement(plan, overwrite=True, remove_stale=bool(remove_stale), progress=advance)
     report_placement(result)
@@ -381,12 +381,15 @@ def _ask_destination(staging: Path, source: Path | None) -> Path | None:
         say(f"  2. copy them into the source directory {source} (replaces its weights)")
         choices = ["1", "2", "3"]
     say("  3. copy them to another directory")
-    answer = click.prompt("Choice", default="1", type=click.Choice(choices), show_choices=False)
+    answer = typer.prompt("Choice", default="1")
+    while answer not in choices:
+        say(f"Please answer {', '.join(choices[:-1])} or {choices[-1]}.")
+        answer = typer.prompt("Choice", default="1")
     if answer == "1":
         return None
     if answer == "2":
         return source
-    return Path(click.prompt("Directory")).expanduser()
+    return Path(typer.prompt("Directory")).expanduser()
 
 
 def _same_dir(a: Path, b: Path) -> bool:
