@@ -21,6 +21,29 @@ from safetensors.torch import save_file
 
 from normalize_core import Checkpoint, verify_checkpoint
 
+#: Every torch dtype that ``safetensors.torch`` saves: all of DESIGN §2 except the two F6 formats.
+TORCH_DTYPES = [
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.uint16,
+    torch.float16,
+    torch.bfloat16,
+    torch.int32,
+    torch.uint32,
+    torch.float32,
+    torch.float64,
+    torch.int64,
+    torch.uint64,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.float8_e8m0fnu,
+    torch.float8_e4m3fnuz,
+    torch.float8_e5m2fnuz,
+    torch.complex64,
+    torch.float4_e2m1fn_x2,
+]
 INDEX = "model.safetensors.index.json"
 STANDARD_SHARD = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
 

@@ -15,36 +15,13 @@ from normalize_core import repack, verify_checkpoint
 from normalize_core.sample import write_safetensors
 from repack_util import (
     INDEX,
+    TORCH_DTYPES,
     assert_standard_output,
     expected_bytes,
     random_tensor,
     read_raw_header,
     save_engine_checkpoint,
 )
-
-#: Every torch dtype that ``safetensors.torch`` saves: all of DESIGN §2 except the two F6 formats.
-TORCH_DTYPES = [
-    torch.bool,
-    torch.uint8,
-    torch.int8,
-    torch.int16,
-    torch.uint16,
-    torch.float16,
-    torch.bfloat16,
-    torch.int32,
-    torch.uint32,
-    torch.float32,
-    torch.float64,
-    torch.int64,
-    torch.uint64,
-    torch.float8_e4m3fn,
-    torch.float8_e5m2,
-    torch.float8_e8m0fnu,
-    torch.float8_e4m3fnuz,
-    torch.float8_e5m2fnuz,
-    torch.complex64,
-    torch.float4_e2m1fn_x2,
-]
 
 
 def dtype_zoo() -> dict[str, torch.Tensor]:

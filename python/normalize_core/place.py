@@ -108,14 +108,7 @@ def plan_placement(staging: str | os.PathLike, destination: str | os.PathLike) -
     staging, destination = Path(staging), Path(destination)
     if destination.resolve() == staging.resolve():
         raise PlacementError(f"{destination}: is the staging directory itself", "placement_is_staging", destination)
-    if destination.resolve().is_relative_to(staging.resolve()):
-        raise PlacementError(
-            f"{destination}: lies inside the staging directory {staging}; choose a directory outside it",
-            "placement_inside_staging",
-            destination,
-        )
-    if destination.exists() and not destination.is_dir():
-        raise PlacementError(f"{destination}: not a directory", "not_a_directory", destination)
+    refuse_unusable_destination(destination, staging, str(destination), "staging directory")
     checkpoint = Checkpoint.open(staging)
     if checkpoint.layout != "indexed":
         raise PlacementError(
@@ -350,14 +343,21 @@ def check_place_option(place: str | None, staging: str | os.PathLike) -> None:
     if place in (None, "keep", "source"):
         return
     destination, staging = Path(place).expanduser(), Path(staging)
-    if destination.resolve() != staging.resolve() and destination.resolve().is_relative_to(staging.resolve()):
+    if destination.resolve() != staging.resolve():
+        refuse_unusable_destination(destination, staging, f"--place {place}", "output directory")
+
+
+def refuse_unusable_destination(destination: Path, staging: Path, shown: str, staging_role: str) -> None:
+    """A destination inside the staging directory, or a file, can never receive a placement.
+    ``shown`` and ``staging_role`` are how the user knows the two. Raises ``PlacementError``."""
+    if destination.resolve().is_relative_to(staging.resolve()):
         raise PlacementError(
-            f"--place {place}: lies inside the output directory {staging}; choose a directory outside it",
+            f"{shown}: lies inside the {staging_role} {staging}; choose a directory outside it",
             "placement_inside_staging",
             destination,
         )
     if destination.exists() and not destination.is_dir():
-        raise PlacementError(f"--place {place}: not a directory", "not_a_directory", destination)
+        raise PlacementError(f"{shown}: not a directory", "not_a_directory", destination)
 
 
 def _destination(staging: Path, source: Path | None, place: str | None, interactive: bool) -> Path | None:
