@@ -90,9 +90,18 @@ def write_repack(
     return result
 
 
-def finish_output(plan: OutputPlan, source: Path, output: Path, started: float) -> WriteResult:
-    """After all shards are in place: aux files, then the index, then stale shards removed."""
+def finish_output(
+    plan: OutputPlan,
+    source: Path,
+    output: Path,
+    started: float,
+    before_index: Callable[[], None] | None = None,
+) -> WriteResult:
+    """After all shards are in place: aux files, ``before_index`` (e.g. rewriting config.json),
+    then the index, then stale shards of an earlier run removed."""
     aux = copy_aux_files(source, output)
+    if before_index is not None:
+        before_index()
     plan.write_index(output)
     shards = [s.file_name for s in plan.shards]
     stale = remove_stale_shards(output, shards)

@@ -27,8 +27,6 @@ from normalize_core._core import (
     PlanBuilder,
     TensorEntry,
     check_separate,
-    copy_aux_files,
-    remove_stale_shards,
 )
 from normalize_core.errors import normalize_error
 from normalize_core.fp8.config import (
@@ -47,7 +45,7 @@ from normalize_core.fp8.rules import (
     decide_all,
     with_skip_patterns,
 )
-from normalize_core.repack import fresh_output
+from normalize_core.repack import finish_output, fresh_output
 from normalize_core.sizes import GIB
 
 SCALE_DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16"}
@@ -283,25 +281,24 @@ def write_fp8(
             for path in finished:
                 path.unlink(missing_ok=True)
             raise
-        aux = copy_aux_files(checkpoint.dir, output)
-        config_written = write_quantized_config(
-            checkpoint.dir / "config.json", output / "config.json", fp8.quantization_config
-        )
-        fp8.plan.write_index(output)
-        shards = [s.file_name for s in fp8.plan.shards]
-        stale = remove_stale_shards(output, shards)
+        source_config = checkpoint.dir / "config.json"
+
+        def write_config() -> None:
+            write_quantized_config(source_config, output / "config.json", fp8.quantization_config)
+
+        written = finish_output(fp8.plan, checkpoint.dir, output, started, before_index=write_config)
     return Fp8Result(
         output=output,
-        shards=shards,
+        shards=written.shards,
         quantized=len(fp8.layouts),
         kept=len(fp8.decisions) - len(fp8.layouts),
         bytes_before=checkpoint.total_size,
-        bytes_after=fp8.plan.total_size,
+        bytes_after=written.total_size,
         device=quantizer.device,
-        seconds=time.monotonic() - started,
-        config_written=config_written,
-        aux_files=aux,
-        removed_stale=stale,
+        seconds=written.seconds,
+        config_written=source_config.is_file(),
+        aux_files=written.aux_files,
+        removed_stale=written.removed_stale,
     )
 
 
