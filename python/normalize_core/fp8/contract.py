@@ -14,10 +14,9 @@ from array import array
 from typing import Any
 
 from normalize_core._core import Checkpoint
+from normalize_core.fp8.config import FLOATING_DTYPES
 from normalize_core.fp8.groups import module_of, split_fused_groups
-
-SCALE_SUFFIX = "_scale_inv"
-FLOATING = {"BF16", "F16", "F32", "F64"}
+from normalize_core.fp8.layout import SCALE_SUFFIX
 
 
 def block_scale_shapes(shape: list[int], block: tuple[int, int]) -> list[list[int]]:
@@ -114,7 +113,7 @@ def fp8_findings(checkpoint: Checkpoint, config: dict[str, Any] | None) -> list[
     kept_modules = {
         m
         for t in tensors.values()
-        if t.dtype in FLOATING
+        if t.dtype in FLOATING_DTYPES
         and not t.name.endswith(SCALE_SUFFIX)
         and (m := module_of(t.name))
         and m not in fp8_modules

@@ -14,9 +14,7 @@ ever quantized when ``ineligible_reason`` has nothing against it. No torch: torc
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,8 +22,8 @@ from pathlib import Path
 from typing import Protocol
 
 from normalize_core._core import TensorEntry, read_header
-from normalize_core.fp8.contract import SCALE_SUFFIX
 from normalize_core.fp8.groups import is_fused_expert_param
+from normalize_core.fp8.layout import SCALE_SUFFIX, quantized_bytes
 
 #: The safetensors dtypes a tensor must have to be quantized.
 QUANTIZABLE_DTYPES = frozenset({"BF16", "F16", "F32"})
@@ -302,12 +300,6 @@ def name_pattern(name: str) -> str:
     return _DIGIT_RUN.sub("N", name)
 
 
-def scale_bytes(shape: Sequence[int]) -> int:
-    """Size of a weight's ``_scale_inv`` as float32: one per 128x128 block, per leading index (expert)."""
-    *batch, rows, cols = shape
-    return math.prod(batch) * math.ceil(rows / BLOCK) * math.ceil(cols / BLOCK) * 4
-
-
 def summarize(
     decisions: Iterable[Decision], sizes: Mapping[str, int], shapes: Mapping[str, Sequence[int]]
 ) -> list[dict]:
@@ -327,11 +319,5 @@ def summarize(
         row["bytes"] += size
         if decision.quantize:
             # One byte per element after quantization, whatever the source itemsize was.
-            row["bytes_saved"] += size - _quantized_size(tuple(shapes[decision.name]))
+            row["bytes_saved"] += size - quantized_bytes(decision.name, shapes[decision.name], BLOCK, 4)
     return list(rows.values())
-
-
-@functools.lru_cache(maxsize=4096)
-def _quantized_size(shape: tuple[int, ...]) -> int:
-    """FP8 bytes plus float32 scale bytes of a weight of this shape (shapes repeat across layers)."""
-    return math.prod(shape) + scale_bytes(shape)
