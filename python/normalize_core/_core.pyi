@@ -150,6 +150,20 @@ def quantize_fp8_blocks(
     scale_bf16: bool = False,
     threads: int = 1,
 ) -> None: ...
+def dequantize_fp8_blocks(
+    tensor: str,
+    fp8: Buffer,
+    scales: Buffer,
+    scale_dtype: Literal["F32", "BF16", "F16", "F8_E8M0"],
+    batch: int,
+    rows: int,
+    cols: int,
+    out: Buffer,
+    out_dtype: Literal["BF16", "F16", "F32"],
+    block_rows: int = 128,
+    block_cols: int = 128,
+    threads: int = 1,
+) -> None: ...
 def check_separate(sources: list[_Path], output: _Path) -> None: ...
 def prepare_output_dir(output: _Path, overwrite: bool = False) -> None: ...
 def list_aux_files(dir: _Path) -> list[str]: ...
