@@ -2,8 +2,8 @@
 
 The index tooling (headers, indexes, plans, writers) comes from the Rust extension; the
 functions below drive it. Importing this package does not import torch, and neither does
-``to_fp8`` on the CPU (the Rust kernel quantizes); ``quantize_block_fp8``, which takes torch
-tensors, imports it when first used.
+``to_fp8`` / ``to_bf16`` on the CPU (Rust kernels quantize and dequantize); ``quantize_block_fp8``
+and ``dequantize_block_fp8``, which take torch tensors, import it when first used.
 
 >>> import normalize_core
 >>> ckpt = normalize_core.Checkpoint.open("path/to/checkpoint")   # doctest: +SKIP
@@ -26,6 +26,7 @@ from normalize_core._core import (
     plan_shards,
     read_header,
 )
+from normalize_core.bf16.convert import Bf16Plan, Bf16Result, plan_bf16, to_bf16, write_bf16
 from normalize_core.diff import CheckpointDiff, TensorConflict, diff
 from normalize_core.fp8.convert import Fp8Plan, Fp8Result, plan_fp8, to_fp8, write_fp8
 from normalize_core.fp8.rules import Decision, HeuristicRules, PatternRules, ReferenceRules, with_skip_patterns
@@ -44,15 +45,21 @@ from normalize_core.sizes import parse_size
 
 
 def __getattr__(name: str):
-    # quantize_block_fp8 works on torch tensors: import torch only when it is asked for.
+    # quantize_block_fp8 and dequantize_block_fp8 work on torch tensors: import torch only when asked for.
     if name == "quantize_block_fp8":
         from normalize_core.fp8.quantize import quantize_block_fp8
 
         return quantize_block_fp8
+    if name == "dequantize_block_fp8":
+        from normalize_core.bf16.dequantize import dequantize_block_fp8
+
+        return dequantize_block_fp8
     raise AttributeError(f"module 'normalize_core' has no attribute {name!r}")
 
 
 __all__ = [
+    "Bf16Plan",
+    "Bf16Result",
     "Checkpoint",
     "CheckpointDiff",
     "Decision",
@@ -80,6 +87,7 @@ __all__ = [
     "VerifyReport",
     "WriteResult",
     "__version__",
+    "dequantize_block_fp8",
     "diff",
     "inspect_checkpoint",
     "merge",
@@ -87,6 +95,7 @@ __all__ = [
     "parse_size",
     "place",
     "quantize_block_fp8",
+    "plan_bf16",
     "plan_fp8",
     "plan_merge",
     "plan_placement",
@@ -94,8 +103,10 @@ __all__ = [
     "plan_shards",
     "read_header",
     "repack",
+    "to_bf16",
     "to_fp8",
     "verify_checkpoint",
     "with_skip_patterns",
+    "write_bf16",
     "write_fp8",
 ]
