@@ -22,7 +22,7 @@ impl<'a, 'py> FromPyObject<'a, 'py> for ScaleDtype {
             "F16" => Ok(ScaleDtype(ScaleFloat::F16)),
             "F8_E8M0" => Ok(ScaleDtype(ScaleFloat::E8M0)),
             other => Err(PyValueError::new_err(format!(
-                "scale dtype {other:?} is not one of 'F32', 'BF16', 'F16', 'F8_E8M0'"
+                "scale dtype '{other}' is not one of 'F32', 'BF16', 'F16', 'F8_E8M0'"
             ))),
         }
     }
@@ -40,7 +40,7 @@ impl<'a, 'py> FromPyObject<'a, 'py> for OutputDtype {
             "F16" => Ok(OutputDtype(TargetFloat::F16)),
             "F32" => Ok(OutputDtype(TargetFloat::F32)),
             other => Err(PyValueError::new_err(format!(
-                "output dtype {other:?} is not one of 'BF16', 'F16', 'F32'"
+                "output dtype '{other}' is not one of 'BF16', 'F16', 'F32'"
             ))),
         }
     }
