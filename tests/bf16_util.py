@@ -165,18 +165,25 @@ def reference_quantize_dequantize(
 
 
 def write_checkpoint(
-    directory: Path, shards: list[dict[str, torch.Tensor]], config: dict | None, indexed: bool = True
+    directory: Path, shards: list[dict[str, torch.Tensor]], config: dict | None, layout: str = "standard"
 ) -> Path:
-    """Writes ``shards`` as ``model-{i}-of-{n}`` files (with an index) or engine-named files (without),
-    plus ``config.json`` (when given) and a tokenizer file."""
+    """Writes ``shards`` as ``model-{i}-of-{n}`` files with an index (``standard``), engine-named files
+    without (``engine``) or one ``model.safetensors`` (``single``), plus ``config.json`` (when given)
+    and a tokenizer file."""
     directory.mkdir(parents=True)
+    if layout == "single":
+        shards = [{name: t for shard in shards for name, t in shard.items()}]
     n = len(shards)
     weight_map = {}
     for i, tensors in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors" if indexed else f"model-rank{i}.safetensors"
+        name = {
+            "standard": f"model-{i + 1:05d}-of-{n:05d}.safetensors",
+            "engine": f"model-rank{i}.safetensors",
+            "single": "model.safetensors",
+        }[layout]
         save_file(tensors, directory / name, metadata={"format": "pt"})
         weight_map |= dict.fromkeys(tensors, name)
-    if indexed:
+    if layout == "standard":
         index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
         (directory / "model.safetensors.index.json").write_text(json.dumps(index))
     if config is not None:
