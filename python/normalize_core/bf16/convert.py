@@ -122,7 +122,7 @@ def plan_bf16(
     config = read_config(config_path)
     fmt = recognise_format(config, config_path)
     entries = checkpoint.tensors
-    roles = assign_roles(entries, fmt)
+    roles = assign_roles(entries, fmt, checkpoint.dir)
     if not roles.weights:
         raise normalize_error(
             "not_quantized",

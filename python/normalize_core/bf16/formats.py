@@ -119,7 +119,7 @@ def recognise_format(config: dict[str, Any] | None, config_path: Path) -> BlockF
     """The block-FP8 form ``config`` declares. Raises ``NormalizeError`` (kind
     ``unknown_quantization``) for no config, no quantization config, or any other scheme."""
     if config is None:
-        raise _unknown("no config.json, so the quantization format and block size are unknown", config_path)
+        raise _unknown("does not exist, so the quantization format and block size are unknown", config_path)
     key = next((k for k in CONFIG_KEYS if isinstance(config.get(k), dict)), None)
     if key is None:
         raise _unknown("no quantization_config: not a quantized checkpoint, or its format is unknown", config_path)
@@ -184,8 +184,9 @@ class TensorRoles:
     activation_scales: list[str]
 
 
-def _malformed(kind: str, entry: TensorEntry, message: str) -> Exception:
-    return normalize_error(kind, f"{entry.file}: {message}", file=entry.file, tensor=entry.name)
+def _malformed(kind: str, directory: Path, entry: TensorEntry, message: str) -> Exception:
+    path = str(directory / entry.file)
+    return normalize_error(kind, f"{path}: {message}", file=path, tensor=entry.name)
 
 
 def is_scale_name(name: str) -> bool:
@@ -193,16 +194,17 @@ def is_scale_name(name: str) -> bool:
     return name.endswith((SCALE_SUFFIX, WEIGHT_SCALE_SUFFIX))
 
 
-def assign_roles(entries: list[TensorEntry], fmt: BlockFp8Format) -> TensorRoles:
-    """Pairs every FP8 weight with its scale. Raises ``NormalizeError`` for an FP8 weight without a
-    scale (kind ``missing_scale``), a scale without an FP8 weight (``orphan_scale``), a scale of the
-    wrong shape or dtype (``bad_scale``), an FP8 weight this form does not tile (``unsupported_fp8``),
-    or zero points (``unknown_quantization``). Headers only."""
+def assign_roles(entries: list[TensorEntry], fmt: BlockFp8Format, directory: Path) -> TensorRoles:
+    """Pairs every FP8 weight with its scale (``directory`` holds the shards; messages name them).
+    Raises ``NormalizeError`` for an FP8 weight without a scale (kind ``missing_scale``), a scale
+    without an FP8 weight (``orphan_scale``), a scale of the wrong shape or dtype (``bad_scale``), an
+    FP8 weight this form does not tile (``unsupported_fp8``), or zero points (``unknown_quantization``).
+    Headers only."""
     by_name = {entry.name: entry for entry in entries}
     weights: dict[str, Fp8Weight] = {}
     for entry in entries:
         if entry.dtype in FP8_DTYPES and not is_scale_name(entry.name):
-            weights[entry.name] = _pair(entry, by_name, fmt)
+            weights[entry.name] = _pair(entry, by_name, fmt, directory)
     scales = [weight.scale.name for weight in weights.values()]
     consumed = set(scales)
     activation_scales = []
@@ -210,47 +212,44 @@ def assign_roles(entries: list[TensorEntry], fmt: BlockFp8Format) -> TensorRoles
         name = entry.name
         if name.endswith(ZERO_POINT_SUFFIX):
             raise _malformed(
-                "unknown_quantization", entry, f"tensor '{name}' is a zero point of an asymmetric scheme; {SUPPORTED}"
+                "unknown_quantization",
+                directory,
+                entry,
+                f"tensor '{name}' is a zero point of an asymmetric scheme; {SUPPORTED}",
             )
         if name.endswith(INPUT_SCALE_SUFFIX):
             activation_scales.append(name)
         elif is_scale_name(name) and name not in consumed:
-            raise _malformed("orphan_scale", entry, _orphan_message(entry, by_name, fmt))
+            raise _malformed("orphan_scale", directory, entry, _orphan_message(entry, by_name, fmt))
     return TensorRoles(weights, scales, activation_scales)
 
 
-def _pair(weight: TensorEntry, by_name: dict[str, TensorEntry], fmt: BlockFp8Format) -> Fp8Weight:
+def _pair(weight: TensorEntry, by_name: dict[str, TensorEntry], fmt: BlockFp8Format, directory: Path) -> Fp8Weight:
     name = weight.name
     if weight.dtype != FP8_WEIGHT_DTYPE:
-        raise _malformed("unsupported_fp8", weight, f"tensor '{name}' is {weight.dtype}; block FP8 weights are F8_E4M3")
+        message = f"tensor '{name}' is {weight.dtype}; block FP8 weights are F8_E4M3"
+        raise _malformed("unsupported_fp8", directory, weight, message)
     if len(weight.shape) not in (2, 3):
-        raise _malformed(
-            "unsupported_fp8",
-            weight,
-            f"tensor '{name}' is FP8 of shape {weight.shape}; block FP8 weights are 2-D or 3-D",
-        )
+        message = f"tensor '{name}' is FP8 of shape {weight.shape}; block FP8 weights are 2-D or 3-D"
+        raise _malformed("unsupported_fp8", directory, weight, message)
     scale_name = fmt.scale_name(name)
     scale = by_name.get(scale_name) if scale_name else None
     if scale is None:
         other = next((n for n in _scale_names_of_either_form(name) if n != scale_name and n in by_name), None)
         hint = f" (it has '{other}', which {fmt.method} checkpoints do not use)" if other else ""
         expected = f"'{scale_name}'" if scale_name else f"a scale ({fmt.method} scales only '<module>.weight' tensors)"
-        raise _malformed(
-            "missing_scale",
-            weight,
-            f"tensor '{name}' is FP8 but has no {expected}{hint}; refusing to keep FP8 bytes in a bf16 checkpoint",
-        )
+        message = f"tensor '{name}' is FP8 but has no {expected}{hint}; refusing to keep FP8 bytes in a bf16 checkpoint"
+        raise _malformed("missing_scale", directory, weight, message)
     layout = quantized_layout(name, weight.shape, fmt.block_size)
     if scale.dtype not in SCALE_DTYPES:
-        allowed = ", ".join(SCALE_DTYPES)
-        raise _malformed("bad_scale", scale, f"scale '{scale.name}' is {scale.dtype}, not one of {allowed}")
+        message = f"scale '{scale.name}' is {scale.dtype}, not one of {', '.join(SCALE_DTYPES)}"
+        raise _malformed("bad_scale", directory, scale, message)
     if tuple(scale.shape) != layout.scale_shape:
-        raise _malformed(
-            "bad_scale",
-            scale,
+        message = (
             f"scale '{scale.name}' has shape {scale.shape}, but {name} of shape {weight.shape} in "
-            f"{fmt.block_size}x{fmt.block_size} blocks needs {list(layout.scale_shape)}",
+            f"{fmt.block_size}x{fmt.block_size} blocks needs {list(layout.scale_shape)}"
         )
+        raise _malformed("bad_scale", directory, scale, message)
     return Fp8Weight(name, scale, layout)
 
 
