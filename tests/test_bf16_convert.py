@@ -299,3 +299,18 @@ def test_cpu_conversion_never_imports_torch(tmp_path):
         completed = subprocess.run(command + extra, capture_output=True, text=True, env=env, timeout=120)
         assert completed.returncode == 0, completed.stderr
     assert verify_checkpoint(tmp_path / "out").ok
+
+
+def test_refused_outputs_and_devices_leave_nothing(tmp_path):
+    source = Release().write(tmp_path / "src")
+    before = sorted(p.name for p in source.iterdir())
+    for output in (source, source / "inside"):
+        result = runner.invoke(app, ["to-bf16", "-s", str(source), "-o", str(output)])
+        assert result.exit_code == 2 and "source" in result.stderr, result.output
+    if not torch.cuda.is_available():
+        result = runner.invoke(app, ["to-bf16", "-s", str(source), "-o", str(tmp_path / "out"), "--device", "cuda"])
+        assert result.exit_code == 2 and "torch sees no CUDA device" in result.stderr
+        assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in source.iterdir()) == before
+    result = runner.invoke(app, ["to-bf16", "-s", str(source), "-o", str(tmp_path / "out"), "--dtype", "float64"])
+    assert result.exit_code == 2 and "--dtype must be bfloat16, float16 or float32" in result.stderr

@@ -120,7 +120,7 @@ def _dequantize_with_torch(
     batch, rows, cols = matrices.shape
     tiles_r = scales.shape[1]
     out = torch.empty((batch, rows, cols), dtype=dtype, device=matrices.device)
-    multipliers = scales.to(torch.float32)
+    multipliers = scale_values(scales)
     stripes_per_step = max(1, _TORCH_CHUNK_ELEMENTS // (block * max(cols, 1)))
     non_finite = torch.zeros((), dtype=torch.bool, device=matrices.device)
     for b in range(batch):
@@ -141,3 +141,13 @@ def _dequantize_with_torch(
             tensor=name,
         )
     return out
+
+
+def scale_values(scales: torch.Tensor) -> torch.Tensor:
+    """Stored scales as float32 (exact). e8m0 is decoded on its bits, the same on every device:
+    ``2^(e - 127)``, 0 → 2^-127 (a float32 subnormal), 255 → NaN."""
+    if scales.dtype != torch.float8_e8m0fnu:
+        return scales.to(torch.float32)
+    exponents = scales.view(torch.uint8).to(torch.int32)
+    bits = torch.where(exponents == 0, 0x0040_0000, exponents << 23)
+    return torch.where(exponents == 255, 0x7FC0_0000, bits).view(torch.float32)
