@@ -113,6 +113,7 @@ class TorchDequantizer:
         return self._to_device(weight.name), self._to_device(weight.scale.name)
 
     def dequantize(self, loaded, weight: Fp8Weight):
+        """The output bytes (a host copy of the device's result)."""
         from normalize_core.bf16.dequantize import dequantize_block_fp8
         from normalize_core.fp8.quantize import as_byte_array
 

@@ -58,6 +58,7 @@ class BlockFp8Format:
 
     @property
     def scale_suffix(self) -> str:
+        """How this form's scale names end."""
         return SCALE_SUFFIX if self.method == "fp8" else WEIGHT_SCALE_SUFFIX
 
     def scale_name(self, weight: str) -> str | None:
@@ -75,6 +76,7 @@ class BlockFp8Format:
         return scale[: -len(WEIGHT_SCALE_SUFFIX)] + ".weight"
 
     def describe(self) -> str:
+        """One line for humans: method, block and scale naming."""
         naming = "<name>_scale_inv" if self.method == "fp8" else "<module>.weight_scale"
         return f"{self.method} block FP8, {self.block_size}x{self.block_size} blocks, scales {naming}"
 
