@@ -314,3 +314,20 @@ def test_refused_outputs_and_devices_leave_nothing(tmp_path):
     assert sorted(p.name for p in source.iterdir()) == before
     result = runner.invoke(app, ["to-bf16", "-s", str(source), "-o", str(tmp_path / "out"), "--dtype", "float64"])
     assert result.exit_code == 2 and "--dtype must be bfloat16, float16 or float32" in result.stderr
+
+
+def test_a_shard_of_nothing_but_scales_leaves_no_gap_in_the_names(tmp_path):
+    weight = "model.layers.0.mlp.down_proj.weight"
+    codes = random_codes((256, 256), 0)
+    shards = [
+        {"model.norm.weight": rand((256,), 0)},
+        {weight: fp8_tensor(codes)},
+        {weight + "_scale_inv": torch.full((2, 2), 0.5)},
+    ]
+    source = write_checkpoint(tmp_path / "src", shards, {"quantization_config": FP8_CONFIG})
+    result = to_bf16(source, tmp_path / "out", device="cpu")
+    assert result.shards == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    written = read_all(tmp_path / "out")
+    want = dequantize_reference(codes, np.full((2, 2), 0.5, np.float32), "bfloat16")
+    assert np.array_equal(output_bytes(written[weight]), want)
+    assert verify_checkpoint(tmp_path / "out").ok

@@ -148,7 +148,8 @@ def build_output_plan(
     max_shard_bytes: int,
 ) -> OutputPlan:
     """Every kept tensor copied; every FP8 weight a provided tensor of its shape in ``out_dtype``,
-    in the weight's source file (its scale may sit in another)."""
+    in the weight's source file (its scale may sit in another). A kept layout of standard names is
+    renumbered, so a source shard that held nothing but scales leaves no gap in ``-of-N``."""
     builder = PlanBuilder([checkpoint])
     groups = []
     for entry in entries:
@@ -161,7 +162,7 @@ def build_output_plan(
         builder.pack_greedy(groups, max_shard_bytes)
     else:
         builder.pack_by_source_file(groups)
-    return builder.finish("standard" if repack else "source")
+    return builder.finish("standard" if repack or checkpoint.has_standard_names else "source")
 
 
 def to_bf16(
