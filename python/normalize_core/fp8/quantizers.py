@@ -38,7 +38,7 @@ def quantizer_for(device: str, fp8) -> KernelQuantizer | TorchQuantizer:
 
 
 class KernelQuantizer:
-    """Quantizes on the CPU with the Rust kernel, reading the source's mapped pages directly."""
+    """Quantizes on the CPU with the Rust kernel."""
 
     device = CPU
 
@@ -54,8 +54,8 @@ class KernelQuantizer:
         self._scale = bytearray()
 
     def load(self, name: str):
-        """A zero-copy view of the tensor's bytes, its pages read in now."""
-        return self.checkpoint.view(name, populate=True)
+        """The tensor's bytes, read now."""
+        return self.checkpoint.view(name)
 
     def quantize(self, source, layout: QuantizedLayout) -> tuple[memoryview, memoryview]:
         """``(fp8 bytes, scale bytes)``, valid until the next call (the buffers are reused)."""
@@ -107,8 +107,6 @@ class TorchQuantizer:
         self.dtypes = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
     def load(self, name: str):
-        import numpy
-
         from normalize_core.fp8.quantize import as_byte_array
 
         entry = self.checkpoint.tensor(name)
@@ -116,8 +114,7 @@ class TorchQuantizer:
         # Page-locked host memory lets the copy to the GPU run without blocking this thread.
         pinned = self.torch.empty(entry.shape, dtype=dtype, pin_memory=self.target.type == "cuda")
         if entry.nbytes:
-            source = numpy.frombuffer(self.checkpoint.view(name, populate=True), dtype=numpy.uint8)
-            as_byte_array(pinned)[:] = source
+            self.checkpoint.read_into(name, as_byte_array(pinned))
         return pinned.to(self.target, non_blocking=True)
 
     def quantize(self, source, layout: QuantizedLayout):
