@@ -402,6 +402,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_index_that_is_not_a_regular_file_is_an_error_not_a_reason_to_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let header = br#"{"t":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#;
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(header);
+        file.push(7);
+        std::fs::write(dir.path().join("a.safetensors"), &file).unwrap();
+        let index = dir.path().join(INDEX_FILE);
+        std::os::unix::fs::symlink("gone.json", &index).unwrap();
+        let err = Checkpoint::open(dir.path()).unwrap_err();
+        assert_eq!(err.kind(), "not_a_regular_file");
+        assert!(err.to_string().contains("is a dangling symlink"), "{err}");
+
+        std::fs::remove_file(&index).unwrap();
+        rustix::fs::mkfifoat(rustix::fs::CWD, &index, rustix::fs::Mode::RUSR).unwrap();
+        let err = Checkpoint::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("is a FIFO"), "{err}");
+
+        std::fs::remove_file(&index).unwrap();
+        let checkpoint = Checkpoint::open(dir.path()).unwrap();
+        let mut byte = [0u8];
+        checkpoint
+            .read_tensor(&checkpoint.tensors[0], &mut byte)
+            .unwrap();
+        assert_eq!(byte, [7]);
+    }
+
+    #[test]
     fn natural_order_compares_numbers() {
         let mut names = vec![
             "model-rank10.safetensors",
