@@ -52,10 +52,20 @@ class KernelQuantizer:
         # cost a page fault and a zeroing per page of every output byte.
         self._fp8 = bytearray()
         self._scale = bytearray()
+        # Sources too, two in turn: ``load`` runs one tensor ahead, so it fills one while the
+        # other is being quantized, and a tensor is done with before the next-but-one is loaded.
+        self._sources = [bytearray(), bytearray()]
+        self._next_source = 0
 
-    def load(self, name: str):
-        """The tensor's bytes, read now."""
-        return self.checkpoint.view(name)
+    def load(self, name: str) -> memoryview:
+        """The tensor's bytes, read now into the next of the two source buffers."""
+        nbytes = self.checkpoint.tensor(name).nbytes
+        slot, self._next_source = self._next_source, 1 - self._next_source
+        if len(self._sources[slot]) < nbytes:
+            self._sources[slot] = bytearray(nbytes)
+        source = memoryview(self._sources[slot])[:nbytes]
+        self.checkpoint.read_into(name, source)
+        return source
 
     def quantize(self, source, layout: QuantizedLayout) -> tuple[memoryview, memoryview]:
         """``(fp8 bytes, scale bytes)``, valid until the next call (the buffers are reused)."""

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::format::{INDEX_FILE, SINGLE_FILE};
 use crate::header::{read_header_of, ShardHeader};
 use crate::index::{read_index, ShardIndex};
-use crate::regular_file::{open_regular, read_exact_at, regular_metadata, FileIdentity};
+use crate::regular_file::{open_regular, read_exact_at_parallel, regular_metadata, FileIdentity};
 
 /// Kept at its first home for callers; it lives in [`crate::format`].
 pub use crate::format::standard_shard_name;
@@ -151,7 +151,7 @@ impl Checkpoint {
         }
         let (file, _) = open_regular(&source.path)?;
         source.identity.verify(&source.path, &file)?;
-        read_exact_at(&file, &source.path, entry.file_offset, buf)?;
+        read_exact_at_parallel(&file, &source.path, entry.file_offset, buf)?;
         source.identity.verify(&source.path, &file)
     }
 

@@ -50,14 +50,17 @@ fn covered(error: &Error) -> &'static str {
     }
 }
 
-/// (error, message, kind, file, tensor) for every variant.
-fn golden() -> Vec<(
+/// An error, and the message, kind, file and tensor it must report.
+type Golden = (
     Error,
     &'static str,
     &'static str,
     Option<&'static str>,
     Option<&'static str>,
-)> {
+);
+
+/// One case for every variant.
+fn golden() -> Vec<Golden> {
     let s = String::from;
     vec![
         (
