@@ -15,6 +15,7 @@ from typing import Any
 
 from normalize_core.errors import normalize_error
 from normalize_core.fp8.groups import module_of, split_fused_groups
+from normalize_core.kinds import ScaleFormat
 
 FLOATING_DTYPES = frozenset({"BF16", "F16", "F32", "F64"})
 
@@ -37,7 +38,9 @@ def check_fused_groups(fp8_modules: set[str], kept_modules: set[str]) -> None:
         )
 
 
-def fp8_quantization_config(modules_to_not_convert: list[str], *, block_size: int, scale_fmt: str) -> dict[str, Any]:
+def fp8_quantization_config(
+    modules_to_not_convert: list[str], *, block_size: int, scale_fmt: ScaleFormat
+) -> dict[str, Any]:
     """The block written to ``config.json``. ``scale_fmt`` appears only for ue8m0 (power-of-two
     scales); ``ignored_layers`` mirrors the skip list for older vLLM."""
     config: dict[str, Any] = {
@@ -46,8 +49,8 @@ def fp8_quantization_config(modules_to_not_convert: list[str], *, block_size: in
         "fmt": "e4m3",
         "weight_block_size": [block_size, block_size],
     }
-    if scale_fmt == "ue8m0":
-        config["scale_fmt"] = "ue8m0"
+    if scale_fmt == ScaleFormat.UE8M0:
+        config["scale_fmt"] = ScaleFormat.UE8M0.value
     config["modules_to_not_convert"] = list(modules_to_not_convert)
     config["ignored_layers"] = list(modules_to_not_convert)
     return config

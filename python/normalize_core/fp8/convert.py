@@ -45,10 +45,11 @@ from normalize_core.fp8.rules import (
     decide_all,
     with_skip_patterns,
 )
+from normalize_core.kinds import ScaleDtype, ScaleFormat
 from normalize_core.repack import finish_output, fresh_output
 from normalize_core.sizes import GIB
 
-SCALE_DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16"}
+SCALE_DTYPE_NAMES = {ScaleDtype.FLOAT32: "F32", ScaleDtype.BFLOAT16: "BF16"}
 FP8_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0"})
 
 
@@ -63,8 +64,8 @@ class Fp8Plan:
     #: None when planned with ``build_plan=False``.
     plan: OutputPlan | None
     repacked: bool
-    scale_dtype: str
-    scale_fmt: str
+    scale_dtype: ScaleDtype
+    scale_fmt: ScaleFormat
     block_size: int
     quantization_config: dict
     #: With ``--reference``: (weights only in the source, weights only in the reference).
@@ -156,8 +157,8 @@ def plan_fp8(
     skip_patterns: Sequence[str] = (),
     repack: bool | None = None,
     max_shard_bytes: int = 4 * GIB,
-    scale_fmt: str = "float",
-    scale_dtype: str | None = None,
+    scale_fmt: ScaleFormat | str = ScaleFormat.FLOAT,
+    scale_dtype: ScaleDtype | str | None = None,
     block_size: int = 128,
     build_plan: bool = True,
 ) -> Fp8Plan:
@@ -166,9 +167,15 @@ def plan_fp8(
     With ``build_plan=False`` (dry runs) only the decisions are made: ``plan`` is None.
     ``repack=None`` keeps a standard or single-file source's shard layout and bin-packs other
     (engine-named) layouts into ``model-{i:05d}-of-{n:05d}`` shards; ``True`` always bin-packs,
-    ``False`` always keeps the source's files. ``scale_dtype`` ("float32"/"bfloat16") defaults to
-    the reference's, else float32.
+    ``False`` always keeps the source's files. ``scale_fmt`` is a ``ScaleFormat`` ("float" or
+    "ue8m0"); ``scale_dtype`` a ``ScaleDtype`` ("float32" or "bfloat16"), by default the
+    reference's, else float32. A value outside those raises ``ValueError`` naming the allowed ones.
     """
+    scale_fmt = ScaleFormat(scale_fmt)
+    if scale_dtype is not None:
+        scale_dtype = ScaleDtype(scale_dtype)
+    if block_size <= 0:
+        raise ValueError("block size must be positive")
     checkpoint = Checkpoint.open(Path(source))
     entries = checkpoint.tensors
     refuse_quantized_source(checkpoint, entries)
@@ -176,11 +183,7 @@ def plan_fp8(
     decisions, kept_modules = decide(entries, rules)
     if scale_dtype is None:
         reference_dtype = getattr(base_rules, "scale_dtype", None)
-        scale_dtype = {"BF16": "bfloat16"}.get(reference_dtype, "float32")
-    if scale_dtype not in SCALE_DTYPE_NAMES:
-        raise ValueError(f"scale dtype must be float32 or bfloat16, not {scale_dtype!r}")
-    if block_size <= 0:
-        raise ValueError("block size must be positive")
+        scale_dtype = ScaleDtype.BFLOAT16 if reference_dtype == "BF16" else ScaleDtype.FLOAT32
 
     if repack is None:
         repack = not (checkpoint.has_standard_names or checkpoint.layout == "single_file")

@@ -23,11 +23,13 @@ import torch
 
 from normalize_core._core import quantize_fp8_blocks
 from normalize_core.errors import normalize_error
+from normalize_core.kinds import ScaleDtype, ScaleFormat
 
 E4M3_MAX = 448.0
 AMAX_FLOOR = 1e-4
-SCALE_FORMATS = ("float", "ue8m0")
-SCALE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: The torch dtype of each way of storing scales.
+TORCH_SCALE_DTYPES = {ScaleDtype.FLOAT32: torch.float32, ScaleDtype.BFLOAT16: torch.bfloat16}
+_SCALE_DTYPE_OF_TORCH = {dtype: scale_dtype for scale_dtype, dtype in TORCH_SCALE_DTYPES.items()}
 _KERNEL_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
 #: Elements per torch step on non-CPU devices: bounds the float32 temporaries to ~1 GiB.
@@ -38,7 +40,7 @@ def quantize_block_fp8(
     tensor: torch.Tensor,
     *,
     block_size: int = 128,
-    scale_fmt: str = "float",
+    scale_fmt: ScaleFormat | str = ScaleFormat.FLOAT,
     scale_dtype: torch.dtype = torch.float32,
     split_halves: bool = False,
     name: str = "tensor",
@@ -58,9 +60,8 @@ def quantize_block_fp8(
         raise ValueError(f"{name}: cannot quantize {tensor.dtype}; expected bfloat16, float16 or float32")
     if tensor.dim() < 2:
         raise ValueError(f"{name}: only tensors of 2 or more dimensions are quantized, got {list(tensor.shape)}")
-    if scale_fmt not in SCALE_FORMATS:
-        raise ValueError(f"scale_fmt must be one of {SCALE_FORMATS}, not {scale_fmt!r}")
-    if scale_dtype not in SCALE_DTYPES.values():
+    scale_fmt = ScaleFormat(scale_fmt)
+    if scale_dtype not in _SCALE_DTYPE_OF_TORCH:
         raise ValueError(f"scale_dtype must be torch.float32 or torch.bfloat16, not {scale_dtype}")
     *leading, rows, cols = tensor.shape
     batch = math.prod(leading)
@@ -84,7 +85,7 @@ def quantize_block_fp8(
 
 
 def _quantize_with_kernel(
-    matrices: torch.Tensor, block: int, scale_fmt: str, scale_dtype: torch.dtype, name: str
+    matrices: torch.Tensor, block: int, scale_fmt: ScaleFormat, scale_dtype: torch.dtype, name: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, rows, cols = matrices.shape
     source = matrices.contiguous()
@@ -100,8 +101,8 @@ def _quantize_with_kernel(
         as_byte_array(fp8),
         as_byte_array(scale),
         block=block,
-        ue8m0=scale_fmt == "ue8m0",
-        scale_bf16=scale_dtype == torch.bfloat16,
+        scale_fmt=scale_fmt,
+        scale_dtype=_SCALE_DTYPE_OF_TORCH[scale_dtype],
         threads=os.cpu_count() or 1,
     )
     return fp8, scale
@@ -113,7 +114,7 @@ def as_byte_array(tensor: torch.Tensor):
 
 
 def _quantize_with_torch(
-    matrices: torch.Tensor, block: int, scale_fmt: str, scale_dtype: torch.dtype, name: str
+    matrices: torch.Tensor, block: int, scale_fmt: ScaleFormat, scale_dtype: torch.dtype, name: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, rows, cols = matrices.shape
     tiles_r, tiles_c = math.ceil(rows / block), math.ceil(cols / block)
@@ -137,7 +138,7 @@ def _quantize_with_torch(
     return fp8, scale.to(scale_dtype)
 
 
-def _quantize_rows(x: torch.Tensor, block: int, scale_fmt: str, scale_dtype: torch.dtype):
+def _quantize_rows(x: torch.Tensor, block: int, scale_fmt: ScaleFormat, scale_dtype: torch.dtype):
     """One horizontal slab of whole tile rows (the last may be partial): ``(q, s, any non-finite)``."""
     rows, cols = x.shape
     tiles_r, tiles_c = math.ceil(rows / block), math.ceil(cols / block)
@@ -149,7 +150,7 @@ def _quantize_rows(x: torch.Tensor, block: int, scale_fmt: str, scale_dtype: tor
     amax = tiles.abs().amax(dim=(1, 3)).float()
     nonfinite = ~torch.isfinite(amax).all()
     s = amax.clamp(min=AMAX_FLOOR) / E4M3_MAX
-    if scale_fmt == "ue8m0":
+    if scale_fmt == ScaleFormat.UE8M0:
         s = round_up_to_power_of_two(s)
     if scale_dtype == torch.bfloat16:
         s = round_up_to_bfloat16(s)

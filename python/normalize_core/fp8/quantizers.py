@@ -13,6 +13,7 @@ from pathlib import Path
 
 from normalize_core._core import Checkpoint, quantize_fp8_blocks
 from normalize_core.fp8.layout import QuantizedLayout
+from normalize_core.kinds import ScaleDtype, ScaleFormat
 
 #: ``--device`` spellings that mean "no GPU".
 CPU = "cpu"
@@ -42,11 +43,11 @@ class KernelQuantizer:
 
     device = CPU
 
-    def __init__(self, checkpoint: Checkpoint, block_size: int, scale_fmt: str, scale_dtype: str):
+    def __init__(self, checkpoint: Checkpoint, block_size: int, scale_fmt: ScaleFormat, scale_dtype: ScaleDtype):
         self.checkpoint = checkpoint
         self.block_size = block_size
-        self.ue8m0 = scale_fmt == "ue8m0"
-        self.scale_bf16 = scale_dtype == "bfloat16"
+        self.scale_fmt = ScaleFormat(scale_fmt)
+        self.scale_dtype = ScaleDtype(scale_dtype)
         self.threads = os.cpu_count() or 1
         # Output buffers are reused from tensor to tensor (grown when needed): fresh ones would
         # cost a page fault and a zeroing per page of every output byte.
@@ -60,7 +61,7 @@ class KernelQuantizer:
     def quantize(self, source, layout: QuantizedLayout) -> tuple[memoryview, memoryview]:
         """``(fp8 bytes, scale bytes)``, valid until the next call (the buffers are reused)."""
         elements = layout.batch * layout.rows * layout.cols
-        scale_bytes = math.prod(layout.scale_shape) * (2 if self.scale_bf16 else 4)
+        scale_bytes = math.prod(layout.scale_shape) * (2 if self.scale_dtype == ScaleDtype.BFLOAT16 else 4)
         if len(self._fp8) < elements:
             self._fp8 = bytearray(elements)
         if len(self._scale) < scale_bytes:
@@ -77,8 +78,8 @@ class KernelQuantizer:
             fp8,
             scale,
             block=self.block_size,
-            ue8m0=self.ue8m0,
-            scale_bf16=self.scale_bf16,
+            scale_fmt=self.scale_fmt,
+            scale_dtype=self.scale_dtype,
             threads=self.threads,
         )
         return fp8, scale
@@ -89,10 +90,12 @@ class TorchQuantizer:
     page-locked memory on the read-ahead thread and moved to the device without blocking;
     results come back as host bytes."""
 
-    def __init__(self, checkpoint: Checkpoint, block_size: int, scale_fmt: str, scale_dtype: str, device: str):
+    def __init__(
+        self, checkpoint: Checkpoint, block_size: int, scale_fmt: ScaleFormat, scale_dtype: ScaleDtype, device: str
+    ):
         import torch
 
-        from normalize_core.fp8.quantize import SCALE_DTYPES
+        from normalize_core.fp8.quantize import TORCH_SCALE_DTYPES
 
         self.torch = torch
         resolved = torch.device(device)
@@ -102,8 +105,8 @@ class TorchQuantizer:
         self.device = str(resolved)
         self.checkpoint = checkpoint
         self.block_size = block_size
-        self.scale_fmt = scale_fmt
-        self.scale_dtype = SCALE_DTYPES[scale_dtype]
+        self.scale_fmt = ScaleFormat(scale_fmt)
+        self.scale_dtype = TORCH_SCALE_DTYPES[ScaleDtype(scale_dtype)]
         self.dtypes = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
     def load(self, name: str):

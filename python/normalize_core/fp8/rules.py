@@ -220,7 +220,7 @@ class ReferenceRules:
                 "(per-channel FP8 stores *.weight_scale, which this scheme does not use)"
             )
         if len(scale_dtypes) > 1:
-            raise ValueError(f"--reference {root}: scale tensors of several dtypes: {sorted(scale_dtypes)}")
+            raise ValueError(f"--reference {root}: scale tensors of several dtypes: {sorted(map(str, scale_dtypes))}")
         return cls(names, next(iter(scale_dtypes), None))
 
     def decide(self, name: str, dtype: str, shape: Sequence[int]) -> Decision:

@@ -5,6 +5,7 @@ mod checkpoint;
 mod errors;
 mod files;
 mod fp8;
+mod kinds;
 mod plan;
 mod writer;
 
