@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import save_file
 
 from normalize_core.fp8.groups import fused_group, module_of, split_fused_groups
+from normalize_core.fp8.layout import quantized_layout
 from normalize_core.fp8.rules import (
     HEURISTIC_KEEP_RULES,
     Decision,
@@ -509,7 +510,9 @@ def test_summarize_groups_by_pattern_and_counts_bytes() -> None:
     sizes = {name: math.prod(shape) * itemsize[dtype] for name, dtype, shape in entries}
     shapes = {name: shape for name, _, shape in entries}
     rules = with_skip_patterns(HeuristicRules(), ["layers\\.1\\.self_attn"])
-    rows = summarize(decide_all(entries, rules), sizes, shapes)
+    decisions = decide_all(entries, rules)
+    layouts = {d.name: quantized_layout(d.name, shapes[d.name]) for d in decisions if d.quantize}
+    rows = summarize(decisions, sizes, layouts)
 
     q_proj = 256 * 512 * 2
     assert rows == [
@@ -569,5 +572,6 @@ def test_summarize_groups_by_pattern_and_counts_bytes() -> None:
 
 def test_summarize_an_f32_weight_saves_three_quarters() -> None:
     name = "model.layers.0.mlp.down_proj.weight"
-    rows = summarize([Decision(name, True, "matmul weight")], {name: 128 * 128 * 4}, {name: [128, 128]})
+    layouts = {name: quantized_layout(name, [128, 128])}
+    rows = summarize([Decision(name, True, "matmul weight")], {name: 128 * 128 * 4}, layouts)
     assert rows[0]["bytes_saved"] == 128 * 128 * 3 - 4

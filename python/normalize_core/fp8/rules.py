@@ -23,13 +23,7 @@ from typing import Protocol
 
 from normalize_core._core import TensorEntry, read_header
 from normalize_core.fp8.groups import is_fused_expert_param
-from normalize_core.fp8.layout import SCALE_SUFFIX, quantized_bytes
-
-#: The safetensors dtypes a tensor must have to be quantized.
-QUANTIZABLE_DTYPES = frozenset({"BF16", "F16", "F32"})
-
-#: Block edge of the FP8 scheme, for the size estimate of a scale tensor.
-BLOCK = 128
+from normalize_core.fp8.layout import FP8_DTYPES, QUANTIZABLE_DTYPES, SCALE_SUFFIX, QuantizedLayout
 
 _NOT_FLOATING = frozenset({"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64"})
 
@@ -56,7 +50,7 @@ def ineligible_reason(name: str, dtype: str, shape: Sequence[int]) -> str | None
     """Why this tensor can never be quantized, or None when it can: a 2-D BF16/F16/F32 tensor named
     ``*.weight`` (a Linear's weight), or a 3-D fused-expert parameter (``...experts.gate_up_proj`` /
     ``...experts.down_proj``). No rule, pattern or reference overrides this."""
-    if dtype.startswith("F8_"):
+    if dtype in FP8_DTYPES:
         return "already FP8"
     if dtype in _NOT_FLOATING:
         return "not floating"
@@ -301,12 +295,12 @@ def name_pattern(name: str) -> str:
 
 
 def summarize(
-    decisions: Iterable[Decision], sizes: Mapping[str, int], shapes: Mapping[str, Sequence[int]]
+    decisions: Iterable[Decision], sizes: Mapping[str, int], layouts: Mapping[str, QuantizedLayout]
 ) -> list[dict]:
     """Decisions grouped by name pattern (digit runs → ``N``) and outcome, in order of first appearance:
-    ``{"pattern", "quantize", "reason", "count", "bytes", "bytes_saved"}``. ``sizes`` are source bytes and
-    ``shapes`` source shapes per name. An FP8 weight saves ``bytes * (1 - 1/itemsize)`` less its scale, the
-    scale counted as float32 (bfloat16 scales, as some references have, save a little more)."""
+    ``{"pattern", "quantize", "reason", "count", "bytes", "bytes_saved"}``. ``sizes`` are source bytes per
+    name, ``layouts`` the layout of each quantized tensor (``Fp8Plan.layouts``): a quantized tensor saves its
+    source bytes less its FP8 weight and scale, so the rows add up to the plan's ``output_bytes``."""
     rows: dict[tuple[str, bool, str], dict] = {}
     for decision in decisions:
         key = (name_pattern(decision.name), decision.quantize, decision.reason)
@@ -318,6 +312,5 @@ def summarize(
         row["count"] += 1
         row["bytes"] += size
         if decision.quantize:
-            # One byte per element after quantization, whatever the source itemsize was.
-            row["bytes_saved"] += size - quantized_bytes(decision.name, shapes[decision.name], BLOCK, 4)
+            row["bytes_saved"] += size - layouts[decision.name].nbytes
     return list(rows.values())
