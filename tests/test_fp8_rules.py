@@ -32,6 +32,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from normalize_core import NormalizeError
 from normalize_core.fp8.groups import fused_group, module_of, split_fused_groups
 from normalize_core.fp8.layout import quantized_layout
 from normalize_core.fp8.rules import (
@@ -480,17 +481,20 @@ def test_reference_rules_reject_what_is_not_a_block_fp8_reference(tmp_path: Path
     with pytest.raises(ValueError, match=r"several dtypes: \['BF16', 'F32'\]"):
         ReferenceRules.from_dir(mixed)
 
-    for bad_index, message in [
-        ("{", "not a safetensors index"),
-        ('{"metadata": {}}', "not a safetensors index"),
-        ('{"weight_map": {"x.weight_scale_inv": "../x.safetensors"}}', "not a plain file name"),
-        ('{"weight_map": {"x.weight_scale_inv": 3}}', "must map tensor names"),
+    # A reference index is checked by the core's index reader, as every index is.
+    for bad_index, kind, message in [
+        ("{", "invalid_index", "invalid index: EOF while parsing"),
+        ('{"metadata": {}}', "invalid_index", "invalid index: missing field `weight_map`"),
+        ('{"weight_map": {"x.weight_scale_inv": "../x.safetensors"}}', "unsafe_shard_name", "not a plain file name"),
+        ('{"weight_map": {"x.weight_scale_inv": 3}}', "invalid_index", "is 3, not a file name"),
+        ('{"weight_map": {"x.weight_scale_inv": "a", "x.weight_scale_inv": "b"}}', "invalid_index", "listed twice"),
     ]:
         indexed = tmp_path / "indexed"
         indexed.mkdir(exist_ok=True)
         (indexed / "model.safetensors.index.json").write_text(bad_index)
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(NormalizeError, match=message) as raised:
             ReferenceRules.from_dir(indexed)
+        assert (raised.value.kind, raised.value.file) == (kind, str(indexed / "model.safetensors.index.json"))
 
 
 # --- summary ----------------------------------------------------------------------------------------------------

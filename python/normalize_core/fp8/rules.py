@@ -14,14 +14,13 @@ ever quantized when ``ineligible_reason`` has nothing against it. No torch: torc
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from normalize_core._core import TensorEntry, read_header
+from normalize_core._core import INDEX_FILE, TensorEntry, read_header, read_index
 from normalize_core.fp8.groups import is_fused_expert_param
 from normalize_core.fp8.layout import FP8_DTYPES, QUANTIZABLE_DTYPES, SCALE_SUFFIX, QuantizedLayout
 
@@ -179,15 +178,16 @@ class ReferenceRules:
     def from_dir(cls, path: str | Path) -> ReferenceRules:
         """Reads the names from ``model.safetensors.index.json`` when present (its shards need not exist; those
         that do are read for ``scale_dtype``), otherwise from the headers of ``*.safetensors``. Reads no tensor
-        data. Raises ``ValueError`` for a directory without either, a malformed index, a reference without any
-        ``*_scale_inv`` tensor, or scale tensors of two dtypes; ``NormalizeError`` for a bad header."""
+        data. Raises ``ValueError`` for a directory without either, a reference without any ``*_scale_inv``
+        tensor, or scale tensors of two dtypes; ``NormalizeError`` for a malformed index (checked as every index
+        is: tensors listed once, shards plain file names) or a bad header."""
         root = Path(path)
         if not root.is_dir():
             raise ValueError(f"--reference {root}: not a directory")
-        index_path = root / "model.safetensors.index.json"
+        index_path = root / INDEX_FILE
         scale_dtypes: set[str] = set()
         if index_path.is_file():
-            weight_map = _read_weight_map(index_path)
+            weight_map, _ = read_index(index_path)
             names: Iterable[str] = weight_map
             shards_with_scales = sorted({shard for name, shard in weight_map.items() if name.endswith(SCALE_SUFFIX)})
             for shard in shards_with_scales:
@@ -196,7 +196,7 @@ class ReferenceRules:
         else:
             shard_paths = sorted(root.glob("*.safetensors"))
             if not shard_paths:
-                raise ValueError(f"--reference {root}: no model.safetensors.index.json and no *.safetensors")
+                raise ValueError(f"--reference {root}: no {INDEX_FILE} and no *.safetensors")
             seen: dict[str, str] = {}
             for shard_path in shard_paths:
                 tensors = read_header(shard_path).tensors
@@ -232,20 +232,6 @@ class ReferenceRules:
         source = {name for name in source_names if _is_weight_name(name)}
         reference = {name for name in self.names if _is_weight_name(name)}
         return sorted(source - reference), sorted(reference - source)
-
-
-def _read_weight_map(index_path: Path) -> dict[str, str]:
-    try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{index_path}: not a safetensors index ({e})") from None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise ValueError(f"{index_path}: weight_map must map tensor names to shard file names")
-    for shard in set(weight_map.values()):
-        # Only plain file names inside the reference directory are ever opened.
-        if not shard or "/" in shard or "\\" in shard or shard in (".", ".."):
-            raise ValueError(f"{index_path}: shard name {shard!r} is not a plain file name")
-    return weight_map
 
 
 def _scale_dtypes(tensors: Iterable[TensorEntry]) -> set[str]:
