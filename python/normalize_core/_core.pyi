@@ -1,4 +1,7 @@
-"""Type stubs of the Rust extension ``normalize_core._core`` (see rust/python/src)."""
+"""Type stubs of the Rust extension ``normalize_core._core`` (see rust/python/src).
+
+``tests/test_stubs.py`` compares them with the built module: names, members and parameters.
+"""
 
 from collections.abc import Buffer, Callable
 from os import PathLike
@@ -28,7 +31,7 @@ class TensorEntry:
     nbytes: int
 
 class TensorView(Buffer):
-    """Copy-on-write mapped bytes of one tensor (buffer protocol)."""
+    """Read-only mapped bytes of one tensor (buffer protocol)."""
 
     name: str
     dtype: str
@@ -156,7 +159,6 @@ def prepare_output_dir(output: _Path, overwrite: bool = False) -> None: ...
 def list_aux_files(dir: _Path) -> list[str]: ...
 def copy_aux_files(source: _Path, output: _Path) -> list[str]: ...
 def remove_stale_shards(output: _Path, keep: list[str]) -> list[str]: ...
-def is_tool_shard_name(name: str) -> bool: ...
 def copy_file(source: _Path, dest: _Path, progress: _Progress = None) -> None: ...
 
 INDEX_FILE: str

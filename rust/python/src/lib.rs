@@ -38,7 +38,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(files::list_aux_files, m)?)?;
     m.add_function(wrap_pyfunction!(files::copy_aux_files, m)?)?;
     m.add_function(wrap_pyfunction!(files::remove_stale_shards, m)?)?;
-    m.add_function(wrap_pyfunction!(files::is_tool_shard_name, m)?)?;
     m.add_function(wrap_pyfunction!(files::copy_file, m)?)?;
     m.add("INDEX_FILE", index::INDEX_FILE)?;
     m.add_function(wrap_pyfunction!(index::read_index, m)?)?;
