@@ -2,8 +2,8 @@
 held to the decisions of real published block-FP8 checkpoints.
 
 Real data: ``tests/fixtures/realdata/*.patterns.json.gz``, built by ``make_fixtures.py`` next to them from the
-project's real-data folder (tensor lists of the actual releases; provenance in that script and in
-realdata/SOURCES.md). Each holds a model's source tensors grouped by name pattern (number segments → ``N``),
+project's real-data folder (tensor lists of the actual releases; provenance in that script and in each
+fixture's ``provenance`` field). Each holds a model's source tensors grouped by name pattern (number segments → ``N``),
 with one real example name, ndim, source dtype and whether the release quantized it; the generator refuses a
 pattern whose real tensors disagree, so one decision per pattern stands for all of its tensors.
 

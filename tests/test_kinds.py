@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from builders import make_tensors, write_checkpoint
 from normalize_core import Checkpoint, PlanBuilder, plan_fp8, plan_shards, to_fp8
 from normalize_core._core import quantize_fp8_blocks
 from normalize_core.fp8.quantize import quantize_block_fp8
 from normalize_core.kinds import Dtype, Layout, Naming, ScaleDtype, ScaleFormat, Severity, ShardKind
-from normalize_core.sample import write_sample_checkpoint
 
 ALLOWED_SCALE_FORMATS = ("float", "ue8m0")
 ALLOWED_SCALE_DTYPES = ("float32", "bfloat16")
@@ -28,8 +28,10 @@ ALLOWED_SCALE_DTYPES = ("float32", "bfloat16")
 
 @pytest.fixture(scope="module")
 def engine_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The built-in sample (engine-named bf16 shards), written once: no test here writes to it."""
-    return write_sample_checkpoint(tmp_path_factory.mktemp("kinds") / "engine")
+    """Three engine-named shards of bf16 weights, written once: no test here writes to it."""
+    spec = {f"model.layers.{i}.mlp.down_proj.weight": (torch.bfloat16, (64, 128)) for i in range(3)}
+    directory = tmp_path_factory.mktemp("kinds") / "engine"
+    return write_checkpoint(directory, make_tensors(spec, 0), layout="engine", files=3)
 
 
 def kernel_call(**override) -> Callable[[Path, Path], object]:
