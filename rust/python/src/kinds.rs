@@ -18,7 +18,7 @@ use pyo3::types::PyString;
 const KINDS_MODULE: &str = "normalize_core.kinds";
 
 /// The Python members of one enum, in the order of the Rust variants, and their values.
-pub struct Members {
+struct Members {
     objects: Vec<Py<PyAny>>,
     values: Vec<String>,
 }
