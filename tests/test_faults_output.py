@@ -8,6 +8,7 @@ import os
 import stat
 from pathlib import Path
 
+from builders import snapshot
 from normalize_core import repack
 
 #: What a run must never copy or change: a directory and a private file outside every tree it is given.
@@ -25,19 +26,10 @@ def outside_tree(root: Path) -> tuple[Path, Path]:
     return folder, secret
 
 
-def snapshot_of(folder: Path) -> dict[str, tuple[bytes, int, int]]:
-    """Every file under ``folder``: bytes, mode and mtime (to prove nothing was written there)."""
-    return {
-        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mode, p.stat().st_mtime_ns)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
 def test_aux_symlinks_out_of_the_source_are_skipped_and_reported(engine_checkpoint: Path, tmp_path: Path):
     """Item 7.9: ``assets -> /usr`` used to copy /usr; a link to a private file made a 0644 copy of it."""
     folder, secret = outside_tree(tmp_path)
-    before = snapshot_of(folder)
+    before = snapshot(folder)
     (engine_checkpoint / "assets").symlink_to(folder)
     (engine_checkpoint / "special_tokens.json").symlink_to(secret)
     (engine_checkpoint / "stale.json").symlink_to(tmp_path / "gone.json")
@@ -54,7 +46,7 @@ def test_aux_symlinks_out_of_the_source_are_skipped_and_reported(engine_checkpoi
     for name in ("assets", "special_tokens.json", "stale.json"):
         assert not os.path.lexists(output / name)
     assert SECRET not in "".join(p.read_text() for p in output.iterdir() if p.suffix == ".json")
-    assert snapshot_of(folder) == before
+    assert snapshot(folder) == before
 
 
 def test_aux_symlinks_inside_the_source_stay_symlinks(engine_checkpoint: Path, tmp_path: Path):
@@ -92,7 +84,7 @@ def test_copies_keep_the_source_files_permissions(engine_checkpoint: Path, tmp_p
 def test_overwrite_replaces_output_symlinks_instead_of_writing_through_them(engine_checkpoint: Path, tmp_path: Path):
     """Item 7.10: a symlinked sub-directory (and file) in the output used to be written through."""
     folder, secret = outside_tree(tmp_path)
-    before = snapshot_of(folder)
+    before = snapshot(folder)
     (engine_checkpoint / "tokenizer").mkdir()
     (engine_checkpoint / "tokenizer" / "vocab.txt").write_text("a\nb\n")
     output = tmp_path / "out"
@@ -102,7 +94,7 @@ def test_overwrite_replaces_output_symlinks_instead_of_writing_through_them(engi
 
     repack(engine_checkpoint, output, overwrite=True)
 
-    assert snapshot_of(folder) == before
+    assert snapshot(folder) == before
     assert not (output / "tokenizer").is_symlink()
     assert (output / "tokenizer" / "vocab.txt").read_text() == "a\nb\n"
     assert not (output / "config.json").is_symlink()

@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
+from builders import INDEX, save_engine_checkpoint, save_standard_checkpoint, standard_shard_name
 from normalize_core import Checkpoint, NormalizeError
 from normalize_core._core import plan_shards
 
-INDEX = "model.safetensors.index.json"
-SHARDS = [f"model-{i:05d}-of-00003.safetensors" for i in range(1, 4)]
+SHARDS = [standard_shard_name(i, 3) for i in range(1, 4)]
 
 CLI = "import sys\n{prelude}\nfrom normalize_core.cli import main\nsys.exit(main())"
 
@@ -34,32 +33,34 @@ def normalize(args: list[str], *, prelude: str = "", timeout: float = 60) -> sub
 def standard_checkpoint(directory: Path, *, inf_in_shard_2: bool = False) -> Path:
     """Three indexed shards, each two 256×256 bf16 projections (quantized by to-fp8) and a 4 MiB norm
     vector (copied). With ``inf_in_shard_2``, shard 2's first projection holds an Inf."""
-    directory.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
-    weight_map = {}
-    for i, file in enumerate(SHARDS):
+    shards = []
+    for i in range(3):
         p = f"model.layers.{i}"
-        tensors = {
-            f"{p}.self_attn.q_proj.weight": (torch.randn(256, 256, generator=g) * 0.05).bfloat16(),
-            f"{p}.self_attn.o_proj.weight": (torch.randn(256, 256, generator=g) * 0.05).bfloat16(),
-            f"{p}.input_layernorm.weight": torch.rand(2 << 20, generator=g).bfloat16(),
-        }
-        if inf_in_shard_2 and i == 1:
-            tensors[f"{p}.self_attn.q_proj.weight"][3, 5] = float("inf")
-        save_file(tensors, directory / file, metadata={"format": "pt"})
-        weight_map |= dict.fromkeys(tensors, file)
-    (directory / INDEX).write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+        shards.append(
+            {
+                f"{p}.self_attn.q_proj.weight": (torch.randn(256, 256, generator=g) * 0.05).bfloat16(),
+                f"{p}.self_attn.o_proj.weight": (torch.randn(256, 256, generator=g) * 0.05).bfloat16(),
+                f"{p}.input_layernorm.weight": torch.rand(2 << 20, generator=g).bfloat16(),
+            }
+        )
+    if inf_in_shard_2:
+        shards[1]["model.layers.1.self_attn.q_proj.weight"][3, 5] = float("inf")
+    save_standard_checkpoint(directory, shards)
     (directory / "config.json").write_text(json.dumps({"model_type": "llama"}))
     return directory
 
 
 def unindexed_checkpoint(directory: Path) -> Path:
     """Three engine-named shards (no index) of 15 small tensors each, and a config."""
-    directory.mkdir(parents=True)
     g = torch.Generator().manual_seed(1)
-    for rank in range(3):
-        tensors = {f"model.layers.{rank}.w{j}": torch.randn(16, 16, generator=g).bfloat16() for j in range(15)}
-        save_file(tensors, directory / f"model-rank{rank}.safetensors", metadata={"format": "pt"})
+    files = {
+        f"model-rank{rank}.safetensors": {
+            f"model.layers.{rank}.w{j}": torch.randn(16, 16, generator=g).bfloat16() for j in range(15)
+        }
+        for rank in range(3)
+    }
+    save_engine_checkpoint(directory, files)
     (directory / "config.json").write_text(json.dumps({"model_type": "llama"}))
     return directory
 

@@ -42,7 +42,7 @@ impl AtomicFile {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        let dir = open_dir(CWD, parent).map_err(|e| Error::io(parent, e))?;
+        let dir = open_dir(CWD, parent).map_err(|e| Error::io(dest, e))?;
         AtomicFile::create_in(dir, dest, None)
     }
 

@@ -123,7 +123,7 @@ pub fn copy_file(from: &Path, to: &Path, progress: Progress<'_>) -> Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let dir = open_dir(CWD, parent).map_err(|e| Error::io(parent, e))?;
+    let dir = open_dir(CWD, parent).map_err(|e| Error::io(to, e))?;
     copy_file_into(from, dir, to, progress)
 }
 
