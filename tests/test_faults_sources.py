@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -93,19 +94,26 @@ def test_a_refused_tensor_while_a_copy_is_in_flight_never_hangs(tmp_path: Path):
         assert not output.exists()
 
 
-#: Wraps the CPU quantizer so that, just before the first tensor is quantized, its source file is cut
-#: down to its length prefix: everything the run reads from that file afterwards is gone.
-TRUNCATE_BEFORE_FIRST_QUANTIZE = """
+def before_first_quantize(action: str) -> str:
+    """A prelude (test hook) that wraps the CPU quantizer to run ``action`` (Python statements that
+    see ``self``, the quantizer, and ``layout``) once, just before the first tensor is quantized."""
+    body = textwrap.indent(textwrap.dedent(action).strip(), " " * 8)
+    return f"""
 import os
 from normalize_core.fp8 import quantizers
 original = quantizers.KernelQuantizer.quantize
 def quantize(self, source, layout):
     if not getattr(quantize, "done", False):
         quantize.done = True
-        os.truncate(self.checkpoint.dir / self.checkpoint.tensor(layout.name).file, 8)
+{body}
     return original(self, source, layout)
 quantizers.KernelQuantizer.quantize = quantize
 """
+
+
+#: Cuts the first quantized tensor's source file down to its length prefix: everything the run reads
+#: from that file afterwards is gone.
+TRUNCATE_ITS_SOURCE = "os.truncate(self.checkpoint.dir / self.checkpoint.tensor(layout.name).file, 8)"
 
 
 def test_a_source_truncated_mid_run_is_an_error_not_a_signal(tmp_path: Path):
@@ -116,7 +124,7 @@ def test_a_source_truncated_mid_run_is_an_error_not_a_signal(tmp_path: Path):
 
     result = normalize(
         ["to-fp8", "-s", str(source), "-o", str(output), "--device", "cpu", "-q"],
-        prelude=TRUNCATE_BEFORE_FIRST_QUANTIZE,
+        prelude=before_first_quantize(TRUNCATE_ITS_SOURCE),
     )
 
     assert result.returncode >= 0, f"killed by signal {-result.returncode}"
@@ -124,21 +132,13 @@ def test_a_source_truncated_mid_run_is_an_error_not_a_signal(tmp_path: Path):
     assert not output.exists()
 
 
-#: Rewrites the bytes of shard 1's copied norm in place (same size), just before the first tensor is
-#: quantized: the shard being written would mix bytes from two versions of the file.
-REWRITE_BEFORE_FIRST_QUANTIZE = """
-import os
-from normalize_core.fp8 import quantizers
-original = quantizers.KernelQuantizer.quantize
-def quantize(self, source, layout):
-    if not getattr(quantize, "done", False):
-        quantize.done = True
-        entry = self.checkpoint.tensor("model.layers.0.input_layernorm.weight")
-        with open(self.checkpoint.dir / entry.file, "r+b") as f:
-            f.seek(entry.file_offset)
-            f.write(bytes(64))
-    return original(self, source, layout)
-quantizers.KernelQuantizer.quantize = quantize
+#: Rewrites the bytes of shard 1's copied norm in place (same size): the shard being written would mix
+#: bytes from two versions of the file.
+REWRITE_A_COPIED_TENSOR = """
+entry = self.checkpoint.tensor("model.layers.0.input_layernorm.weight")
+with open(self.checkpoint.dir / entry.file, "r+b") as f:
+    f.seek(entry.file_offset)
+    f.write(bytes(64))
 """
 
 
@@ -149,7 +149,7 @@ def test_a_source_rewritten_in_place_mid_run_fails_and_writes_no_index(tmp_path:
 
     result = normalize(
         ["to-fp8", "-s", str(source), "-o", str(output), "--device", "cpu", "-q"],
-        prelude=REWRITE_BEFORE_FIRST_QUANTIZE,
+        prelude=before_first_quantize(REWRITE_A_COPIED_TENSOR),
     )
 
     assert_failed_cleanly(result, output, str(source / SHARDS[0]), "changed while being read")

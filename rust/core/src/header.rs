@@ -519,7 +519,7 @@ mod tests {
             bytes.extend_from_slice(&[0u8; 28]);
             let h = parse_header(
                 Path::new("x"),
-                &bytes[8..8 + n as usize],
+                &bytes[LEN_PREFIX as usize..(LEN_PREFIX + n) as usize],
                 bytes.len() as u64,
             )
             .unwrap();

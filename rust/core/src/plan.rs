@@ -540,7 +540,7 @@ mod tests {
             .map(|t| t.tensor.name.as_str())
             .collect();
         assert_eq!(order, ["dbl", "word", "half", "byte"]);
-        assert_eq!(shard.data_start() % 8, 0);
+        assert_eq!(shard.data_start() % HEADER_ALIGN, 0);
         for t in &shard.tensors {
             assert_eq!(t.data_offsets.0 % alignment(t.tensor.dtype), 0);
         }

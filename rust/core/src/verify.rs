@@ -222,7 +222,7 @@ mod tests {
         bytes.extend_from_slice(json);
         bytes.extend_from_slice(&[0u8; 5]);
         std::fs::write(dir.path().join("model.safetensors"), bytes).unwrap();
-        let data_start = 8 + json.len() as u64;
+        let data_start = crate::format::LEN_PREFIX + json.len() as u64;
         assert_ne!(
             (data_start + 1) % 4,
             0,
