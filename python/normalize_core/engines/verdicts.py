@@ -1,0 +1,81 @@
+"""Per TP size: does every layer load, and if not, which layers fail and why (grouped by reason)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from normalize_core._core import TensorEntry
+from normalize_core.engines.architecture import architecture_of
+from normalize_core.engines.layers import EngineLayer, engine_layers
+from normalize_core.engines.tp_rules import Parallelism, RuleBook
+
+
+@dataclass(frozen=True)
+class LayerFailure:
+    """The first layer that fails for one reason, and how many fail for the same reason."""
+
+    layer: str
+    kind: str
+    problem: str
+    layers: int
+
+    def line(self) -> str:
+        """``model.layers.0.mlp.experts (fused MoE): …; 94 layers alike``."""
+        alike = f" ({self.layers} layers alike)" if self.layers > 1 else ""
+        return f"{self.layer} ({self.kind}): {self.problem}{alike}"
+
+
+@dataclass(frozen=True)
+class TpVerdict:
+    """Whether the checkpoint loads at one TP size, with the failures in layer order."""
+
+    tp: int
+    failures: tuple[LayerFailure, ...]
+
+    @property
+    def loads(self) -> bool:
+        return not self.failures
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "tp": self.tp,
+            "loads": self.loads,
+            "failures": [
+                {"layer": f.layer, "kind": f.kind, "problem": f.problem, "layers": f.layers} for f in self.failures
+            ],
+        }
+
+
+def tp_verdict(layers: Sequence[EngineLayer], parallel: Parallelism, book: RuleBook) -> TpVerdict:
+    """Evaluates every layer at ``parallel``; failures with the same message are counted under the first."""
+    first: dict[str, tuple[EngineLayer, int]] = {}
+    for layer in layers:
+        problem = book.problem(layer, parallel)
+        if problem is not None:
+            seen = first.get(problem.message)
+            first[problem.message] = (seen[0], seen[1] + 1) if seen else (layer, 1)
+    failures = tuple(
+        LayerFailure(layer.name, str(layer.kind), message, count) for message, (layer, count) in first.items()
+    )
+    return TpVerdict(parallel.tp, failures)
+
+
+def block_size_of(config: dict[str, Any] | None) -> tuple[int, int]:
+    """``quantization_config.weight_block_size`` as ``(block_n, block_k)``, else 128 x 128."""
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    block = quantization.get("weight_block_size") if isinstance(quantization, dict) else None
+    if isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block):
+        return block[0], block[1]
+    return 128, 128
+
+
+def tp1_findings(entries: Sequence[TensorEntry], config: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """``verify``'s engine check of an FP8 checkpoint: an error per reason vLLM refuses to load it at TP 1."""
+    if not any(entry.dtype == "F8_E4M3" for entry in entries):
+        return []
+    weights = ((entry.name, entry.shape, entry.dtype == "F8_E4M3") for entry in entries)
+    layers = engine_layers(weights, architecture_of(config))
+    verdict = tp_verdict(layers, Parallelism(1, block=block_size_of(config)), RuleBook())
+    return [("error", f"vLLM cannot load it at TP 1: {failure.line()}") for failure in verdict.failures]
