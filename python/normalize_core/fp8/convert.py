@@ -28,6 +28,7 @@ from normalize_core._core import (
     TensorEntry,
     check_separate,
 )
+from normalize_core.engines.loadability import keep_unloadable
 from normalize_core.errors import normalize_error
 from normalize_core.fp8.config import (
     check_fused_groups,
@@ -46,6 +47,7 @@ from normalize_core.fp8.rules import (
     with_skip_patterns,
 )
 from normalize_core.repack import finish_output, fresh_output
+from normalize_core.report import read_config
 from normalize_core.sizes import GIB
 
 SCALE_DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16"}
@@ -136,10 +138,20 @@ def choose_rules(reference, quantize_patterns: Sequence[str], skip_patterns: Seq
     return with_skip_patterns(rules, skip_patterns) if skip_patterns else rules, rules
 
 
-def decide(entries: list[TensorEntry], rules) -> tuple[list[Decision], set[str]]:
+def decide(
+    entries: list[TensorEntry],
+    rules,
+    *,
+    loadable_at: Sequence[int] = (1,),
+    config: dict | None = None,
+    block_size: int = 128,
+) -> tuple[list[Decision], set[str]]:
     """A decision per source tensor, in checkpoint order, and the modules whose weight stays
-    unquantized; split fused groups are an error."""
+    unquantized; split fused groups are an error. Layers an engine could not load as FP8 at a TP
+    size in ``loadable_at`` stay unquantized (``engines.loadability``); ``()`` turns that off."""
     decisions = decide_all(((t.name, t.dtype, t.shape) for t in entries), rules)
+    if loadable_at:
+        decisions = keep_unloadable(entries, decisions, config, loadable_at, block_size=block_size)
     dtypes = {t.name: t.dtype for t in entries}
     fp8, kept = module_sets(
         (d.name for d in decisions if d.quantize), (d.name for d in decisions if not d.quantize), dtypes
@@ -160,6 +172,8 @@ def plan_fp8(
     scale_dtype: str | None = None,
     block_size: int = 128,
     build_plan: bool = True,
+    loadable_at: Sequence[int] = (1,),
+    allow_unloadable: bool = False,
 ) -> Fp8Plan:
     """Decides and plans a conversion from headers alone.
 
@@ -167,20 +181,27 @@ def plan_fp8(
     ``repack=None`` keeps a standard or single-file source's shard layout and bin-packs other
     (engine-named) layouts into ``model-{i:05d}-of-{n:05d}`` shards; ``True`` always bin-packs,
     ``False`` always keeps the source's files. ``scale_dtype`` ("float32"/"bfloat16") defaults to
-    the reference's, else float32.
+    the reference's, else float32. Layers vLLM could not load as FP8 at a TP size in ``loadable_at``
+    stay unquantized unless ``allow_unloadable``.
     """
     checkpoint = Checkpoint.open(Path(source))
     entries = checkpoint.tensors
     refuse_quantized_source(checkpoint, entries)
     rules, base_rules = choose_rules(reference, quantize_patterns, skip_patterns)
-    decisions, kept_modules = decide(entries, rules)
+    if block_size <= 0:
+        raise ValueError("block size must be positive")
+    decisions, kept_modules = decide(
+        entries,
+        rules,
+        loadable_at=() if allow_unloadable else loadable_at,
+        config=read_config(checkpoint.dir),
+        block_size=block_size,
+    )
     if scale_dtype is None:
         reference_dtype = getattr(base_rules, "scale_dtype", None)
         scale_dtype = {"BF16": "bfloat16"}.get(reference_dtype, "float32")
     if scale_dtype not in SCALE_DTYPE_NAMES:
         raise ValueError(f"scale dtype must be float32 or bfloat16, not {scale_dtype!r}")
-    if block_size <= 0:
-        raise ValueError("block size must be positive")
 
     if repack is None:
         repack = not (checkpoint.has_standard_names or checkpoint.layout == "single_file")
