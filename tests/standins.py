@@ -41,20 +41,12 @@ def expand_runs(runs: str) -> list[int]:
     return numbers
 
 
-def natural_key(name: str) -> list[Any]:
-    """Sort key that orders ``layers.10`` after ``layers.9``."""
-    return [(0, int(s), "") if s.isdigit() else (1, 0, s) for s in name.split(".")]
-
-
 def standin_tensors(stem: str) -> Iterator[tuple[str, str, list[int]]]:
-    """``(name, dtype, shape)`` of every real tensor, in natural name order."""
-    tensors = []
+    """``(name, dtype, shape)`` of every real tensor, pattern by pattern (a header's order does not matter)."""
     for row in load_standin(stem)["tensors"]:
         axes = [expand_runs(runs) for runs in row["indices"]]
         for numbers in itertools.product(*axes):
-            tensors.append((row["pattern"].format(*numbers), row["dtype"], row["shape"]))
-    tensors.sort(key=lambda t: natural_key(t[0]))
-    return iter(tensors)
+            yield row["pattern"].format(*numbers), row["dtype"], row["shape"]
 
 
 def write_header_only_shard(path: Path, tensors: list[tuple[str, str, list[int]]]) -> None:

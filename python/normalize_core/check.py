@@ -130,7 +130,7 @@ def check(
             file=str(directory),
         )
 
-    findings = fp8_findings(checkpoint, config, read_scales=False)
+    findings = fp8_findings(checkpoint, config, read_scales=False, entries=entries)
     architecture = architecture_of(config)
     notes: list[str] = []
     kept: dict[str, str] = {}

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from normalize_core._core import Checkpoint, NormalizeError, list_aux_files
-from normalize_core.engines.verdicts import tp1_findings
+from normalize_core.engines.verdicts import engine_findings
 from normalize_core.fp8.contract import fp8_findings
 
 FP8_DTYPES = {"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
@@ -112,7 +112,8 @@ class VerifyReport:
 
 def verify_checkpoint(path: str | os.PathLike) -> VerifyReport:
     """Checks headers, index ↔ shard consistency, ``total_size``, stray or missing tensors, and
-    for FP8 checkpoints the scale tensors, ``quantization_config`` and that vLLM loads them at TP 1."""
+    MTP layers against ``config.json``, and for FP8 checkpoints the scale tensors, ``quantization_config``
+    and that vLLM loads them at TP 1."""
     directory = Path(path)
     try:
         checkpoint = Checkpoint.open(directory)
@@ -121,6 +122,6 @@ def verify_checkpoint(path: str | os.PathLike) -> VerifyReport:
     findings = list(checkpoint.problems())
     config = read_config(directory)
     findings += fp8_findings(checkpoint, config)
-    findings += tp1_findings(checkpoint.tensors, config)
+    findings += engine_findings(checkpoint.tensors, config)
     ok = not any(severity == "error" for severity, _ in findings)
     return VerifyReport(directory, ok, len(checkpoint), len(checkpoint.files), findings)

@@ -116,13 +116,9 @@ def architecture_of(config: Mapping[str, Any] | None) -> Architecture:
 
 def _layer_numbers(names: Iterable[str], prefix: str) -> set[int]:
     """The numbers ``N`` of ``<prefix>N.…`` names."""
-    numbers = set()
-    for name in names:
-        if name.startswith(prefix):
-            number, _, _ = name[len(prefix) :].partition(".")
-            if number.isdigit():
-                numbers.add(int(number))
-    return numbers
+    start = len(prefix)
+    heads = {name[start : name.find(".", start)] for name in names if name.startswith(prefix)}
+    return {int(head) for head in heads if head.isdigit()}
 
 
 def mtp_findings(architecture: Architecture, names: Iterable[str]) -> list[tuple[str, str]]:

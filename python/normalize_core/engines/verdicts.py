@@ -1,4 +1,5 @@
-"""Per TP size: does every layer load, and if not, which layers fail and why (grouped by reason)."""
+"""Per TP size: does every layer load, and if not, which layers fail and why (grouped by reason); and the
+engine checks ``verify`` runs."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from normalize_core._core import TensorEntry
-from normalize_core.engines.architecture import architecture_of
+from normalize_core.engines.architecture import architecture_of, mtp_findings
 from normalize_core.engines.layers import EngineLayer, engine_layers
 from normalize_core.engines.tp_rules import Parallelism, RuleBook
 
@@ -71,11 +72,14 @@ def block_size_of(config: dict[str, Any] | None) -> tuple[int, int]:
     return 128, 128
 
 
-def tp1_findings(entries: Sequence[TensorEntry], config: dict[str, Any] | None) -> list[tuple[str, str]]:
-    """``verify``'s engine check of an FP8 checkpoint: an error per reason vLLM refuses to load it at TP 1."""
+def engine_findings(entries: Sequence[TensorEntry], config: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """``verify``'s engine checks: MTP layers against the config, and for an FP8 checkpoint an error per
+    reason vLLM refuses to load it at TP 1."""
+    architecture = architecture_of(config)
+    findings = mtp_findings(architecture, [entry.name for entry in entries])
     if not any(entry.dtype == "F8_E4M3" for entry in entries):
-        return []
+        return findings
     weights = ((entry.name, entry.shape, entry.dtype == "F8_E4M3") for entry in entries)
-    layers = engine_layers(weights, architecture_of(config))
+    layers = engine_layers(weights, architecture)
     verdict = tp_verdict(layers, Parallelism(1, block=block_size_of(config)), RuleBook())
-    return [("error", f"vLLM cannot load it at TP 1: {failure.line()}") for failure in verdict.failures]
+    return findings + [("error", f"vLLM cannot load it at TP 1: {failure.line()}") for failure in verdict.failures]

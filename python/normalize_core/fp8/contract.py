@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 from array import array
+from collections.abc import Sequence
 from typing import Any
 
-from normalize_core._core import Checkpoint
+from normalize_core._core import Checkpoint, TensorEntry
 from normalize_core.fp8.config import FLOATING_DTYPES
 from normalize_core.fp8.groups import module_of, split_fused_groups
 from normalize_core.fp8.layout import SCALE_SUFFIX
@@ -95,12 +96,16 @@ def unknown_skip_entries(skip: list[str], tensors: dict[str, Any]) -> list[str]:
     """``modules_to_not_convert`` entries that name nothing in the checkpoint: not a tensor, not a module
     (a tensor name's dotted prefix) and not the trailing name of one (``gate`` for every router, as
     MiniMax-M2 writes it; transformers matches entries as substrings)."""
+    # Most entries name a module with a weight, or a tensor: settled without listing every module.
+    unsettled = [e for e in skip if e not in tensors and f"{e}.weight" not in tensors and f"{e}.bias" not in tensors]
+    if not unsettled:
+        return []
     modules = set(tensors)
     level = {name.rpartition(".")[0] for name in tensors}
     while level:
         modules |= level
         level = {module.rpartition(".")[0] for module in level} - modules - {""}
-    unknown = {entry for entry in skip if entry not in modules}
+    unknown = {entry for entry in unsettled if entry not in modules}
     if unknown:
         unknown -= {module.rpartition(".")[2] for module in modules}
     if unknown:
@@ -114,14 +119,19 @@ def unknown_skip_entries(skip: list[str], tensors: dict[str, Any]) -> list[str]:
 
 
 def fp8_findings(
-    checkpoint: Checkpoint, config: dict[str, Any] | None, *, read_scales: bool = True
+    checkpoint: Checkpoint,
+    config: dict[str, Any] | None,
+    *,
+    read_scales: bool = True,
+    entries: Sequence[TensorEntry] | None = None,
 ) -> list[tuple[str, str]]:
     """``(severity, message)`` for every way this checkpoint breaks the block-FP8 contract.
     Empty for checkpoints without FP8 weights, scale tensors and an FP8 ``quantization_config``.
-    With ``read_scales=False`` only headers are read (scale values are not checked)."""
+    With ``read_scales=False`` only headers are read (scale values are not checked); ``entries`` are
+    ``checkpoint.tensors`` when the caller already has them."""
     qconfig = (config or {}).get("quantization_config") or {}
     is_fp8_config = qconfig.get("quant_method") == "fp8"
-    tensors = {t.name: t for t in checkpoint.tensors}
+    tensors = {t.name: t for t in (checkpoint.tensors if entries is None else entries)}
     fp8 = [t for t in tensors.values() if t.dtype == "F8_E4M3"]
     findings = orphan_scale_findings(tensors)
     if not fp8 and not is_fp8_config:
