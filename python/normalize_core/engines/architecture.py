@@ -12,8 +12,14 @@ from typing import Any
 
 #: Architectures whose engine layout (which modules vLLM and SGLang merge, split or replicate) was read
 #: from the engines' model files: Qwen3 (``qwen3.py``/``qwen2.py``), Qwen3-MoE, Qwen3-Next (``qwen3_next.py``),
-#: Qwen3.5 (``qwen3_5.py``), DeepSeek-V2/V3 and Kimi-K2 (``deepseek_v2.py``), MiniMax-M2 (``minimax_m2.py``).
+#: Qwen3.5 (``qwen3_5.py``), DeepSeek-V2/V3 and Kimi-K2 (``deepseek_v2.py``), MiniMax-M2 (``minimax_m2.py``),
+#: and the Llama layout those Qwen files share (``llama.py``: ``qkv_proj``, ``gate_up_proj``, row ``o_proj``
+#: and ``down_proj``), also used by Mistral and Qwen2.
 KNOWN_ARCHITECTURES = {
+    "LlamaForCausalLM": "Llama",
+    "MistralForCausalLM": "Mistral",
+    "Qwen2ForCausalLM": "Qwen2",
+    "Qwen2MoeForCausalLM": "Qwen2-MoE",
     "Qwen3ForCausalLM": "Qwen3",
     "Qwen3MoeForCausalLM": "Qwen3-MoE",
     "Qwen3NextForCausalLM": "Qwen3-Next",
