@@ -97,18 +97,22 @@ def _split(size: int, tp: int, what: str) -> Problem | None:
     return None
 
 
-def _block_n(size: int, how: str, block_n: int, engine: Engine) -> Problem:
-    return Problem(
-        f"{how} = {size} is not a multiple of block_n {block_n} ({engine.label} validate_fp8_block_shape: "
-        f'"Weight output_partition_size = {size} is not divisible by weight quantization block_n = {block_n}")',
-        True,
-    )
+#: Side of a weight → (which block edge it is split in, the engine's wording of the size).
+_SIDES = {"output": ("block_n", "output_partition_size"), "input": ("block_k", "input_size_per_partition")}
 
 
-def _block_k(size: int, how: str, block_k: int, engine: Engine) -> Problem:
+def _block(side: str, parallel: Parallelism) -> int:
+    """The block edge a side of the weight is tiled in: block_n for rows (output), block_k for columns."""
+    return parallel.block[0 if side == "output" else 1]
+
+
+def _blocks(size: int, how: str, side: str, parallel: Parallelism) -> Problem:
+    """``size`` rows (output side) or columns (input side) per partition are not whole blocks."""
+    edge, wording = _SIDES[side]
+    block = _block(side, parallel)
     return Problem(
-        f"{how} = {size} is not a multiple of block_k {block_k} ({engine.label} validate_fp8_block_shape: "
-        f'"Weight input_size_per_partition = {size} is not divisible by weight quantization block_k = {block_k}")',
+        f"{how} = {size} is not a multiple of {edge} {block} ({parallel.engine.label} validate_fp8_block_shape: "
+        f'"Weight {wording} = {size} is not divisible by weight quantization {edge} = {block}")',
         True,
     )
 
@@ -129,34 +133,27 @@ def layer_problem(layer: EngineLayer, parallel: Parallelism) -> Problem | None:
     if kind is LayerKind.MERGED_REPLICATED:
         return _ragged_partitions(layer, layer.output_sizes, parallel, "replicated merged layer")
     if kind is LayerKind.COLUMN:
-        return _column(layer.output_sizes[0], parallel, layer.fp8)
+        return _split_side(layer.output_sizes[0], "output", parallel, layer.fp8)
     if kind is LayerKind.ROW:
-        return _row(layer.input_size, parallel, layer.fp8)
+        return _split_side(layer.input_size, "input", parallel, layer.fp8)
     if kind is LayerKind.UNCLASSIFIED and layer.fp8:
         # Not modeled: the layer must pass as column- and as row-parallel to be sure it loads.
-        return _column(layer.output_sizes[0], parallel, True) or _row(layer.input_size, parallel, True)
+        return _split_side(layer.output_sizes[0], "output", parallel, True) or _split_side(
+            layer.input_size, "input", parallel, True
+        )
     return None
 
 
-def _column(rows: int, parallel: Parallelism, fp8: bool) -> Problem | None:
-    tp, (block_n, _) = parallel.tp, parallel.block
+def _split_side(size: int, side: str, parallel: Parallelism, fp8: bool) -> Problem | None:
+    """A column-parallel layer's rows (``side="output"``) or a row-parallel layer's columns (``"input"``),
+    split over TP ranks: evenly, and into whole blocks when FP8. Nothing is split at TP 1."""
+    tp = parallel.tp
     if tp == 1:
         return None
-    if problem := _split(rows, tp, "output size"):
+    if problem := _split(size, tp, f"{side} size"):
         return problem
-    if fp8 and (rows // tp) % block_n:
-        return _block_n(rows // tp, f"output partition {rows}/{tp}", block_n, parallel.engine)
-    return None
-
-
-def _row(cols: int, parallel: Parallelism, fp8: bool) -> Problem | None:
-    tp, (_, block_k) = parallel.tp, parallel.block
-    if tp == 1:
-        return None
-    if problem := _split(cols, tp, "input size"):
-        return problem
-    if fp8 and (cols // tp) % block_k:
-        return _block_k(cols // tp, f"input partition {cols}/{tp}", block_k, parallel.engine)
+    if fp8 and (size // tp) % _block(side, parallel):
+        return _blocks(size // tp, f"{side} partition {size}/{tp}", side, parallel)
     return None
 
 
@@ -190,7 +187,7 @@ def _merged_column(layer: EngineLayer, parallel: Parallelism) -> Problem | None:
     if layer.fp8:
         for label, size in zip(layer.partition_labels, layer.output_sizes, strict=True):
             if (size // tp) % block_n:
-                return _block_n(size // tp, f"{label} partition {size}/{tp}", block_n, parallel.engine)
+                return _blocks(size // tp, f"{label} partition {size}/{tp}", "output", parallel)
     return None
 
 
@@ -212,7 +209,7 @@ def _qkv(layer: EngineLayer, parallel: Parallelism) -> Problem | None:
         for label, rows, heads in zip(layer.partition_labels, per_rank, (query_heads, kv_heads, kv_heads), strict=True):
             if rows % block_n:
                 how = f"{label} rows per rank ({max(1, heads // tp)} heads x {head_dim})"
-                return _block_n(rows, how, block_n, parallel.engine)
+                return _blocks(rows, how, "output", parallel)
     return None
 
 
