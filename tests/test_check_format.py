@@ -122,6 +122,10 @@ def no_block_size(tensors, config):
     del config["quantization_config"]["weight_block_size"]
 
 
+def malformed_block_size(tensors, config):
+    config["quantization_config"]["weight_block_size"] = [128]
+
+
 def skip_names_nothing(tensors, config):
     config["quantization_config"]["modules_to_not_convert"].append("model.layers.0.mlp.gate_projection")
 
@@ -187,6 +191,7 @@ PROBLEMS = {
         "quantization_config has no weight_block_size, but the FP8 weights have block scales (*_scale_inv): "
         "engines would load them as per-tensor FP8",
     ),
+    "malformed weight_block_size": (malformed_block_size, "weight_block_size [128] is not [block_n, block_k]"),
     "skip list names nothing": (
         skip_names_nothing,
         "modules_to_not_convert: 1 entry naming no module of this checkpoint, e.g. "
@@ -279,6 +284,17 @@ def test_a_stale_quantization_config_on_a_bf16_checkpoint(tmp_path):
     )
     assert ("error", line) in check(source, tp=(1,)).findings
     assert ("error", line) in verify_checkpoint(source).findings
+
+
+@pytest.mark.parametrize("config_text", ["[1, 2]", '{"quantization_config": "fp8"}', "not json"])
+def test_a_config_of_the_wrong_shape_is_a_finding_not_a_crash(tmp_path, config_text):
+    source = fp8_checkpoint(tmp_path / "ckpt")
+    (source / "config.json").write_text(config_text)
+    line = "FP8 weights but config.json has no quantization_config with quant_method 'fp8'"
+    assert ("error", line) in check(source, tp=(1,)).findings
+    for command in ("check", "verify"):
+        completed = run(command, str(source))
+        assert completed.returncode == 1 and f"error: {line}" in completed.stdout.splitlines(), completed.stderr
 
 
 def test_a_bf16_checkpoint_is_checked_as_to_fp8_would_write_it(tmp_path):

@@ -67,6 +67,7 @@ class CheckReport:
         return [v.tp for v in self.verdicts if v.loads]
 
     def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form (what ``normalize check --json`` prints)."""
         return {
             "path": str(self.path),
             "ok": self.ok,
@@ -117,7 +118,8 @@ def check(
     directory = Path(path)
     checkpoint = Checkpoint.open(directory)
     config = read_config(directory)
-    quantization = (config or {}).get("quantization_config") if isinstance(config, dict) else None
+    config = config if isinstance(config, dict) else None
+    quantization = config.get("quantization_config") if config is not None else None
     quantization = quantization if isinstance(quantization, dict) else {}
     method = quantization.get("quant_method")
     entries = checkpoint.tensors

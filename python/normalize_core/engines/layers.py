@@ -164,6 +164,7 @@ class _Experts:
         self.shapes: dict[str, tuple[int, ...]] = {}
 
     def add(self, weight: str, role: str, number: str | None, shape: tuple[int, ...], fp8: bool) -> None:
+        """One expert weight (``number`` None for a fused 3-D parameter holding every expert)."""
         self.weights.append(weight)
         if number is None:
             role = f"fused {role}"

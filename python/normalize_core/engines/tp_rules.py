@@ -55,6 +55,7 @@ class Engine(StrEnum):
 
     @property
     def label(self) -> str:
+        """The engine's name as its users write it."""
         return {"vllm": "vLLM", "sglang": "SGLang"}[self.value]
 
 

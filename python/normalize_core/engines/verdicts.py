@@ -37,9 +37,11 @@ class TpVerdict:
 
     @property
     def loads(self) -> bool:
+        """No layer fails at this TP size."""
         return not self.failures
 
     def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"tp", "loads", "failures": [{"layer", "kind", "problem", "layers"}]}``."""
         return {
             "tp": self.tp,
             "loads": self.loads,

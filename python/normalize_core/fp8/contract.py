@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from normalize_core._core import Checkpoint, TensorEntry
+from normalize_core.engines.verdicts import block_size_of
 from normalize_core.fp8.config import FLOATING_DTYPES
 from normalize_core.fp8.groups import module_of, split_fused_groups
 from normalize_core.fp8.layout import SCALE_SUFFIX
@@ -129,7 +130,8 @@ def fp8_findings(
     Empty for checkpoints without FP8 weights, scale tensors and an FP8 ``quantization_config``.
     With ``read_scales=False`` only headers are read (scale values are not checked); ``entries`` are
     ``checkpoint.tensors`` when the caller already has them."""
-    qconfig = (config or {}).get("quantization_config") or {}
+    qconfig = config.get("quantization_config") if isinstance(config, dict) else None
+    qconfig = qconfig if isinstance(qconfig, dict) else {}
     is_fp8_config = qconfig.get("quant_method") == "fp8"
     tensors = {t.name: t for t in (checkpoint.tensors if entries is None else entries)}
     fp8 = [t for t in tensors.values() if t.dtype == "F8_E4M3"]
@@ -145,8 +147,9 @@ def fp8_findings(
             )
         )
         return findings
-    block_size = qconfig.get("weight_block_size") or [128, 128]
-    block = (int(block_size[0]), int(block_size[1]))
+    block = block_size_of(config)
+    if qconfig.get("weight_block_size") not in (None, list(block)):
+        findings.append(("error", f"weight_block_size {qconfig['weight_block_size']!r} is not [block_n, block_k]"))
     block_scheme = bool(qconfig.get("weight_block_size")) or any(f"{t.name}{SCALE_SUFFIX}" in tensors for t in fp8)
     ue8m0 = qconfig.get("scale_fmt") == "ue8m0"
     if block_scheme and is_fp8_config and not qconfig.get("weight_block_size"):
