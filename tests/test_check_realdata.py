@@ -96,6 +96,16 @@ def test_qwen3_235b_fails_at_tp8_only_on_the_experts_and_loads_with_expert_paral
     [failure] = report.verdicts[0].failures
     assert (failure.layer, failure.kind, failure.layers) == ("model.layers.0.mlp.experts", "fused MoE", 94)
     assert check(standins("qwen3_235b_a22b_instruct_2507_fp8"), tp=(8,), expert_parallel=True).ok
+    # SGLang needs the 128 experts spread evenly: 16 per rank at EP 8.
+    completed = subprocess.run(
+        [sys.executable, "-m", "normalize_core", "check", str(standins("qwen3_235b_a22b_instruct_2507_fp8"))]
+        + ["--tp", "8", "--ep", "--engine", "sglang"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stdout
+    assert completed.stdout.splitlines()[0].endswith("(Qwen3MoeForCausalLM: Qwen3-MoE; block FP8; SGLang with EP)")
 
 
 def test_deepseek_v3_at_tp32_names_the_dense_and_the_expert_layers(standins):
