@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
+from builders import write_checkpoint
 from normalize_core import check, verify_checkpoint
 
 HIDDEN, INTERMEDIATE = 256, 512
@@ -70,21 +70,9 @@ def fp8_tensors() -> dict[str, torch.Tensor]:
 
 
 def write(directory: Path, tensors: dict[str, torch.Tensor], config: dict | None, shards: int = 1) -> Path:
-    """``tensors`` in ``shards`` standard shards with an index (names split in order), and ``config``."""
-    directory.mkdir(parents=True)
-    names = list(tensors)
-    weight_map = {}
-    for i in range(shards):
-        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = names[i * len(names) // shards : (i + 1) * len(names) // shards]
-        save_file({n: tensors[n].contiguous() for n in part}, directory / file, metadata={"format": "pt"})
-        weight_map |= dict.fromkeys(part, file)
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
-    if config is not None:
-        (directory / "config.json").write_text(json.dumps(config))
-    return directory
+    """``tensors`` in ``shards`` standard shards with an index (a consecutive run each), and ``config``."""
+    aux = {"config.json": json.dumps(config)} if config is not None else None
+    return write_checkpoint(directory, tensors, layout="indexed", files=shards, aux=aux)
 
 
 def fp8_checkpoint(directory: Path, change: Callable[[dict, dict], None] = lambda t, c: None, shards: int = 1):

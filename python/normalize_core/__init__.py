@@ -32,6 +32,7 @@ from normalize_core.check import CheckReport, check
 from normalize_core.diff import CheckpointDiff, TensorConflict, diff
 from normalize_core.fp8.convert import Fp8Plan, Fp8Result, plan_fp8, to_fp8, write_fp8
 from normalize_core.fp8.rules import Decision, HeuristicRules, PatternRules, ReferenceRules, with_skip_patterns
+from normalize_core.kinds import Dtype, Layout, Naming, ScaleDtype, ScaleFormat, Severity, ShardKind
 from normalize_core.merge import MergePlan, MergeResult, merge, plan_merge
 from normalize_core.place import (
     PlacementError,
@@ -60,13 +61,16 @@ __all__ = [
     "Checkpoint",
     "CheckpointDiff",
     "Decision",
+    "Dtype",
     "Fp8Plan",
     "Fp8Result",
     "HeuristicRules",
+    "Layout",
     "PatternRules",
     "ReferenceRules",
     "MergePlan",
     "MergeResult",
+    "Naming",
     "NormalizeError",
     "OutputPlan",
     "OutputTensor",
@@ -74,7 +78,11 @@ __all__ = [
     "PlacementPlan",
     "PlacementResult",
     "PlanBuilder",
+    "ScaleDtype",
+    "ScaleFormat",
+    "Severity",
     "ShardHeader",
+    "ShardKind",
     "ShardPlan",
     "ShardWriter",
     "TensorConflict",

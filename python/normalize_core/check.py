@@ -27,11 +27,9 @@ from normalize_core.engines.loadability import keep_unloadable, kept_layers
 from normalize_core.engines.verdicts import TpVerdict, block_size_of, tp_verdict
 from normalize_core.errors import normalize_error
 from normalize_core.fp8.contract import fp8_findings
+from normalize_core.fp8.layout import DEFAULT_BLOCK_SIZE, FP8_DTYPES, FP8_WEIGHT_DTYPE
 from normalize_core.fp8.rules import HeuristicRules, decide_all
 from normalize_core.report import read_config
-
-#: Every float8 dtype safetensors knows; any of them makes a checkpoint "quantized".
-FP8_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"})
 
 DEFAULT_TP = (1, 2, 4, 8)
 
@@ -138,9 +136,11 @@ def check(
     kept: dict[str, str] = {}
     if quantized or method == "fp8":
         checked, block = "fp8", block_size_of(config)
-        weights: Iterable[tuple[str, list[int], bool]] = ((e.name, e.shape, e.dtype == "F8_E4M3") for e in entries)
+        weights: Iterable[tuple[str, list[int], bool]] = (
+            (e.name, e.shape, e.dtype == FP8_WEIGHT_DTYPE) for e in entries
+        )
     else:
-        checked, block = "bf16", (128, 128)
+        checked, block = "bf16", (DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE)
         weights, kept = _as_to_fp8_writes(entries, config)
         notes.append(
             "unquantized checkpoint: checked as `normalize to-fp8` would write it (default rules, 128x128 blocks)"

@@ -36,14 +36,12 @@ from normalize_core.sizes import format_bytes
 def print_decisions(fp8) -> None:
     from normalize_core.fp8.rules import summarize
 
-    entries = fp8.entries
-    sizes = {t.name: t.nbytes for t in entries}
-    shapes = {t.name: t.shape for t in entries}
+    sizes = {t.name: t.nbytes for t in fp8.entries}
     table = Table(title="FP8 decisions by name pattern")
     table.add_column("pattern", overflow="fold", ratio=3)
     for column in ("decision", "reason", "tensors", "bytes", "saved"):
         table.add_column(column, justify="right" if column in ("tensors", "bytes", "saved") else "left")
-    for row in summarize(fp8.decisions, sizes, shapes):
+    for row in summarize(fp8.decisions, sizes, fp8.layouts):
         table.add_row(
             row["pattern"],
             Text("FP8", style="green") if row["quantize"] else "keep",

@@ -19,6 +19,7 @@ from normalize_core._core import TensorEntry
 from normalize_core.engines.architecture import architecture_of
 from normalize_core.engines.layers import LayerKind, engine_layers
 from normalize_core.engines.tp_rules import Engine, Parallelism, RuleBook
+from normalize_core.fp8.layout import DEFAULT_BLOCK_SIZE
 from normalize_core.fp8.rules import Decision
 
 #: Gate/up pairs and the down projection that reads their output.
@@ -46,7 +47,7 @@ def keep_unloadable(
     config: Mapping[str, Any] | None,
     tp_sizes: Sequence[int] = (1,),
     *,
-    block_size: int = 128,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     engine: Engine = Engine.VLLM,
 ) -> list[Decision]:
     """``decisions`` with every weight of a layer that would not load as FP8 at one of ``tp_sizes`` kept

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from normalize_core.engines.layers import EngineLayer, LayerKind
+from normalize_core.fp8.layout import DEFAULT_BLOCK_SIZE
 
 
 class Engine(StrEnum):
@@ -66,7 +67,7 @@ class Parallelism:
     tp: int
     expert_parallel: bool = False
     engine: Engine = Engine.VLLM
-    block: tuple[int, int] = (128, 128)
+    block: tuple[int, int] = (DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from normalize_core._core import TensorEntry
 from normalize_core.engines.architecture import architecture_of, mtp_findings
 from normalize_core.engines.layers import EngineLayer, engine_layers
 from normalize_core.engines.tp_rules import Parallelism, RuleBook
+from normalize_core.fp8.layout import DEFAULT_BLOCK_SIZE, FP8_WEIGHT_DTYPE
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def block_size_of(config: dict[str, Any] | None) -> tuple[int, int]:
     block = quantization.get("weight_block_size") if isinstance(quantization, dict) else None
     if isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block):
         return block[0], block[1]
-    return 128, 128
+    return DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE
 
 
 def engine_findings(entries: Sequence[TensorEntry], config: dict[str, Any] | None) -> list[tuple[str, str]]:
@@ -79,9 +80,9 @@ def engine_findings(entries: Sequence[TensorEntry], config: dict[str, Any] | Non
     reason vLLM refuses to load it at TP 1."""
     architecture = architecture_of(config)
     findings = mtp_findings(architecture, [entry.name for entry in entries])
-    if not any(entry.dtype == "F8_E4M3" for entry in entries):
+    if not any(entry.dtype == FP8_WEIGHT_DTYPE for entry in entries):
         return findings
-    weights = ((entry.name, entry.shape, entry.dtype == "F8_E4M3") for entry in entries)
+    weights = ((entry.name, entry.shape, entry.dtype == FP8_WEIGHT_DTYPE) for entry in entries)
     layers = engine_layers(weights, architecture)
     verdict = tp_verdict(layers, Parallelism(1, block=block_size_of(config)), RuleBook())
     return findings + [("error", f"vLLM cannot load it at TP 1: {failure.line()}") for failure in verdict.failures]

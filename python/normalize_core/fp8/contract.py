@@ -18,17 +18,21 @@ from normalize_core._core import Checkpoint, TensorEntry
 from normalize_core.engines.verdicts import block_size_of
 from normalize_core.fp8.config import FLOATING_DTYPES
 from normalize_core.fp8.groups import module_of, split_fused_groups
-from normalize_core.fp8.layout import SCALE_SUFFIX
+from normalize_core.fp8.layout import (
+    FP8_WEIGHT_DTYPE,
+    SCALE_SUFFIX,
+    SCALE_TENSOR_DTYPES,
+    halves_need_splitting,
+    tiling,
+)
 
 
 def block_scale_shapes(shape: list[int], block: tuple[int, int]) -> list[list[int]]:
     """Scale shapes an engine accepts for a weight: per-block over the last two dims, and for a
     fused ``[E, 2I, H]`` projection whose halves are not whole blocks, per half."""
-    *batch, n, k = shape
-    bn, bk = block
-    shapes = [[*batch, math.ceil(n / bn), math.ceil(k / bk)]]
-    if len(shape) == 3 and n % 2 == 0 and (n // 2) % bn:
-        shapes.append([*batch, 2 * math.ceil(n // 2 / bn), math.ceil(k / bk)])
+    shapes = [list(tiling(shape, block).scale_shape)]
+    if halves_need_splitting(shape, block):
+        shapes.append(list(tiling(shape, block, split_halves=True).scale_shape))
     return shapes
 
 
@@ -66,7 +70,7 @@ def orphan_scale_findings(tensors: dict[str, Any]) -> list[tuple[str, str]]:
             weight = tensors.get(name[: -len(SCALE_SUFFIX)])
             if weight is None:
                 missing.append(scale.name)
-            elif weight.dtype != "F8_E4M3":
+            elif weight.dtype != FP8_WEIGHT_DTYPE:
                 not_fp8.append((scale.name, weight))
     findings = []
     if missing:
@@ -134,7 +138,7 @@ def fp8_findings(
     qconfig = qconfig if isinstance(qconfig, dict) else {}
     is_fp8_config = qconfig.get("quant_method") == "fp8"
     tensors = {t.name: t for t in (checkpoint.tensors if entries is None else entries)}
-    fp8 = [t for t in tensors.values() if t.dtype == "F8_E4M3"]
+    fp8 = [t for t in tensors.values() if t.dtype == FP8_WEIGHT_DTYPE]
     findings = orphan_scale_findings(tensors)
     if not fp8 and not is_fp8_config:
         return findings
@@ -176,7 +180,7 @@ def fp8_findings(
                 hint = f"; it has {other}, which block-FP8 loaders ignore" if other else ""
                 findings.append(("error", f"{weight.name} is FP8 but has no {weight.name}{SCALE_SUFFIX}{hint}"))
                 continue
-            if scale.dtype not in ("F32", "BF16"):
+            if scale.dtype not in SCALE_TENSOR_DTYPES.values():
                 findings.append(("error", f"{scale.name} is {scale.dtype}; engines expect F32 or BF16 scales"))
                 continue
             if scale.shape not in block_scale_shapes(weight.shape, block):
