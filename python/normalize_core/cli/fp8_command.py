@@ -144,7 +144,10 @@ def to_fp8_command(
         bool, typer.Option("--dry-run", help="Print the decisions (headers only); write nothing.")
     ] = False,
     as_json: Annotated[
-        bool, typer.Option("--json", help="With --dry-run: one JSON object {quantize: [...], keep: [...]}.")
+        bool,
+        typer.Option(
+            "--json", help="With --dry-run: one JSON object {quantize: [...], keep: [...], kept_to_load: {layer: why}}."
+        ),
     ] = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
