@@ -29,11 +29,22 @@ def fused_halves(name: str) -> bool:
     return name.endswith("gate_up_proj")
 
 
+def only_the_ragged_experts_fail_to_load(report) -> bool:
+    """``moe_tensors``' experts have intermediate sizes of 200 and 192 rows, which vLLM's fused-MoE loader
+    refuses as FP8 (not whole blocks); quantized anyway with ``allow_unloadable``, they are the only errors
+    ``verify`` may report."""
+    errors = [message for severity, message in report.findings if severity == "error"]
+    return bool(errors) and all(
+        message.startswith("vLLM cannot load it at TP 1: ") and "experts (fused MoE)" in message for message in errors
+    )
+
+
 @pytest.mark.parametrize("layout", ["engine", "single", "indexed"])
 def test_bytes_layout_config_and_verify(tmp_path, layout):
     tensors = moe_tensors()
     source = write_checkpoint(tmp_path / "src", tensors, layout=layout, aux=MOE_AUX_FILES)
-    result = to_fp8(source, tmp_path / "out", device="cpu", max_shard_bytes=300_000)
+    # allow_unloadable: the ragged experts are quantized too, so their tilings are checked byte for byte.
+    result = to_fp8(source, tmp_path / "out", device="cpu", max_shard_bytes=300_000, allow_unloadable=True)
     out = tmp_path / "out"
     files = sorted(p.name for p in out.glob("*.safetensors"))
     if layout == "engine":
@@ -78,7 +89,7 @@ def test_bytes_layout_config_and_verify(tmp_path, layout):
     }
     assert (out / "tokenizer.json").exists()
     report = verify_checkpoint(out)
-    assert report.ok, report.findings
+    assert only_the_ragged_experts_fail_to_load(report), report.findings
 
 
 def test_no_repack_keeps_engine_names_and_repack_forces_standard(tmp_path):
@@ -113,7 +124,7 @@ def test_reference_mode_follows_the_reference_names_and_scale_dtype(tmp_path):
 
 def test_patterns_replace_the_heuristic_and_skips_apply_on_top(tmp_path):
     source = write_checkpoint(tmp_path / "src", moe_tensors(), layout="indexed", aux=MOE_AUX_FILES)
-    plan = plan_fp8(source, quantize_patterns=[r"\.experts\."])
+    plan = plan_fp8(source, quantize_patterns=[r"\.experts\."], allow_unloadable=True)
     assert set(plan.quantized) == {n for n in moe_tensors() if ".experts." in n}
     plan = plan_fp8(source, skip_patterns=[r"layers\.1\."])
     assert plan.quantized and not any(".layers.1." in n for n in plan.quantized)
@@ -125,7 +136,7 @@ def test_splitting_a_fused_group_is_an_error_naming_the_modules(tmp_path):
         plan_fp8(source, skip_patterns=[r"layers\.0\.self_attn\.k_proj"])
     assert raised.value.kind == "split_fused_group"
     with pytest.raises(NormalizeError, match="experts"):
-        plan_fp8(source, skip_patterns=[r"layers\.0\.mlp\.experts\.0\.down_proj"])
+        plan_fp8(source, skip_patterns=[r"layers\.0\.mlp\.experts\.0\.down_proj"], allow_unloadable=True)
 
 
 def test_ue8m0_scales_are_powers_of_two_and_declared(tmp_path):
@@ -220,7 +231,7 @@ def test_cpu_conversion_never_imports_torch(tmp_path):
 
 def test_scale_shapes_follow_the_block_size(tmp_path):
     source = write_checkpoint(tmp_path / "src", moe_tensors(), layout="single", aux=MOE_AUX_FILES)
-    to_fp8(source, tmp_path / "out", device="cpu", block_size=64)
+    to_fp8(source, tmp_path / "out", device="cpu", block_size=64, allow_unloadable=True)
     written = read_tensors(tmp_path / "out")
     w = written["model.layers.0.mlp.experts.0.gate_proj.weight"]
     assert list(written["model.layers.0.mlp.experts.0.gate_proj.weight_scale_inv"].shape) == [
@@ -228,7 +239,8 @@ def test_scale_shapes_follow_the_block_size(tmp_path):
     ]
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["quantization_config"]["weight_block_size"] == [64, 64]
-    assert verify_checkpoint(tmp_path / "out").ok
+    report = verify_checkpoint(tmp_path / "out")
+    assert only_the_ragged_experts_fail_to_load(report), report.findings
 
 
 def test_torch_quantizer_writes_the_same_bytes_as_the_kernel(tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from normalize_core._core import Checkpoint, NormalizeError, list_aux_files
+from normalize_core.engines.verdicts import engine_findings
 from normalize_core.fp8.contract import fp8_findings
 from normalize_core.fp8.layout import FP8_DTYPES, SCALE_SUFFIX, is_scale_name
 
@@ -110,13 +111,16 @@ class VerifyReport:
 
 def verify_checkpoint(path: str | os.PathLike) -> VerifyReport:
     """Checks headers, index ↔ shard consistency, ``total_size``, stray or missing tensors, and
-    for FP8 checkpoints the scale tensors and ``quantization_config``."""
+    MTP layers against ``config.json``, and for FP8 checkpoints the scale tensors, ``quantization_config``
+    and that vLLM loads them at TP 1."""
     directory = Path(path)
     try:
         checkpoint = Checkpoint.open(directory)
     except NormalizeError as e:
         return VerifyReport(directory, ok=False, findings=[("error", str(e))])
     findings = list(checkpoint.problems())
-    findings += fp8_findings(checkpoint, read_config(directory))
+    config = read_config(directory)
+    findings += fp8_findings(checkpoint, config)
+    findings += engine_findings(checkpoint.tensors, config)
     ok = not any(severity == "error" for severity, _ in findings)
     return VerifyReport(directory, ok, len(checkpoint), len(checkpoint.files), findings)

@@ -28,6 +28,7 @@ from normalize_core._core import (
     TensorEntry,
     check_separate,
 )
+from normalize_core.engines.loadability import keep_unloadable
 from normalize_core.errors import normalize_error
 from normalize_core.fp8.config import (
     check_fused_groups,
@@ -55,6 +56,7 @@ from normalize_core.fp8.rules import (
 )
 from normalize_core.kinds import Layout, Naming, ScaleDtype, ScaleFormat
 from normalize_core.repack import finish_output, fresh_output
+from normalize_core.report import read_config
 from normalize_core.sizes import GIB
 
 
@@ -139,10 +141,20 @@ def choose_rules(reference, quantize_patterns: Sequence[str], skip_patterns: Seq
     return with_skip_patterns(rules, skip_patterns) if skip_patterns else rules, rules
 
 
-def decide(entries: list[TensorEntry], rules) -> tuple[list[Decision], set[str]]:
+def decide(
+    entries: list[TensorEntry],
+    rules,
+    *,
+    loadable_at: Sequence[int] = (1,),
+    config: dict | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> tuple[list[Decision], set[str]]:
     """A decision per source tensor, in checkpoint order, and the modules whose weight stays
-    unquantized; split fused groups are an error."""
+    unquantized; split fused groups are an error. Layers an engine could not load as FP8 at a TP
+    size in ``loadable_at`` stay unquantized (``engines.loadability``); ``()`` turns that off."""
     decisions = decide_all(((t.name, t.dtype, t.shape) for t in entries), rules)
+    if loadable_at:
+        decisions = keep_unloadable(entries, decisions, config, loadable_at, block_size=block_size)
     dtypes = {t.name: t.dtype for t in entries}
     fp8, kept = module_sets(
         (d.name for d in decisions if d.quantize), (d.name for d in decisions if not d.quantize), dtypes
@@ -163,6 +175,8 @@ def plan_fp8(
     scale_dtype: ScaleDtype | str | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     build_plan: bool = True,
+    loadable_at: Sequence[int] = (1,),
+    allow_unloadable: bool = False,
 ) -> Fp8Plan:
     """Decides and plans a conversion from headers alone.
 
@@ -172,6 +186,8 @@ def plan_fp8(
     ``False`` always keeps the source's files. ``scale_fmt`` is a ``ScaleFormat`` ("float" or
     "ue8m0"); ``scale_dtype`` a ``ScaleDtype`` ("float32" or "bfloat16"), by default the
     reference's, else float32. A value outside those raises ``ValueError`` naming the allowed ones.
+    Layers vLLM could not load as FP8 at a TP size in ``loadable_at`` stay unquantized unless
+    ``allow_unloadable``.
     """
     scale_fmt = ScaleFormat(scale_fmt)
     if scale_dtype is not None:
@@ -182,7 +198,13 @@ def plan_fp8(
     entries = checkpoint.tensors
     refuse_quantized_source(checkpoint, entries)
     rules, base_rules = choose_rules(reference, quantize_patterns, skip_patterns)
-    decisions, kept_modules = decide(entries, rules)
+    decisions, kept_modules = decide(
+        entries,
+        rules,
+        loadable_at=() if allow_unloadable else loadable_at,
+        config=read_config(checkpoint.dir),
+        block_size=block_size,
+    )
     if scale_dtype is None:
         scale_dtype = scale_dtype_of(getattr(base_rules, "scale_dtype", None)) or ScaleDtype.FLOAT32
 
