@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+
+from builders import engine_shard_name, save_engine_checkpoint, save_standard_checkpoint
 
 BLOCK = 128
 
@@ -79,16 +79,18 @@ def bfloat16_bits(values: np.ndarray) -> np.ndarray:
 
 
 def dequantize_reference(
-    codes: np.ndarray, scales: np.ndarray, dtype: str, block: int = BLOCK, split_halves: bool = False
+    codes: np.ndarray, scales: np.ndarray, dtype: str, block: int | tuple[int, int] = BLOCK, split_halves: bool = False
 ) -> np.ndarray:
     """``dtype(float32(q) * float32(s))`` element by element as raw output bytes (uint8), ``s`` the scale
-    of the element's tile; ``scales`` are float32 values shaped as the checkpoint stores them."""
+    of the element's ``block`` (an edge or ``(rows, cols)``) tile; ``scales`` are float32 values shaped as
+    the checkpoint stores them."""
+    block_rows, block_cols = (block, block) if isinstance(block, int) else block
     rows, cols = codes.shape[-2:]
     if split_halves:
         rows //= 2
     matrices = codes.reshape(-1, rows, cols)
-    per_matrix = scales.reshape(matrices.shape[0], math.ceil(rows / block), math.ceil(cols / block))
-    expanded = np.repeat(np.repeat(per_matrix, block, axis=1), block, axis=2)[:, :rows, :cols]
+    per_matrix = scales.reshape(matrices.shape[0], math.ceil(rows / block_rows), math.ceil(cols / block_cols))
+    expanded = np.repeat(np.repeat(per_matrix, block_rows, axis=1), block_cols, axis=2)[:, :rows, :cols]
     products = (e4m3fn_values(matrices) * expanded).astype(np.float32)
     if dtype == "bfloat16":
         out = bfloat16_bits(products)
@@ -167,36 +169,16 @@ def reference_quantize_dequantize(
 def write_checkpoint(
     directory: Path, shards: list[dict[str, torch.Tensor]], config: dict | None, layout: str = "standard"
 ) -> Path:
-    """Writes ``shards`` as ``model-{i}-of-{n}`` files with an index (``standard``), engine-named files
+    """Writes ``shards`` as standard-named files with an index (``standard``), engine-named files
     without (``engine``) or one ``model.safetensors`` (``single``), plus ``config.json`` (when given)
     and a tokenizer file."""
-    directory.mkdir(parents=True)
-    if layout == "single":
-        shards = [{name: t for shard in shards for name, t in shard.items()}]
-    n = len(shards)
-    weight_map = {}
-    for i, tensors in enumerate(shards):
-        name = {
-            "standard": f"model-{i + 1:05d}-of-{n:05d}.safetensors",
-            "engine": f"model-rank{i}.safetensors",
-            "single": "model.safetensors",
-        }[layout]
-        save_file(tensors, directory / name, metadata={"format": "pt"})
-        weight_map |= dict.fromkeys(tensors, name)
     if layout == "standard":
-        index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
-        (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+        save_standard_checkpoint(directory, shards)
+    elif layout == "engine":
+        save_engine_checkpoint(directory, {engine_shard_name(i): tensors for i, tensors in enumerate(shards)})
+    else:
+        save_engine_checkpoint(directory, {"model.safetensors": {n: t for shard in shards for n, t in shard.items()}})
     if config is not None:
         (directory / "config.json").write_text(json.dumps(config, indent=2))
     (directory / "tokenizer.json").write_text("{}")
     return directory
-
-
-def read_all(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of an indexed output, read with safetensors."""
-    index = json.loads((directory / "model.safetensors.index.json").read_text())
-    tensors = {}
-    for name, file in index["weight_map"].items():
-        with safe_open(directory / file, "pt") as f:
-            tensors[name] = f.get_tensor(name)
-    return tensors

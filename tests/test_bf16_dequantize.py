@@ -23,6 +23,7 @@ from bf16_util import (
 from normalize_core import NormalizeError
 from normalize_core._core import dequantize_fp8_blocks
 from normalize_core.bf16.dequantize import dequantize_block_fp8
+from normalize_core.kinds import Dtype
 
 SHAPES = [
     ((300, 200), False),
@@ -37,10 +38,11 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 BACKENDS = ["kernel", "torch"]
 
 
-def scale_shape(shape: tuple[int, ...], split_halves: bool, block: int = 128) -> tuple[int, ...]:
+def scale_shape(shape: tuple[int, ...], split_halves: bool, block: int | tuple[int, int] = 128) -> tuple[int, ...]:
+    block_rows, block_cols = (block, block) if isinstance(block, int) else block
     *leading, rows, cols = shape
     halves = 2 if split_halves else 1
-    return (*leading, halves * math.ceil(rows // halves / block), math.ceil(cols / block))
+    return (*leading, halves * math.ceil(rows // halves / block_rows), math.ceil(cols / block_cols))
 
 
 def test_the_reference_decodes_and_rounds_as_torch_does():
@@ -85,11 +87,12 @@ def test_products_halfway_between_two_bfloat16_round_to_the_even_one(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("block", [32, 64, 100])
+@pytest.mark.parametrize("block", [32, 64, 100, (64, 128), (128, 32)], ids=str)
 def test_other_block_sizes(block, backend):
     shape = (3, 150, 210)
-    codes = random_codes(shape, block)
-    stored, values = random_scales(scale_shape(shape, False, block), "bfloat16", block)
+    seed = hash(block) % 1000
+    codes = random_codes(shape, seed)
+    stored, values = random_scales(scale_shape(shape, False, block), "bfloat16", seed)
     y = dequantize_block_fp8(fp8_tensor(codes), stored, block_size=block, backend=backend)
     assert np.array_equal(output_bytes(y), dequantize_reference(codes, values, "bfloat16", block=block))
 
@@ -141,9 +144,11 @@ def test_the_binding_checks_dtype_names_and_buffers():
     s = np.ones(1, dtype=np.float32).view(np.uint8)
     out = np.zeros(32, dtype=np.uint8)
     dequantize_fp8_blocks("t", q, s, "F32", 1, 4, 4, out, "BF16")
-    with pytest.raises(ValueError, match=r"scale dtype 'F64' is not one of 'F32', 'BF16', 'F16', 'F8_E8M0'"):
+    with pytest.raises(ValueError, match=r"cannot read scales of dtype F64; expected F32, BF16, F16 or F8_E8M0"):
         dequantize_fp8_blocks("t", q, s, "F64", 1, 4, 4, out, "BF16")
-    with pytest.raises(ValueError, match=r"output dtype 'bf16' is not one of 'BF16', 'F16', 'F32'"):
+    with pytest.raises(ValueError, match=r"cannot dequantize to dtype I8; expected BF16, F16 or F32"):
+        dequantize_fp8_blocks("t", q, s, "F32", 1, 4, 4, out, Dtype.I8)
+    with pytest.raises(ValueError, match=r"'bf16' is not a valid Dtype; expected one of: 'BOOL'"):
         dequantize_fp8_blocks("t", q, s, "F32", 1, 4, 4, out, "bf16")
     with pytest.raises(ValueError, match="read-only"):
         dequantize_fp8_blocks("t", q, s, "F32", 1, 4, 4, bytes(32), "BF16")

@@ -164,7 +164,7 @@ CASES = {
             }
         },
         "unknown_quantization",
-        "config_groups use different block sizes [64, 128]",
+        "config_groups use different block sizes (64x64, 128x128)",
     ),
     "no config.json": Case(valid_tensors, None, "unknown_quantization", "config.json: does not exist"),
     "config.json not JSON": Case(valid_tensors, None, "invalid_config", "config.json: not valid JSON", "{oops"),
@@ -183,11 +183,11 @@ CASES = {
         "unknown_quantization",
         "quant_method 'fp8' without weight_block_size is per-tensor FP8",
     ),
-    "non-square blocks": Case(
+    "block size not two integers": Case(
         valid_tensors,
-        fp8_config(weight_block_size=[128, 64]),
+        fp8_config(weight_block_size=[128]),
         "unknown_quantization",
-        "weight_block_size is [128, 64]: only square blocks are supported",
+        "weight_block_size is [128], not two positive integers",
     ),
     "e5m2 fmt": Case(valid_tensors, fp8_config(fmt="e5m2"), "unknown_quantization", "fmt is 'e5m2'"),
     "nothing quantized": Case(

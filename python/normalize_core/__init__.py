@@ -8,6 +8,8 @@ and ``dequantize_block_fp8``, which take torch tensors, import it when first use
 >>> import normalize_core
 >>> ckpt = normalize_core.Checkpoint.open("path/to/checkpoint")   # doctest: +SKIP
 >>> plan = normalize_core.plan_shards(ckpt, max_shard_bytes=4 << 30)   # doctest: +SKIP
+>>> normalize_core.check("path/to/fp8-checkpoint", tp=(1, 2, 4, 8)).loads_at()   # doctest: +SKIP
+[1, 2, 4]
 """
 
 from normalize_core._core import (
@@ -27,9 +29,11 @@ from normalize_core._core import (
     read_header,
 )
 from normalize_core.bf16.convert import Bf16Plan, Bf16Result, plan_bf16, to_bf16, write_bf16
+from normalize_core.check import CheckReport, check
 from normalize_core.diff import CheckpointDiff, TensorConflict, diff
 from normalize_core.fp8.convert import Fp8Plan, Fp8Result, plan_fp8, to_fp8, write_fp8
 from normalize_core.fp8.rules import Decision, HeuristicRules, PatternRules, ReferenceRules, with_skip_patterns
+from normalize_core.kinds import Dtype, Layout, Naming, ScaleDtype, ScaleFormat, Severity, ShardKind
 from normalize_core.merge import MergePlan, MergeResult, merge, plan_merge
 from normalize_core.place import (
     PlacementError,
@@ -60,16 +64,20 @@ def __getattr__(name: str):
 __all__ = [
     "Bf16Plan",
     "Bf16Result",
+    "CheckReport",
     "Checkpoint",
     "CheckpointDiff",
     "Decision",
+    "Dtype",
     "Fp8Plan",
     "Fp8Result",
     "HeuristicRules",
+    "Layout",
     "PatternRules",
     "ReferenceRules",
     "MergePlan",
     "MergeResult",
+    "Naming",
     "NormalizeError",
     "OutputPlan",
     "OutputTensor",
@@ -77,7 +85,11 @@ __all__ = [
     "PlacementPlan",
     "PlacementResult",
     "PlanBuilder",
+    "ScaleDtype",
+    "ScaleFormat",
+    "Severity",
     "ShardHeader",
+    "ShardKind",
     "ShardPlan",
     "ShardWriter",
     "TensorConflict",
@@ -88,6 +100,7 @@ __all__ = [
     "WriteResult",
     "__version__",
     "dequantize_block_fp8",
+    "check",
     "diff",
     "inspect_checkpoint",
     "merge",

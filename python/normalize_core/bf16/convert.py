@@ -70,7 +70,7 @@ class Bf16Plan:
         copied and dropped (sorted), the planned shards and the output's ``total_size``."""
         return {
             "format": self.format.method,
-            "block_size": self.format.block_size,
+            "block_size": list(self.format.block),
             "dtype": self.dtype,
             "dequantize": sorted(self.roles.weights),
             "copy": sorted(t.name for t in self.copied),
@@ -99,6 +99,8 @@ class Bf16Result:
     device: str
     seconds: float
     aux_files: list[str] = field(default_factory=list)
+    #: ``(name, reason)`` of non-tensor entries not copied (symlinks leaving the source).
+    skipped_aux: list[tuple[str, str]] = field(default_factory=list)
     removed_stale: list[str] = field(default_factory=list)
 
 
@@ -149,14 +151,19 @@ def build_output_plan(
 ) -> OutputPlan:
     """Every kept tensor copied; every FP8 weight a provided tensor of its shape in ``out_dtype``,
     in the weight's source file (its scale may sit in another). A kept layout of standard names is
-    renumbered, so a source shard that held nothing but scales leaves no gap in ``-of-N``."""
+    renumbered in file order, so a source shard that held nothing but scales leaves no gap in
+    ``-of-N`` and every other shard keeps its place."""
     builder = PlanBuilder([checkpoint])
+    kept = [entry for entry in entries if entry.name not in dropped]
+    if not repack:
+        # Shards follow their groups' first appearance: list the groups file by file.
+        kept.sort(key=lambda entry: entry.file)
     groups = []
-    for entry in entries:
+    for entry in kept:
         if entry.name in roles.weights:
             weight = builder.provided(entry.name, out_dtype, list(entry.shape))
             groups.append(builder.group([weight], home=entry.name))
-        elif entry.name not in dropped:
+        else:
             groups.append(builder.group([builder.copied(entry.name)]))
     if repack:
         builder.pack_greedy(groups, max_shard_bytes)
@@ -195,7 +202,7 @@ def write_bf16(
     started = time.monotonic()
     output = Path(output)
     checkpoint = bf16.checkpoint
-    dequantizer = dequantizer_for(device, checkpoint, bf16.format.block_size, bf16.dtype)
+    dequantizer = dequantizer_for(device, checkpoint, bf16.format.block, bf16.dtype)
     check_separate([checkpoint.dir], output)
     advance = progress or (lambda _n, items=0: None)
     with fresh_output(output, overwrite):
@@ -223,6 +230,7 @@ def write_bf16(
         device=dequantizer.device,
         seconds=written.seconds,
         aux_files=written.aux_files,
+        skipped_aux=written.skipped_aux,
         removed_stale=written.removed_stale,
     )
 

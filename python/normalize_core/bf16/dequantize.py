@@ -22,10 +22,17 @@ import torch
 
 from normalize_core._core import dequantize_fp8_blocks
 from normalize_core.errors import normalize_error
+from normalize_core.fp8.layout import DEFAULT_BLOCK_SIZE, Block, tiling
 from normalize_core.fp8.quantize import as_byte_array
+from normalize_core.kinds import Dtype
 
-OUTPUT_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
-SCALE_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float8_e8m0fnu: "F8_E8M0"}
+OUTPUT_DTYPES = {torch.bfloat16: Dtype.BF16, torch.float16: Dtype.F16, torch.float32: Dtype.F32}
+SCALE_DTYPES = {
+    torch.float32: Dtype.F32,
+    torch.bfloat16: Dtype.BF16,
+    torch.float16: Dtype.F16,
+    torch.float8_e8m0fnu: Dtype.F8_E8M0,
+}
 
 #: Elements per torch step on non-CPU devices: bounds the float32 temporaries to ~1 GiB.
 _TORCH_CHUNK_ELEMENTS = 1 << 26
@@ -35,7 +42,7 @@ def dequantize_block_fp8(
     q: torch.Tensor,
     scale: torch.Tensor,
     *,
-    block_size: int = 128,
+    block_size: Block = DEFAULT_BLOCK_SIZE,
     dtype: torch.dtype = torch.bfloat16,
     split_halves: bool = False,
     name: str = "tensor",
@@ -44,10 +51,11 @@ def dequantize_block_fp8(
     """Dequantizes a ``float8_e4m3fn`` tensor of 2 or more dims with its per-block ``scale`` (a
     multiplier: ``_scale_inv`` or compressed-tensors' ``weight_scale``) to ``dtype`` on its device.
 
-    ``[N, K]`` takes scale ``[ceil(N/b), ceil(K/b)]``; ``[E, N, K]`` takes ``[E, ceil(N/b),
-    ceil(K/b)]`` (one matrix per expert); with ``split_halves`` a fused ``[E, 2I, H]`` projection
-    quantized half by half takes ``[E, 2*ceil(I/b), ceil(H/b)]``. Raises ``ValueError`` for other
-    shapes or dtypes, ``NormalizeError`` naming ``name`` when a result is NaN or infinite.
+    ``block_size`` is a tile edge or ``(rows, cols)``. ``[N, K]`` takes scale ``[ceil(N/b),
+    ceil(K/b)]``; ``[E, N, K]`` takes ``[E, ceil(N/b), ceil(K/b)]`` (one matrix per expert); with
+    ``split_halves`` a fused ``[E, 2I, H]`` projection quantized half by half takes ``[E,
+    2*ceil(I/b), ceil(H/b)]``. Raises ``ValueError`` for other shapes or dtypes, ``NormalizeError``
+    naming ``name`` when a result is NaN or infinite.
 
     ``backend``: ``"auto"`` (the Rust kernel for CPU tensors, torch otherwise), ``"kernel"`` or
     ``"torch"``; both give the same bytes.
@@ -58,41 +66,36 @@ def dequantize_block_fp8(
         raise ValueError(f"{name}: scale is {scale.dtype}; expected one of {', '.join(map(str, SCALE_DTYPES))}")
     if dtype not in OUTPUT_DTYPES:
         raise ValueError(f"{name}: cannot dequantize to {dtype}; expected bfloat16, float16 or float32")
-    if q.dim() < 2:
-        raise ValueError(f"{name}: only tensors of 2 or more dimensions are dequantized, got {list(q.shape)}")
-    if block_size <= 0:
-        raise ValueError("block size must be positive")
+    block = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    if len(block) != 2 or min(block) <= 0:
+        raise ValueError(f"block size must be positive, as one edge or (rows, cols), not {block_size!r}")
     if backend not in ("auto", "kernel", "torch"):
         raise ValueError(f"backend must be auto, kernel or torch, not {backend!r}")
-    *leading, rows, cols = q.shape
-    batch = math.prod(leading)
-    if split_halves:
-        if rows % 2:
-            raise ValueError(f"{name}: cannot split {rows} rows into halves")
-        batch, rows = 2 * batch, rows // 2
-    tiles_r, tiles_c = math.ceil(rows / block_size), math.ceil(cols / block_size)
-    expected = (*leading, (2 if split_halves else 1) * tiles_r, tiles_c)
+    try:
+        batch, rows, cols, expected = tiling(q.shape, block, split_halves=split_halves)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
     if tuple(scale.shape) != expected:
         raise ValueError(
             f"{name}: scale has shape {list(scale.shape)}, expected {list(expected)} for {list(q.shape)} "
-            f"in {block_size}x{block_size} blocks"
+            f"in {block[0]}x{block[1]} blocks"
         )
     if scale.device != q.device:
         raise ValueError(f"{name}: weight is on {q.device} but its scale on {scale.device}")
     matrices = q.reshape(batch, rows, cols)
-    scales = scale.reshape(batch, tiles_r, tiles_c)
+    scales = scale.reshape(batch, math.ceil(rows / block[0]), math.ceil(cols / block[1]))
     on_cpu = q.device.type == "cpu"
     if backend == "kernel" and not on_cpu:
         raise ValueError(f"{name}: the kernel backend dequantizes CPU tensors only, not {q.device}")
     if backend == "kernel" or (backend == "auto" and on_cpu):
-        out = _dequantize_with_kernel(matrices, scales, block_size, dtype, name)
+        out = _dequantize_with_kernel(matrices, scales, block, dtype, name)
     else:
-        out = _dequantize_with_torch(matrices, scales, block_size, dtype, name)
+        out = _dequantize_with_torch(matrices, scales, block, dtype, name)
     return out.view(q.shape)
 
 
 def _dequantize_with_kernel(
-    matrices: torch.Tensor, scales: torch.Tensor, block: int, dtype: torch.dtype, name: str
+    matrices: torch.Tensor, scales: torch.Tensor, block: tuple[int, int], dtype: torch.dtype, name: str
 ) -> torch.Tensor:
     batch, rows, cols = matrices.shape
     q, s = matrices.contiguous(), scales.contiguous()
@@ -107,29 +110,30 @@ def _dequantize_with_kernel(
         cols,
         as_byte_array(out),
         OUTPUT_DTYPES[dtype],
-        block_rows=block,
-        block_cols=block,
+        block_rows=block[0],
+        block_cols=block[1],
         threads=os.cpu_count() or 1,
     )
     return out
 
 
 def _dequantize_with_torch(
-    matrices: torch.Tensor, scales: torch.Tensor, block: int, dtype: torch.dtype, name: str
+    matrices: torch.Tensor, scales: torch.Tensor, block: tuple[int, int], dtype: torch.dtype, name: str
 ) -> torch.Tensor:
     batch, rows, cols = matrices.shape
+    block_rows, block_cols = block
     tiles_r = scales.shape[1]
     out = torch.empty((batch, rows, cols), dtype=dtype, device=matrices.device)
     multipliers = scale_values(scales)
-    stripes_per_step = max(1, _TORCH_CHUNK_ELEMENTS // (block * max(cols, 1)))
+    stripes_per_step = max(1, _TORCH_CHUNK_ELEMENTS // (block_rows * max(cols, 1)))
     non_finite = torch.zeros((), dtype=torch.bool, device=matrices.device)
     for b in range(batch):
         for first in range(0, tiles_r, stripes_per_step):
             last = min(tiles_r, first + stripes_per_step)
-            r0, r1 = first * block, min(rows, last * block)
+            r0, r1 = first * block_rows, min(rows, last * block_rows)
             # Each scale repeated over its tile's rows and columns, cut to the matrix's edge.
-            expanded = multipliers[b, first:last].repeat_interleave(block, dim=0)[: r1 - r0]
-            expanded = expanded.repeat_interleave(block, dim=1)[:, :cols]
+            expanded = multipliers[b, first:last].repeat_interleave(block_rows, dim=0)[: r1 - r0]
+            expanded = expanded.repeat_interleave(block_cols, dim=1)[:, :cols]
             y = (matrices[b, r0:r1].to(torch.float32) * expanded).to(dtype)
             out[b, r0:r1] = y
             non_finite |= ~torch.isfinite(y).all()

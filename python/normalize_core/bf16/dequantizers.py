@@ -6,52 +6,63 @@ and turn them into the output tensor's bytes for the shard writer (``dequantize(
 
 from __future__ import annotations
 
-import math
 import os
 
 from normalize_core._core import Checkpoint, dequantize_fp8_blocks
 from normalize_core.bf16.formats import Fp8Weight
 from normalize_core.fp8.quantizers import CPU, gpu_present
+from normalize_core.kinds import Dtype
 
-#: ``--dtype`` names → safetensors dtype names.
-OUTPUT_DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-_OUTPUT_SIZES = {"BF16": 2, "F16": 2, "F32": 4}
+#: ``--dtype`` names → safetensors dtypes.
+OUTPUT_DTYPE_NAMES = {"bfloat16": Dtype.BF16, "float16": Dtype.F16, "float32": Dtype.F32}
+_OUTPUT_SIZES = {Dtype.BF16: 2, Dtype.F16: 2, Dtype.F32: 4}
 
 
-def dequantizer_for(device: str, checkpoint: Checkpoint, block_size: int, dtype: str):
+def dequantizer_for(device: str, checkpoint: Checkpoint, block: tuple[int, int], dtype: str):
     """The dequantizer for ``device`` ("auto", "cpu", "cuda", "cuda:N") writing ``dtype``
-    ("bfloat16", "float16" or "float32")."""
+    ("bfloat16", "float16" or "float32") from scales of ``(rows, cols)`` tiles."""
     if device == "auto":
         device = "cuda" if gpu_present() else CPU
     if device == CPU:
-        return KernelDequantizer(checkpoint, block_size, dtype)
-    return TorchDequantizer(checkpoint, block_size, dtype, device)
+        return KernelDequantizer(checkpoint, block, dtype)
+    return TorchDequantizer(checkpoint, block, dtype, device)
 
 
 class KernelDequantizer:
-    """Dequantizes on the CPU with the Rust kernel, reading the source's mapped pages directly."""
+    """Dequantizes on the CPU with the Rust kernel."""
 
     device = CPU
 
-    def __init__(self, checkpoint: Checkpoint, block_size: int, dtype: str):
+    def __init__(self, checkpoint: Checkpoint, block: tuple[int, int], dtype: str):
         self.checkpoint = checkpoint
-        self.block_size = block_size
+        self.block = block
         self.out_dtype = OUTPUT_DTYPE_NAMES[dtype]
         self.threads = os.cpu_count() or 1
-        # The output buffer is reused from tensor to tensor (grown when needed): a fresh one
-        # would cost a page fault and a zeroing per page of every output byte.
+        # Buffers are reused from tensor to tensor (grown when needed): fresh ones would cost a
+        # page fault and a zeroing per page. Sources come in two slots used in turn: ``load`` runs
+        # one weight ahead, filling one slot while the other is being dequantized.
         self._out = bytearray()
+        self._sources = [[bytearray(), bytearray()], [bytearray(), bytearray()]]
+        self._next_slot = 0
 
-    def load(self, weight: Fp8Weight):
-        """Zero-copy views of the weight's and its scale's bytes, their pages read in now."""
-        view = self.checkpoint.view
-        return view(weight.name, populate=True), view(weight.scale.name, populate=True)
+    def _read(self, name: str, buffers: list[bytearray], index: int) -> memoryview:
+        nbytes = self.checkpoint.tensor(name).nbytes
+        if len(buffers[index]) < nbytes:
+            buffers[index] = bytearray(nbytes)
+        view = memoryview(buffers[index])[:nbytes]
+        self.checkpoint.read_into(name, view)
+        return view
+
+    def load(self, weight: Fp8Weight) -> tuple[memoryview, memoryview]:
+        """The weight's and its scale's bytes, read now into the next source slot."""
+        slot, self._next_slot = self._sources[self._next_slot], 1 - self._next_slot
+        return self._read(weight.name, slot, 0), self._read(weight.scale.name, slot, 1)
 
     def dequantize(self, loaded, weight: Fp8Weight) -> memoryview:
         """The output bytes, valid until the next call (the buffer is reused)."""
         q, scale = loaded
-        layout = weight.layout
-        size = math.prod(layout.shape) * _OUTPUT_SIZES[self.out_dtype]
+        tiles = weight.tiling
+        size = tiles.batch * tiles.rows * tiles.cols * _OUTPUT_SIZES[self.out_dtype]
         if len(self._out) < size:
             self._out = bytearray(size)
         out = memoryview(self._out)[:size]
@@ -60,13 +71,13 @@ class KernelDequantizer:
             q,
             scale,
             weight.scale.dtype,
-            layout.batch,
-            layout.rows,
-            layout.cols,
+            tiles.batch,
+            tiles.rows,
+            tiles.cols,
             out,
             self.out_dtype,
-            block_rows=self.block_size,
-            block_cols=self.block_size,
+            block_rows=self.block[0],
+            block_cols=self.block[1],
             threads=self.threads,
         )
         return out
@@ -74,10 +85,10 @@ class KernelDequantizer:
 
 class TorchDequantizer:
     """Dequantizes with torch's arithmetic on ``device`` (meant for GPUs): the source bytes are
-    copied to page-locked memory on the read-ahead thread and moved to the device without
+    read into page-locked memory on the read-ahead thread and moved to the device without
     blocking; results come back as host bytes."""
 
-    def __init__(self, checkpoint: Checkpoint, block_size: int, dtype: str, device: str):
+    def __init__(self, checkpoint: Checkpoint, block: tuple[int, int], dtype: str, device: str):
         import torch
 
         self.torch = torch
@@ -87,25 +98,23 @@ class TorchDequantizer:
         self.target = resolved
         self.device = str(resolved)
         self.checkpoint = checkpoint
-        self.block_size = block_size
+        self.block = block
         self.dtype = getattr(torch, dtype)
         self.dtypes = {
-            "F8_E4M3": torch.float8_e4m3fn,
-            "F32": torch.float32,
-            "BF16": torch.bfloat16,
-            "F16": torch.float16,
-            "F8_E8M0": torch.float8_e8m0fnu,
+            Dtype.F8_E4M3: torch.float8_e4m3fn,
+            Dtype.F32: torch.float32,
+            Dtype.BF16: torch.bfloat16,
+            Dtype.F16: torch.float16,
+            Dtype.F8_E8M0: torch.float8_e8m0fnu,
         }
 
     def _to_device(self, name: str):
-        import numpy
-
         from normalize_core.fp8.quantize import as_byte_array
 
         entry = self.checkpoint.tensor(name)
         pinned = self.torch.empty(entry.shape, dtype=self.dtypes[entry.dtype], pin_memory=self.target.type == "cuda")
         if entry.nbytes:
-            as_byte_array(pinned)[:] = numpy.frombuffer(self.checkpoint.view(name, populate=True), dtype=numpy.uint8)
+            self.checkpoint.read_into(name, as_byte_array(pinned))
         return pinned.to(self.target, non_blocking=True)
 
     def load(self, weight: Fp8Weight):
@@ -121,9 +130,9 @@ class TorchDequantizer:
         y = dequantize_block_fp8(
             q,
             scale,
-            block_size=self.block_size,
+            block_size=self.block,
             dtype=self.dtype,
-            split_halves=weight.layout.split_halves,
+            split_halves=weight.split_halves,
             name=weight.name,
             backend="torch",
         )

@@ -24,14 +24,20 @@ from typing import Any
 
 from normalize_core._core import TensorEntry
 from normalize_core.errors import normalize_error
-from normalize_core.fp8.convert import FP8_DTYPES
-from normalize_core.fp8.layout import SCALE_SUFFIX, QuantizedLayout, quantized_layout
+from normalize_core.fp8.layout import (
+    FP8_DTYPES,
+    FP8_WEIGHT_DTYPE,
+    SCALE_SUFFIX,
+    Tiling,
+    halves_need_splitting,
+    is_scale_name,
+    tiling,
+)
+from normalize_core.kinds import Dtype
 
-#: The FP8 weight dtype of both forms (safetensors spelling of ``float8_e4m3fn``).
-FP8_WEIGHT_DTYPE = "F8_E4M3"
 #: Scale dtypes the kernel reads: float32 and bfloat16 in real releases; float16 and e8m0 (powers
 #: of two) for completeness.
-SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0")
+SCALE_DTYPES = (Dtype.F32, Dtype.BF16, Dtype.F16, Dtype.F8_E8M0)
 #: llm-compressor's scale name for ``<module>.weight``.
 WEIGHT_SCALE_SUFFIX = ".weight_scale"
 #: Activation scales of static activation schemes.
@@ -50,11 +56,12 @@ SUPPORTED = (
 
 @dataclass(frozen=True)
 class BlockFp8Format:
-    """A recognised block-FP8 form: how scales are named and the tile edge."""
+    """A recognised block-FP8 form: how scales are named and the tile that shares one scale."""
 
     #: ``"fp8"`` (``<name>_scale_inv``) or ``"compressed-tensors"`` (``<module>.weight_scale``).
     method: str
-    block_size: int
+    #: ``(rows, cols)`` of a tile (``weight_block_size`` / ``block_structure``).
+    block: tuple[int, int]
 
     @property
     def scale_suffix(self) -> str:
@@ -78,7 +85,7 @@ class BlockFp8Format:
     def describe(self) -> str:
         """One line for humans: method, block and scale naming."""
         naming = "<name>_scale_inv" if self.method == "fp8" else "<module>.weight_scale"
-        return f"{self.method} block FP8, {self.block_size}x{self.block_size} blocks, scales {naming}"
+        return f"{self.method} block FP8, {self.block[0]}x{self.block[1]} blocks, scales {naming}"
 
 
 def _unknown(message: str, config_path: Path) -> Exception:
@@ -103,8 +110,8 @@ def read_config(config_path: Path) -> dict[str, Any] | None:
     return config
 
 
-def _block_edge(block: Any, where: str, config_path: Path) -> int:
-    """The tile edge from a ``[rows, cols]`` block size; only square blocks are tiled by ``fp8/layout.py``."""
+def _block(block: Any, where: str, config_path: Path) -> tuple[int, int]:
+    """A ``[rows, cols]`` block size from the config."""
     if not (
         isinstance(block, Sequence)
         and not isinstance(block, str)
@@ -112,9 +119,7 @@ def _block_edge(block: Any, where: str, config_path: Path) -> int:
         and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
     ):
         raise _unknown(f"{where} is {json.dumps(block)}, not two positive integers", config_path)
-    if block[0] != block[1]:
-        raise _unknown(f"{where} is {list(block)}: only square blocks are supported", config_path)
-    return block[0]
+    return block[0], block[1]
 
 
 def recognise_format(config: dict[str, Any] | None, config_path: Path) -> BlockFp8Format:
@@ -132,18 +137,18 @@ def recognise_format(config: dict[str, Any] | None, config_path: Path) -> BlockF
             raise _unknown("quant_method 'fp8' without weight_block_size is per-tensor FP8, not block FP8", config_path)
         if qconfig.get("fmt", "e4m3") != "e4m3":
             raise _unknown(f"{key}.fmt is {qconfig['fmt']!r}; block FP8 weights are e4m3", config_path)
-        return BlockFp8Format("fp8", _block_edge(qconfig["weight_block_size"], f"{key}.weight_block_size", config_path))
+        return BlockFp8Format("fp8", _block(qconfig["weight_block_size"], f"{key}.weight_block_size", config_path))
     if method == "compressed-tensors" or (method is None and "config_groups" in qconfig):
         return BlockFp8Format("compressed-tensors", _compressed_tensors_block(qconfig, key, config_path))
     raise _unknown(f"{key}.quant_method is {json.dumps(method)}", config_path)
 
 
-def _compressed_tensors_block(qconfig: dict[str, Any], key: str, config_path: Path) -> int:
-    """The one block edge every config group of an llm-compressor FP8_BLOCK config uses."""
+def _compressed_tensors_block(qconfig: dict[str, Any], key: str, config_path: Path) -> tuple[int, int]:
+    """The one block every config group of an llm-compressor FP8_BLOCK config uses."""
     groups = qconfig.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise _unknown(f"{key} is compressed-tensors without config_groups", config_path)
-    edges = set()
+    blocks = set()
     for group_name, group in groups.items():
         where = f"{key}.config_groups.{group_name}"
         weights = group.get("weights") if isinstance(group, dict) else None
@@ -159,10 +164,11 @@ def _compressed_tensors_block(qconfig: dict[str, Any], key: str, config_path: Pa
             )
         if weights.get("symmetric") is False:
             raise _unknown(f"{where}.weights is asymmetric (zero points)", config_path)
-        edges.add(_block_edge(weights.get("block_structure"), f"{where}.weights.block_structure", config_path))
-    if len(edges) > 1:
-        raise _unknown(f"{key}.config_groups use different block sizes {sorted(edges)}", config_path)
-    return edges.pop()
+        blocks.add(_block(weights.get("block_structure"), f"{where}.weights.block_structure", config_path))
+    if len(blocks) > 1:
+        found = ", ".join(f"{r}x{c}" for r, c in sorted(blocks))
+        raise _unknown(f"{key}.config_groups use different block sizes ({found})", config_path)
+    return blocks.pop()
 
 
 @dataclass(frozen=True)
@@ -170,8 +176,12 @@ class Fp8Weight:
     """One FP8 weight to dequantize, its scale tensor, and the tiling both follow."""
 
     name: str
+    shape: tuple[int, ...]
     scale: TensorEntry
-    layout: QuantizedLayout
+    #: The weight as ``batch`` matrices of ``rows × cols`` and the scale shape that tiling gives.
+    tiling: Tiling
+    #: A fused ``gate_up_proj`` quantized half by half (its halves are not whole blocks).
+    split_halves: bool
 
 
 @dataclass
@@ -189,11 +199,6 @@ class TensorRoles:
 def _malformed(kind: str, directory: Path, entry: TensorEntry, message: str) -> Exception:
     path = str(directory / entry.file)
     return normalize_error(kind, f"{path}: {message}", file=path, tensor=entry.name)
-
-
-def is_scale_name(name: str) -> bool:
-    """Whether ``name`` is named like a weight scale of either form."""
-    return name.endswith((SCALE_SUFFIX, WEIGHT_SCALE_SUFFIX))
 
 
 def assign_roles(entries: list[TensorEntry], fmt: BlockFp8Format, directory: Path) -> TensorRoles:
@@ -242,17 +247,19 @@ def _pair(weight: TensorEntry, by_name: dict[str, TensorEntry], fmt: BlockFp8For
         expected = f"'{scale_name}'" if scale_name else f"a scale ({fmt.method} scales only '<module>.weight' tensors)"
         message = f"tensor '{name}' is FP8 but has no {expected}{hint}; refusing to keep FP8 bytes in a bf16 checkpoint"
         raise _malformed("missing_scale", directory, weight, message)
-    layout = quantized_layout(name, weight.shape, fmt.block_size)
+    # As fp8/layout.py's quantized_layout decides for to-fp8's own output, for any block.
+    split = name.endswith("gate_up_proj") and halves_need_splitting(weight.shape, fmt.block)
+    tiles = tiling(weight.shape, fmt.block, split_halves=split)
     if scale.dtype not in SCALE_DTYPES:
         message = f"scale '{scale.name}' is {scale.dtype}, not one of {', '.join(SCALE_DTYPES)}"
         raise _malformed("bad_scale", directory, scale, message)
-    if tuple(scale.shape) != layout.scale_shape:
+    if tuple(scale.shape) != tiles.scale_shape:
         message = (
             f"scale '{scale.name}' has shape {scale.shape}, but {name} of shape {weight.shape} in "
-            f"{fmt.block_size}x{fmt.block_size} blocks needs {list(layout.scale_shape)}"
+            f"{fmt.block[0]}x{fmt.block[1]} blocks needs {list(tiles.scale_shape)}"
         )
         raise _malformed("bad_scale", directory, scale, message)
-    return Fp8Weight(name, scale, layout)
+    return Fp8Weight(name, tuple(weight.shape), scale, tiles, split)
 
 
 def _scale_names_of_either_form(weight: str) -> list[str]:

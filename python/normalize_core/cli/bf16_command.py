@@ -19,6 +19,7 @@ from normalize_core.cli.app import (
     SourceOpt,
     app,
     fail,
+    finding,
     labelled,
     shard_limit,
     stdout,
@@ -145,7 +146,7 @@ def to_bf16_command(
                 print_plan(bf16)
                 note_dropped_activation_scales(bf16)
             return
-        target = dequantizer_for(device, bf16.checkpoint, bf16.format.block_size, dtype).device
+        target = dequantizer_for(device, bf16.checkpoint, bf16.format.block, dtype).device
         progress = byte_progress(
             bf16.source_bytes,
             f"to-bf16 on {target}",
@@ -165,3 +166,5 @@ def to_bf16_command(
         soft_wrap=True,
     )
     note_dropped_activation_scales(bf16)
+    for name, reason in result.skipped_aux:
+        stdout.print(finding("warning", f"{name} not copied: {reason}"), soft_wrap=True)

@@ -3,52 +3,43 @@
 use normalize_core::dequantize::{
     dequantize_blocks, Fp8Input, ScaleFloat, TargetFloat, TileLayout,
 };
+use normalize_core::dtype::Dtype;
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::errors::OrRaise;
+use crate::kinds;
 
-/// A scale dtype argument: "F32", "BF16", "F16" or "F8_E8M0" (safetensors spellings).
-pub struct ScaleDtype(ScaleFloat);
-
-impl<'a, 'py> FromPyObject<'a, 'py> for ScaleDtype {
-    type Error = PyErr;
-
-    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
-        match &*obj.extract::<std::borrow::Cow<'_, str>>()? {
-            "F32" => Ok(ScaleDtype(ScaleFloat::F32)),
-            "BF16" => Ok(ScaleDtype(ScaleFloat::BF16)),
-            "F16" => Ok(ScaleDtype(ScaleFloat::F16)),
-            "F8_E8M0" => Ok(ScaleDtype(ScaleFloat::E8M0)),
-            other => Err(PyValueError::new_err(format!(
-                "scale dtype '{other}' is not one of 'F32', 'BF16', 'F16', 'F8_E8M0'"
-            ))),
-        }
+/// How scales of `dtype` are stored, for the dtypes the kernel reads.
+fn scale_float(dtype: kinds::Dtype) -> PyResult<ScaleFloat> {
+    match dtype.0 {
+        Dtype::F32 => Ok(ScaleFloat::F32),
+        Dtype::BF16 => Ok(ScaleFloat::BF16),
+        Dtype::F16 => Ok(ScaleFloat::F16),
+        Dtype::F8_E8M0 => Ok(ScaleFloat::E8M0),
+        other => Err(PyValueError::new_err(format!(
+            "cannot read scales of dtype {other}; expected F32, BF16, F16 or F8_E8M0"
+        ))),
     }
 }
 
-/// An output dtype argument: "BF16", "F16" or "F32".
-pub struct OutputDtype(TargetFloat);
-
-impl<'a, 'py> FromPyObject<'a, 'py> for OutputDtype {
-    type Error = PyErr;
-
-    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
-        match &*obj.extract::<std::borrow::Cow<'_, str>>()? {
-            "BF16" => Ok(OutputDtype(TargetFloat::BF16)),
-            "F16" => Ok(OutputDtype(TargetFloat::F16)),
-            "F32" => Ok(OutputDtype(TargetFloat::F32)),
-            other => Err(PyValueError::new_err(format!(
-                "output dtype '{other}' is not one of 'BF16', 'F16', 'F32'"
-            ))),
-        }
+/// The output type for `dtype`, for the dtypes the kernel writes.
+fn target_float(dtype: kinds::Dtype) -> PyResult<TargetFloat> {
+    match dtype.0 {
+        Dtype::BF16 => Ok(TargetFloat::BF16),
+        Dtype::F16 => Ok(TargetFloat::F16),
+        Dtype::F32 => Ok(TargetFloat::F32),
+        other => Err(PyValueError::new_err(format!(
+            "cannot dequantize to dtype {other}; expected BF16, F16 or F32"
+        ))),
     }
 }
 
 /// Dequantizes `fp8` (one float8_e4m3fn byte per element, laid out as `batch` matrices of `rows ×
 /// cols`) with `scales` (`[batch, ceil(rows/block_rows), ceil(cols/block_cols)]` scales of
-/// `scale_dtype`) into `out` (little-endian `out_dtype` elements): `y = out_dtype(f32(q) *
+/// `scale_dtype`, a `Dtype`: F32, BF16, F16 or F8_E8M0) into `out` (little-endian `out_dtype`
+/// elements: BF16, F16 or F32): `y = out_dtype(f32(q) *
 /// f32(s))`, rounding to nearest even. Uses up to `threads` threads with the GIL released.
 /// Raises NormalizeError naming `tensor` when a result is NaN or infinite.
 #[pyfunction]
@@ -59,16 +50,17 @@ pub fn dequantize_fp8_blocks(
     tensor: &str,
     fp8: PyBuffer<u8>,
     scales: PyBuffer<u8>,
-    scale_dtype: ScaleDtype,
+    scale_dtype: kinds::Dtype,
     batch: usize,
     rows: usize,
     cols: usize,
     out: PyBuffer<u8>,
-    out_dtype: OutputDtype,
+    out_dtype: kinds::Dtype,
     block_rows: usize,
     block_cols: usize,
     threads: usize,
 ) -> PyResult<()> {
+    let (scale, target) = (scale_float(scale_dtype)?, target_float(out_dtype)?);
     for (buffer, what) in [(&fp8, "fp8"), (&scales, "scales"), (&out, "out")] {
         if !buffer.is_c_contiguous() {
             return Err(PyValueError::new_err(format!(
@@ -109,10 +101,10 @@ pub fn dequantize_fp8_blocks(
             tensor,
             fp8: q,
             scales: s,
-            scale: scale_dtype.0,
+            scale,
             layout,
         };
-        dequantize_blocks(input, out_dtype.0, y, threads)
+        dequantize_blocks(input, target, y, threads)
     })
     .or_raise()
 }
