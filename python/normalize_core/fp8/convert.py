@@ -50,6 +50,8 @@ from normalize_core.sizes import GIB
 
 SCALE_DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16"}
 FP8_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0"})
+#: Names only a quantized checkpoint's tensors end with: block-FP8 scales, compressed-tensors scales.
+QUANTIZATION_SUFFIXES = (SCALE_SUFFIX, "weight_scale", "input_scale")
 
 
 @dataclass
@@ -110,10 +112,15 @@ class Fp8Result:
     removed_stale: list[str] = field(default_factory=list)
 
 
+def marks_quantization(entry: TensorEntry) -> bool:
+    """Whether this tensor shows its checkpoint is quantized: an FP8 dtype, or a scale's name."""
+    return entry.dtype in FP8_DTYPES or entry.name.endswith(QUANTIZATION_SUFFIXES)
+
+
 def refuse_quantized_source(checkpoint: Checkpoint, entries: list[TensorEntry]) -> None:
     """An FP8 (or otherwise scaled) source cannot be quantized again."""
     for entry in entries:
-        if entry.dtype in FP8_DTYPES or entry.name.endswith((SCALE_SUFFIX, "weight_scale", "input_scale")):
+        if marks_quantization(entry):
             raise normalize_error(
                 "already_quantized",
                 f"{checkpoint.dir}: tensor '{entry.name}' ({entry.dtype}) shows the checkpoint is already quantized; "
