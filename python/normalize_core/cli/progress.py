@@ -1,11 +1,12 @@
-"""Progress bars for long work: bytes done, bytes/s and time left, drawn on stderr."""
+"""Progress bars for long work: bytes done, bytes/s and time left, drawn on stderr.
+
+The library reports progress through a plain ``advance`` callable; only the commands draw it."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -15,8 +16,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-#: Markup is off: messages carry user paths and tensor names (see ``cli.app.labelled``).
-stderr = Console(stderr=True, markup=False, highlight=False)
+from normalize_core.cli.console import stderr
 
 #: ``advance(n_bytes, items=0)``: report bytes (and, optionally, finished items) done.
 Advance = Callable[..., None]
@@ -35,7 +35,7 @@ def byte_progress(
     if items_total is not None:
         columns.append(TextColumn("{task.fields[items]}/" + f"{items_total} {items_label}"))
     columns += [TransferSpeedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=stderr, transient=False) as progress:
+    with Progress(*columns, console=stderr.console(), transient=False) as progress:
         task = progress.add_task(description, total=total, items=0)
         done_items = 0
 
