@@ -8,11 +8,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
-from rich.text import Text
 
-from normalize_core._core import NormalizeError, check_separate
 from normalize_core.cli.app import (
+    DeviceOpt,
     MaxShardOpt,
     OverwriteOpt,
     PlaceOpt,
@@ -22,17 +20,18 @@ from normalize_core.cli.app import (
     YesOpt,
     app,
     fail,
-    finding,
-    labelled,
     shard_limit,
-    stdout,
 )
-from normalize_core.place import check_place_option, offer_placement
-from normalize_core.progress import byte_progress
+from normalize_core.cli.console import finding, labelled, say, stdout
 from normalize_core.sizes import format_bytes
+from normalize_core.words import plural
 
 
 def print_decisions(fp8) -> None:
+    """The dry run's table: one row per name pattern, what happens to it and what it saves."""
+    from rich.table import Table
+    from rich.text import Text
+
     from normalize_core.fp8.rules import summarize
 
     entries = fp8.entries
@@ -52,14 +51,14 @@ def print_decisions(fp8) -> None:
             format_bytes(row["bytes_saved"]) if row["quantize"] else "",
         )
     stdout.print(table)
-    stdout.print(
-        f"{len(fp8.quantized)} tensors to FP8, {len(fp8.kept)} kept; "
+    say(
+        f"{plural(len(fp8.quantized), 'tensor')} to FP8, {len(fp8.kept)} kept; "
         f"{format_bytes(fp8.checkpoint.total_size)} → {format_bytes(fp8.output_bytes)} "
         f"({'bin-packed into model-i-of-n shards' if fp8.repacked else 'source shard layout kept'})"
     )
 
 
-@app.command("to-fp8")
+@app.command("to-fp8", short_help="Quantize weights to per-block FP8 with _scale_inv scales.")
 def to_fp8_command(
     source: SourceOpt,
     output: Annotated[
@@ -92,9 +91,7 @@ def to_fp8_command(
     ] = False,
     shard_size_gb: ShardGbOpt = None,
     max_shard_size: MaxShardOpt = None,
-    device: Annotated[
-        str, typer.Option("--device", help="auto (a GPU when torch sees one), cpu, cuda or cuda:N.")
-    ] = "auto",
+    device: DeviceOpt = "auto",
     scale_fmt: Annotated[
         str,
         typer.Option(
@@ -139,6 +136,9 @@ def to_fp8_command(
     if as_json and not dry_run:
         raise typer.BadParameter("--json goes with --dry-run")
     limit = shard_limit(shard_size_gb, max_shard_size)
+    from normalize_core._core import NormalizeError, check_separate
+    from normalize_core.cli.placement import check_place_option, offer_placement
+    from normalize_core.cli.progress import byte_progress
     from normalize_core.fp8.convert import plan_fp8, write_fp8
     from normalize_core.fp8.quantizers import quantizer_for
 
@@ -164,7 +164,7 @@ def to_fp8_command(
                 stdout.print(
                     labelled(
                         "reference differs",
-                        f"{len(only_source)} weights only in the source"
+                        f"{plural(len(only_source), 'weight')} only in the source"
                         f"{' (e.g. ' + only_source[0] + ')' if only_source else ''}, {len(only_reference)} only in the "
                         f"reference{' (e.g. ' + only_reference[0] + ')' if only_reference else ''}",
                         "yellow",
@@ -188,9 +188,9 @@ def to_fp8_command(
             result = write_fp8(fp8, output, device=target, overwrite=overwrite, progress=advance)
     except (NormalizeError, ValueError) as e:
         raise fail(str(e)) from None
-    stdout.print(
-        f"Wrote {len(result.shards)} shards to {result.output} on {result.device} in {result.seconds:.1f} s: "
-        f"{result.quantized} tensors to FP8, {result.kept} kept, "
+    say(
+        f"Wrote {plural(len(result.shards), 'shard')} to {result.output} on {result.device} in {result.seconds:.1f} s: "
+        f"{plural(result.quantized, 'tensor')} to FP8, {result.kept} kept, "
         f"{format_bytes(result.bytes_before)} → {format_bytes(result.bytes_after)}."
     )
     if not result.config_written:
