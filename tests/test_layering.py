@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import normalize_core
+from normalize_core.sample import write_sample_checkpoint
 
 PACKAGE = Path(normalize_core.__file__).resolve().parent
 #: The command line: the only place that may import typer and rich.
@@ -81,8 +82,22 @@ def test_public_names_resolve_lazily_to_their_objects() -> None:
     assert callable(normalize_core.diff), "the function keeps its name next to its module"
 
 
-def test_help_needs_neither_rich_nor_torch() -> None:
-    loaded = modules_after(
-        "from normalize_core.cli import app\ntry:\n    app(['--help'])\nexcept SystemExit:\n    pass"
+def modules_after_command(*args: str) -> set[str]:
+    """Modules loaded after ``normalize ARGS`` ran in a fresh interpreter, off a terminal."""
+    return modules_after(
+        f"from normalize_core.cli import app\ntry:\n    app({list(args)!r})\nexcept SystemExit:\n    pass"
     )
+
+
+def test_help_needs_neither_rich_nor_torch() -> None:
+    loaded = modules_after_command("--help")
     assert {m for m in loaded if m.split(".")[0] in ("rich", "torch", "numpy", "pydantic")} == set()
+
+
+def test_inspect_diff_verify_off_a_terminal_need_neither_rich_nor_torch(tmp_path: Path) -> None:
+    """rich styles lines and draws progress bars on a terminal only; off one it is not imported."""
+    sample = str(write_sample_checkpoint(tmp_path / "sample"))
+    for args in (["inspect", sample], ["diff", sample, sample], ["verify", sample]):
+        loaded = modules_after_command(*args)
+        assert "normalize_core.diff" in loaded or "normalize_core.report" in loaded, "the command ran"
+        assert {m for m in loaded if m.split(".")[0] in ("rich", "torch", "numpy")} == set(), args

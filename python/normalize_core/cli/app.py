@@ -15,6 +15,7 @@ imported inside the command bodies, so ``normalize --help`` starts fast.
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,7 +23,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from normalize_core.cli.console import finding, stderr, stdout
+from normalize_core.cli.console import print_finding, say
 
 #: Exit status: done, every check holds.
 OK = 0
@@ -30,8 +31,6 @@ OK = 0
 PROBLEMS_FOUND = 1
 #: Exit status: usage or input error (one line on stderr).
 USER_ERROR = 2
-#: Exit status after Ctrl-C.
-INTERRUPTED = 130
 
 #: click's exception types as typer ships them (vendored inside typer since 0.29, the click
 #: package before): usage errors are caught here rather than printed in a box.
@@ -39,8 +38,9 @@ _click_exceptions = importlib.import_module(typer.BadParameter.__module__)
 
 
 def print_error(message: str) -> None:
-    """``error: message`` on stderr, as one line whatever the message holds."""
-    stderr.print(finding("error", " ".join(message.split())))
+    """``error: message`` on stderr, as one line whatever the message holds (line breaks become
+    spaces; everything else, such as a path's own spacing, stays verbatim)."""
+    print_finding("error", re.sub(r"\s*\n\s*", " ", message.strip()), err=True)
 
 
 def fail(message: str) -> typer.Exit:
@@ -168,7 +168,7 @@ def version_callback(value: bool) -> None:
     if value:
         from normalize_core._core import __version__
 
-        stdout.print(f"normalize {__version__}")
+        say(f"normalize {__version__}")
         raise typer.Exit()
 
 
@@ -181,5 +181,5 @@ def main_options(
 ) -> None:
     """Global options."""
     if ctx.invoked_subcommand is None:
-        stderr.print(ctx.get_help())
+        typer.echo(ctx.get_help(), err=True)
         raise typer.Exit(USER_ERROR)

@@ -24,7 +24,7 @@ from normalize_core.cli.app import (
     fail,
     shard_limit,
 )
-from normalize_core.cli.console import finding, say, stdout
+from normalize_core.cli.console import print_finding, print_table, say, write_line
 from normalize_core.repack import DEFAULT_JOBS
 from normalize_core.sizes import format_bytes
 from normalize_core.words import plural
@@ -32,18 +32,11 @@ from normalize_core.words import plural
 
 def print_plan(plan) -> None:
     """The shard plan as a table and a one-line total."""
-    from rich.table import Table
-
-    table = Table(title="Shard plan", show_lines=False)
-    table.add_column("shard")
-    table.add_column("tensors", justify="right")
-    table.add_column("tensor bytes", justify="right")
-    table.add_column("file bytes", justify="right")
-    for shard in plan.shards:
-        table.add_row(
-            shard.file_name, str(len(shard.tensor_names)), format_bytes(shard.data_len), format_bytes(shard.file_len)
-        )
-    stdout.print(table)
+    rows = [
+        [shard.file_name, str(len(shard.tensor_names)), format_bytes(shard.data_len), format_bytes(shard.file_len)]
+        for shard in plan.shards
+    ]
+    print_table(["shard", "tensors", "tensor bytes", "file bytes"], rows, right={1, 2, 3}, title="Shard plan")
     say(
         f"{plural(len(plan.shards), 'shard')}, {plural(sum(len(s.tensor_names) for s in plan.shards), 'tensor')}, "
         f"total_size {plan.total_size} bytes ({format_bytes(plan.total_size)})"
@@ -128,9 +121,6 @@ def inspect_command(
     same ones verify fails on, e.g. engine-named shards without an index, or a file that is not
     valid safetensors), 2 when DIRECTORY cannot be read.
     """
-    from rich.table import Table
-    from rich.text import Text
-
     from normalize_core._core import NormalizeError
     from normalize_core.report import inspect_checkpoint
 
@@ -138,27 +128,25 @@ def inspect_command(
     try:
         info = inspect_checkpoint(directory)
     except NormalizeError as e:
-        stdout.print(finding("error", str(e)))
+        print_finding("error", str(e))
         raise typer.Exit(PROBLEMS_FOUND) from None
     errors = sum(p["severity"] == "error" for p in info["problems"])
     if as_json:
         print(json.dumps(info, indent=2))
         raise typer.Exit(PROBLEMS_FOUND if errors else 0)
-    stdout.print(Text.assemble((info["path"], "bold"), f"  ({info['naming']} naming, {info['layout']})"))
+    write_line((info["path"], "bold"), f"  ({info['naming']} naming, {info['layout']})")
     say(
         f"{plural(info['tensors'], 'tensor')}, {plural(info['total_parameters'], 'parameter')}, "
         f"{format_bytes(info['total_size'])} in {plural(len(info['shards']), 'shard file')}"
     )
-    dtypes = Table("dtype", "tensors", "bytes", title="dtypes")
-    for dtype, d in sorted(info["dtypes"].items()):
-        dtypes.add_row(dtype, str(d["tensors"]), format_bytes(d["bytes"]))
-    stdout.print(dtypes)
+    rows = [[dtype, str(d["tensors"]), format_bytes(d["bytes"])] for dtype, d in sorted(info["dtypes"].items())]
+    print_table(["dtype", "tensors", "bytes"], rows, right={1, 2})
     q = info["quantization"]
     say(f"quantization: {q['scheme']} ({plural(q['fp8_tensors'], 'FP8 tensor')}, {q['block_scaled']} with _scale_inv)")
     if info["aux_files"]:
         say(f"other files: {', '.join(info['aux_files'])}")
     for p in info["problems"]:
-        stdout.print(finding(p["severity"], p["message"]))
+        print_finding(p["severity"], p["message"])
     if not info["problems"]:
         say("no problems found")
     if errors:
@@ -178,8 +166,6 @@ def verify(
     Exit status: 0 when every check holds, 1 when one fails (each failure is listed), 2 when
     DIRECTORY cannot be read.
     """
-    from rich.text import Text
-
     from normalize_core.report import verify_checkpoint
 
     require_directory(directory)
@@ -188,13 +174,10 @@ def verify(
         print(json.dumps(report.as_dict(), indent=2))
     else:
         for severity, message in report.findings:
-            stdout.print(finding(severity, message))
-        verdict = Text("OK", style="green") if report.ok else Text("FAILED", style="red")
-        stdout.print(
-            Text.assemble(
-                verdict,
-                f" {report.path}: {plural(report.tensors, 'tensor')} in {plural(report.shards, 'shard file')}",
-            )
+            print_finding(severity, message)
+        verdict = ("OK", "green") if report.ok else ("FAILED", "red")
+        write_line(
+            verdict, f" {report.path}: {plural(report.tensors, 'tensor')} in {plural(report.shards, 'shard file')}"
         )
     if not report.ok:
         raise typer.Exit(PROBLEMS_FOUND)

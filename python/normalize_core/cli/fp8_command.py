@@ -22,35 +22,31 @@ from normalize_core.cli.app import (
     fail,
     shard_limit,
 )
-from normalize_core.cli.console import finding, labelled, say, stdout
+from normalize_core.cli.console import print_finding, print_table, say, write_line
 from normalize_core.sizes import format_bytes
 from normalize_core.words import plural
 
 
 def print_decisions(fp8) -> None:
     """The dry run's table: one row per name pattern, what happens to it and what it saves."""
-    from rich.table import Table
-    from rich.text import Text
-
     from normalize_core.fp8.rules import summarize
 
     entries = fp8.entries
     sizes = {t.name: t.nbytes for t in entries}
     shapes = {t.name: t.shape for t in entries}
-    table = Table(title="FP8 decisions by name pattern")
-    table.add_column("pattern", overflow="fold", ratio=3)
-    for column in ("decision", "reason", "tensors", "bytes", "saved"):
-        table.add_column(column, justify="right" if column in ("tensors", "bytes", "saved") else "left")
-    for row in summarize(fp8.decisions, sizes, shapes):
-        table.add_row(
+    rows = [
+        [
             row["pattern"],
-            Text("FP8", style="green") if row["quantize"] else "keep",
+            "FP8" if row["quantize"] else "keep",
             row["reason"],
             str(row["count"]),
             format_bytes(row["bytes"]),
             format_bytes(row["bytes_saved"]) if row["quantize"] else "",
-        )
-    stdout.print(table)
+        ]
+        for row in summarize(fp8.decisions, sizes, shapes)
+    ]
+    headers = ["pattern", "decision", "reason", "tensors", "bytes", "saved"]
+    print_table(headers, rows, right={3, 4, 5}, title="FP8 decisions by name pattern")
     say(
         f"{plural(len(fp8.quantized), 'tensor')} to FP8, {len(fp8.kept)} kept; "
         f"{format_bytes(fp8.checkpoint.total_size)} → {format_bytes(fp8.output_bytes)} "
@@ -161,14 +157,11 @@ def to_fp8_command(
         if fp8.reference_mismatch:
             only_source, only_reference = fp8.reference_mismatch
             if only_source or only_reference:
-                stdout.print(
-                    labelled(
-                        "reference differs",
-                        f"{plural(len(only_source), 'weight')} only in the source"
-                        f"{' (e.g. ' + only_source[0] + ')' if only_source else ''}, {len(only_reference)} only in the "
-                        f"reference{' (e.g. ' + only_reference[0] + ')' if only_reference else ''}",
-                        "yellow",
-                    )
+                write_line(
+                    ("reference differs:", "yellow"),
+                    f" {plural(len(only_source), 'weight')} only in the source"
+                    f"{' (e.g. ' + only_source[0] + ')' if only_source else ''}, {len(only_reference)} only in the "
+                    f"reference{' (e.g. ' + only_reference[0] + ')' if only_reference else ''}",
                 )
         if dry_run:
             if as_json:
@@ -194,7 +187,7 @@ def to_fp8_command(
         f"{format_bytes(result.bytes_before)} → {format_bytes(result.bytes_after)}."
     )
     if not result.config_written:
-        stdout.print(finding("warning", "the source has no config.json, so no quantization_config was written"))
+        print_finding("warning", "the source has no config.json, so no quantization_config was written")
     try:
         offer_placement(result.output, source, place, yes, show_progress=not quiet)
     except NormalizeError as e:

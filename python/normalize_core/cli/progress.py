@@ -7,15 +7,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-
 from normalize_core.cli.console import stderr
 
 #: ``advance(n_bytes, items=0)``: report bytes (and, optionally, finished items) done.
@@ -27,10 +18,20 @@ def byte_progress(
     total: int, description: str, enabled: bool = True, items_total: int | None = None, items_label: str = ""
 ) -> Iterator[Advance]:
     """Yields ``advance(n_bytes, items=0)``; shows a bar of ``total`` bytes while the block runs,
-    when enabled and stderr is a terminal. With ``items_total``, also counts items (e.g. tensors)."""
-    if not (enabled and stderr.is_terminal):
+    when enabled and stderr is a terminal. With ``items_total``, also counts items (e.g. tensors).
+    Without a bar to draw, rich is not imported."""
+    if not (enabled and stderr.stream().isatty()):
         yield lambda _n, items=0: None
         return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(binary_units=True)]
     if items_total is not None:
         columns.append(TextColumn("{task.fields[items]}/" + f"{items_total} {items_label}"))
