@@ -10,8 +10,8 @@ import pytest
 import torch
 import typer
 
+from builders import make_tensors, write_checkpoint
 from cli_util import invoke, run_normalize
-from merge_util import make_tensors, write_checkpoint
 from normalize_core.cli import app
 from normalize_core.sample import write_sample_checkpoint
 

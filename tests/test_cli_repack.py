@@ -14,17 +14,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from builders import INDEX, expected_bytes, save_engine_checkpoint
 from normalize_core import NormalizeError
 from normalize_core.cli import app
 from normalize_core.repack import plan_repack, write_repack
-from repack_util import (
-    INDEX,
-    assert_standard_output,
-    expected_bytes,
-    leftover_partials,
-    save_engine_checkpoint,
-    shard_files,
-)
+from repack_util import assert_standard_output, leftover_partials, shard_files
 
 #: Runs the CLI's entry point with the arguments that follow; ``PRELUDE`` may set limits first.
 CLI = "import sys\n{prelude}\nfrom normalize_core.cli import main\nsys.exit(main())"

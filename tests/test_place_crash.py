@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from merge_util import INDEX, read_back
+from builders import INDEX, read_output_bytes
 from normalize_core import place, repack, to_fp8
 from normalize_core.cli import app
 from normalize_core.place import KILL_AT_STEP_ENV
@@ -51,7 +51,7 @@ class Checkpoints:
 
     @staticmethod
     def read(directory: Path) -> tuple[dict, dict]:
-        return json.loads((directory / "config.json").read_text()), read_back(directory)
+        return json.loads((directory / "config.json").read_text()), read_output_bytes(directory)
 
     def state(self, dest: Path) -> str:
         """``old``, ``new`` or ``refused`` (no config.json: no engine loads it); fails on anything else."""

@@ -17,19 +17,10 @@ from hypothesis import strategies as st
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
+from builders import INDEX, expected_bytes, random_tensor, save_engine_checkpoint, save_standard_checkpoint
 from normalize_core import Checkpoint, NormalizeError, plan_shards, repack
 from normalize_core.sample import sample_tensors
-from repack_util import (
-    INDEX,
-    TORCH_DTYPES,
-    assert_standard_output,
-    expected_bytes,
-    leftover_partials,
-    random_tensor,
-    read_raw_header,
-    save_engine_checkpoint,
-    save_standard_checkpoint,
-)
+from repack_util import TORCH_DTYPES, assert_standard_output, leftover_partials, read_raw_header
 
 KB = 1000
 
@@ -300,9 +291,9 @@ def save_with_header_length(path: Path, tensors: dict[str, torch.Tensor], header
 
 def test_page_alignment_padding_respects_the_shard_limit(tmp_path: Path):
     """A shard whose longest source run is ≥ 1 MiB gets header padding so the run keeps its page offset
-    (DESIGN, performance notes), but only when the padded shard still fits the limit. The source run
-    starts 8 bytes into a page, so padding costs almost a page; planned for every limit around the
-    threshold, written for a few."""
+    (copy_file_range is fastest between equal offsets modulo the page size), but only when the padded
+    shard still fits the limit. The source run starts 8 bytes into a page, so padding costs almost a
+    page; planned for every limit around the threshold, written for a few."""
     tensors = {"a": torch.full((100,), 1, dtype=torch.uint8)}
     tensors |= {name: torch.full((1_200_000,), i, dtype=torch.uint8) for i, name in enumerate("bc")}
     source = tmp_path / "engine"

@@ -31,9 +31,7 @@ def print_decisions(fp8) -> None:
     """The dry run's table: one row per name pattern, what happens to it and what it saves."""
     from normalize_core.fp8.rules import summarize
 
-    entries = fp8.entries
-    sizes = {t.name: t.nbytes for t in entries}
-    shapes = {t.name: t.shape for t in entries}
+    sizes = {t.name: t.nbytes for t in fp8.entries}
     rows = [
         [
             row["pattern"],
@@ -43,7 +41,7 @@ def print_decisions(fp8) -> None:
             format_bytes(row["bytes"]),
             format_bytes(row["bytes_saved"]) if row["quantize"] else "",
         ]
-        for row in summarize(fp8.decisions, sizes, shapes)
+        for row in summarize(fp8.decisions, sizes, fp8.layouts)
     ]
     headers = ["pattern", "decision", "reason", "tensors", "bytes", "saved"]
     print_table(headers, rows, right={3, 4, 5}, title="FP8 decisions by name pattern")

@@ -16,17 +16,22 @@ from typing import Any
 from normalize_core._core import Checkpoint
 from normalize_core.fp8.config import FLOATING_DTYPES
 from normalize_core.fp8.groups import module_of, split_fused_groups
-from normalize_core.fp8.layout import SCALE_SUFFIX
+from normalize_core.fp8.layout import (
+    DEFAULT_BLOCK_SIZE,
+    FP8_WEIGHT_DTYPE,
+    SCALE_SUFFIX,
+    SCALE_TENSOR_DTYPES,
+    halves_need_splitting,
+    tiling,
+)
 
 
 def block_scale_shapes(shape: list[int], block: tuple[int, int]) -> list[list[int]]:
     """Scale shapes an engine accepts for a weight: per-block over the last two dims, and for a
     fused ``[E, 2I, H]`` projection whose halves are not whole blocks, per half."""
-    *batch, n, k = shape
-    bn, bk = block
-    shapes = [[*batch, math.ceil(n / bn), math.ceil(k / bk)]]
-    if len(shape) == 3 and n % 2 == 0 and (n // 2) % bn:
-        shapes.append([*batch, 2 * math.ceil(n // 2 / bn), math.ceil(k / bk)])
+    shapes = [list(tiling(shape, block).scale_shape)]
+    if halves_need_splitting(shape, block):
+        shapes.append(list(tiling(shape, block, split_halves=True).scale_shape))
     return shapes
 
 
@@ -60,11 +65,11 @@ def fp8_findings(checkpoint: Checkpoint, config: dict[str, Any] | None) -> list[
     qconfig = (config or {}).get("quantization_config") or {}
     is_fp8_config = qconfig.get("quant_method") == "fp8"
     tensors = {t.name: t for t in checkpoint.tensors}
-    fp8 = [t for t in tensors.values() if t.dtype == "F8_E4M3"]
+    fp8 = [t for t in tensors.values() if t.dtype == FP8_WEIGHT_DTYPE]
     if not fp8 and not is_fp8_config:
         return []
     findings: list[tuple[str, str]] = []
-    block_size = qconfig.get("weight_block_size") or [128, 128]
+    block_size = qconfig.get("weight_block_size") or [DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE]
     block = (int(block_size[0]), int(block_size[1]))
     block_scheme = bool(qconfig.get("weight_block_size")) or any(f"{t.name}{SCALE_SUFFIX}" in tensors for t in fp8)
     ue8m0 = qconfig.get("scale_fmt") == "ue8m0"
@@ -79,7 +84,7 @@ def fp8_findings(checkpoint: Checkpoint, config: dict[str, Any] | None) -> list[
                 hint = f"; it has {other}, which block-FP8 loaders ignore" if other else ""
                 findings.append(("error", f"{weight.name} is FP8 but has no {weight.name}{SCALE_SUFFIX}{hint}"))
                 continue
-            if scale.dtype not in ("F32", "BF16"):
+            if scale.dtype not in SCALE_TENSOR_DTYPES.values():
                 findings.append(("error", f"{scale.name} is {scale.dtype}; engines expect F32 or BF16 scales"))
                 continue
             if scale.shape not in block_scale_shapes(weight.shape, block):

@@ -35,7 +35,15 @@ from normalize_core.fp8.config import (
     module_sets,
     write_quantized_config,
 )
-from normalize_core.fp8.layout import SCALE_SUFFIX, QuantizedLayout, quantized_bytes, quantized_layout
+from normalize_core.fp8.layout import (
+    DEFAULT_BLOCK_SIZE,
+    FP8_DTYPES,
+    FP8_WEIGHT_DTYPE,
+    QuantizedLayout,
+    is_scale_name,
+    quantized_layout,
+    scale_dtype_of,
+)
 from normalize_core.fp8.quantizers import quantizer_for
 from normalize_core.fp8.rules import (
     Decision,
@@ -45,13 +53,9 @@ from normalize_core.fp8.rules import (
     decide_all,
     with_skip_patterns,
 )
+from normalize_core.kinds import Layout, Naming, ScaleDtype, ScaleFormat
 from normalize_core.repack import finish_output, fresh_output
 from normalize_core.sizes import GIB
-
-SCALE_DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16"}
-FP8_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0"})
-#: Names only a quantized checkpoint's tensors end with: block-FP8 scales, compressed-tensors scales.
-QUANTIZATION_SUFFIXES = (SCALE_SUFFIX, "weight_scale", "input_scale")
 
 
 @dataclass
@@ -65,8 +69,8 @@ class Fp8Plan:
     #: None when planned with ``build_plan=False``.
     plan: OutputPlan | None
     repacked: bool
-    scale_dtype: str
-    scale_fmt: str
+    scale_dtype: ScaleDtype
+    scale_fmt: ScaleFormat
     block_size: int
     quantization_config: dict
     #: With ``--reference``: (weights only in the source, weights only in the reference).
@@ -83,16 +87,13 @@ class Fp8Plan:
     @functools.cached_property
     def layouts(self) -> dict[str, QuantizedLayout]:
         """The output layout of every quantized tensor."""
-        return quantized_layouts(self.decisions, self.entries, self.block_size)
+        return quantized_layouts(self.decisions, self.entries, self.block_size, self.scale_dtype)
 
     @property
     def output_bytes(self) -> int:
         """Tensor bytes of the output (what its ``total_size`` will be)."""
-        scale_size = 2 if self.scale_dtype == "bfloat16" else 4
-        return sum(
-            quantized_bytes(entry.name, entry.shape, self.block_size, scale_size) if d.quantize else entry.nbytes
-            for d, entry in zip(self.decisions, self.entries, strict=True)
-        )
+        layouts = self.layouts
+        return sum(layouts[entry.name].nbytes if entry.name in layouts else entry.nbytes for entry in self.entries)
 
 
 @dataclass
@@ -112,15 +113,10 @@ class Fp8Result:
     removed_stale: list[str] = field(default_factory=list)
 
 
-def marks_quantization(entry: TensorEntry) -> bool:
-    """Whether this tensor shows its checkpoint is quantized: an FP8 dtype, or a scale's name."""
-    return entry.dtype in FP8_DTYPES or entry.name.endswith(QUANTIZATION_SUFFIXES)
-
-
 def refuse_quantized_source(checkpoint: Checkpoint, entries: list[TensorEntry]) -> None:
     """An FP8 (or otherwise scaled) source cannot be quantized again."""
     for entry in entries:
-        if marks_quantization(entry):
+        if entry.dtype in FP8_DTYPES or is_scale_name(entry.name):
             raise normalize_error(
                 "already_quantized",
                 f"{checkpoint.dir}: tensor '{entry.name}' ({entry.dtype}) shows the checkpoint is already quantized; "
@@ -163,9 +159,9 @@ def plan_fp8(
     skip_patterns: Sequence[str] = (),
     repack: bool | None = None,
     max_shard_bytes: int = 4 * GIB,
-    scale_fmt: str = "float",
-    scale_dtype: str | None = None,
-    block_size: int = 128,
+    scale_fmt: ScaleFormat | str = ScaleFormat.FLOAT,
+    scale_dtype: ScaleDtype | str | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     build_plan: bool = True,
 ) -> Fp8Plan:
     """Decides and plans a conversion from headers alone.
@@ -173,24 +169,25 @@ def plan_fp8(
     With ``build_plan=False`` (dry runs) only the decisions are made: ``plan`` is None.
     ``repack=None`` keeps a standard or single-file source's shard layout and bin-packs other
     (engine-named) layouts into ``model-{i:05d}-of-{n:05d}`` shards; ``True`` always bin-packs,
-    ``False`` always keeps the source's files. ``scale_dtype`` ("float32"/"bfloat16") defaults to
-    the reference's, else float32.
+    ``False`` always keeps the source's files. ``scale_fmt`` is a ``ScaleFormat`` ("float" or
+    "ue8m0"); ``scale_dtype`` a ``ScaleDtype`` ("float32" or "bfloat16"), by default the
+    reference's, else float32. A value outside those raises ``ValueError`` naming the allowed ones.
     """
+    scale_fmt = ScaleFormat(scale_fmt)
+    if scale_dtype is not None:
+        scale_dtype = ScaleDtype(scale_dtype)
+    if block_size <= 0:
+        raise ValueError("block size must be positive")
     checkpoint = Checkpoint.open(Path(source))
     entries = checkpoint.tensors
     refuse_quantized_source(checkpoint, entries)
     rules, base_rules = choose_rules(reference, quantize_patterns, skip_patterns)
     decisions, kept_modules = decide(entries, rules)
     if scale_dtype is None:
-        reference_dtype = getattr(base_rules, "scale_dtype", None)
-        scale_dtype = {"BF16": "bfloat16"}.get(reference_dtype, "float32")
-    if scale_dtype not in SCALE_DTYPE_NAMES:
-        raise ValueError(f"scale dtype must be float32 or bfloat16, not {scale_dtype!r}")
-    if block_size <= 0:
-        raise ValueError("block size must be positive")
+        scale_dtype = scale_dtype_of(getattr(base_rules, "scale_dtype", None)) or ScaleDtype.FLOAT32
 
     if repack is None:
-        repack = not (checkpoint.has_standard_names or checkpoint.layout == "single_file")
+        repack = not (checkpoint.has_standard_names or checkpoint.layout == Layout.SINGLE_FILE)
     names = (t.name for t in entries)
     mismatch = base_rules.compare(names) if isinstance(base_rules, ReferenceRules) else None
     fp8 = Fp8Plan(
@@ -206,16 +203,16 @@ def plan_fp8(
         reference_mismatch=mismatch,
     )
     if build_plan:
-        fp8.plan = build_output_plan(checkpoint, decisions, fp8.layouts, scale_dtype, repack, max_shard_bytes)
+        fp8.plan = build_output_plan(checkpoint, decisions, fp8.layouts, repack, max_shard_bytes)
     return fp8
 
 
 def quantized_layouts(
-    decisions: list[Decision], entries: list[TensorEntry], block_size: int
+    decisions: list[Decision], entries: list[TensorEntry], block_size: int, scale_dtype: ScaleDtype
 ) -> dict[str, QuantizedLayout]:
     """The output layout of every tensor decided to be quantized."""
     return {
-        d.name: quantized_layout(d.name, entry.shape, block_size)
+        d.name: quantized_layout(d.name, entry.shape, block_size, scale_dtype)
         for d, entry in zip(decisions, entries, strict=True)
         if d.quantize
     }
@@ -225,7 +222,6 @@ def build_output_plan(
     checkpoint: Checkpoint,
     decisions: list[Decision],
     layouts: dict[str, QuantizedLayout],
-    scale_dtype: str,
     repack: bool,
     max_shard_bytes: int,
 ) -> OutputPlan:
@@ -237,14 +233,14 @@ def build_output_plan(
         if layout is None:
             groups.append(builder.group([builder.copied(decision.name)]))
             continue
-        weight = builder.provided(layout.name, "F8_E4M3", list(layout.shape))
-        scale = builder.provided(layout.scale_name, SCALE_DTYPE_NAMES[scale_dtype], list(layout.scale_shape))
+        weight = builder.provided(layout.name, FP8_WEIGHT_DTYPE, list(layout.shape))
+        scale = builder.provided(layout.scale_name, layout.scale_tensor_dtype, list(layout.scale_shape))
         groups.append(builder.group([weight, scale], home=decision.name))
     if repack:
         builder.pack_greedy(groups, max_shard_bytes)
     else:
         builder.pack_by_source_file(groups)
-    return builder.finish("standard" if repack else "source")
+    return builder.finish(Naming.STANDARD if repack else Naming.SOURCE)
 
 
 def to_fp8(

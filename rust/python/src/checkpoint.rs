@@ -6,23 +6,24 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use normalize_core::checkpoint::Layout;
 use normalize_core::header::{read_header as core_read_header, ShardHeader};
-use normalize_core::verify::{find_problems, Severity};
+use normalize_core::verify::find_problems;
 use normalize_core::{Checkpoint, Error, TensorEntry};
 use pyo3::exceptions::{PyBufferError, PyKeyError};
 use pyo3::ffi;
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 use crate::errors::OrRaise;
+use crate::kinds;
 
-/// One tensor: name, dtype (safetensors name such as "BF16"), shape, the file holding it,
+/// One tensor: name, dtype (a `Dtype` member such as `Dtype.BF16`), shape, the file holding it,
 /// offsets relative to that file's data buffer, and its absolute offset in the file.
 #[pyclass(name = "TensorEntry", module = "normalize_core._core", frozen, get_all)]
 #[derive(Clone)]
 pub struct PyTensorEntry {
     pub name: String,
-    pub dtype: String,
+    pub dtype: kinds::Dtype,
     pub shape: Vec<u64>,
     pub file: String,
     pub data_offsets: (u64, u64),
@@ -44,7 +45,7 @@ impl PyTensorEntry {
     fn from_entry(entry: &TensorEntry, checkpoint: &Checkpoint) -> Self {
         PyTensorEntry {
             name: entry.name.clone(),
-            dtype: entry.dtype.to_string(),
+            dtype: kinds::Dtype(entry.dtype),
             shape: entry.shape.clone(),
             file: checkpoint.files[entry.file].name.clone(),
             data_offsets: entry.data_offsets,
@@ -80,14 +81,10 @@ impl PyCheckpoint {
         self.inner.dir.clone()
     }
 
-    /// How tensors were found: "indexed", "single_file" or "unindexed".
+    /// How tensors were found: a `Layout` member ("indexed", "single_file" or "unindexed").
     #[getter]
-    fn layout(&self) -> &'static str {
-        match self.inner.layout {
-            Layout::Indexed => "indexed",
-            Layout::SingleFile => "single_file",
-            Layout::Unindexed => "unindexed",
-        }
+    fn layout(&self) -> kinds::Layout {
+        self.inner.layout.into()
     }
 
     /// Shard file names in checkpoint order.
@@ -139,14 +136,21 @@ impl PyCheckpoint {
         self.inner.total_parameters()
     }
 
-    /// Tensor bytes per dtype.
+    /// Tensor bytes per dtype (`Dtype` members, in name order).
     #[getter]
-    fn dtypes(&self) -> BTreeMap<String, u64> {
-        let mut totals = BTreeMap::new();
+    fn dtypes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let mut totals: BTreeMap<String, (kinds::Dtype, u64)> = BTreeMap::new();
         for t in &self.inner.tensors {
-            *totals.entry(t.dtype.to_string()).or_insert(0) += t.nbytes();
+            let total = totals
+                .entry(t.dtype.to_string())
+                .or_insert((kinds::Dtype(t.dtype), 0));
+            total.1 += t.nbytes();
         }
-        totals
+        let dict = PyDict::new(py);
+        for (dtype, bytes) in totals.into_values() {
+            dict.set_item(dtype, bytes)?;
+        }
+        Ok(dict)
     }
 
     /// Whether the shards are named `model-{i:05d}-of-{n:05d}.safetensors` with an index.
@@ -174,18 +178,12 @@ impl PyCheckpoint {
         Ok(file.header.metadata.iter().cloned().collect())
     }
 
-    /// Problems a loader would trip over (severity "error") or that look unclean ("warning"),
-    /// as `(severity, message)` pairs.
-    fn problems(&self) -> Vec<(&'static str, String)> {
+    /// Problems a loader would trip over (`Severity.ERROR`) or that look unclean
+    /// (`Severity.WARNING`), as `(severity, message)` pairs.
+    fn problems(&self) -> Vec<(kinds::Severity, String)> {
         find_problems(&self.inner)
             .into_iter()
-            .map(|f| {
-                let severity = match f.severity {
-                    Severity::Error => "error",
-                    Severity::Warning => "warning",
-                };
-                (severity, f.message)
-            })
+            .map(|f| (f.severity.into(), f.message))
             .collect()
     }
 
@@ -207,7 +205,7 @@ impl PyCheckpoint {
         format!(
             "Checkpoint({:?}, layout={}, files={}, tensors={}, total_size={})",
             self.inner.dir,
-            self.layout(),
+            kinds::Layout::from(self.inner.layout),
             self.inner.files.len(),
             self.inner.tensors.len(),
             self.inner.total_size()
@@ -323,7 +321,7 @@ impl PyShardHeader {
             .iter()
             .map(|t| PyTensorEntry {
                 name: t.name.clone(),
-                dtype: t.dtype.to_string(),
+                dtype: kinds::Dtype(t.dtype),
                 shape: t.shape.clone(),
                 file: name.clone(),
                 data_offsets: t.data_offsets,

@@ -45,12 +45,6 @@ pub fn remove_stale_shards(output: PathBuf, keep: Vec<String>) -> PyResult<Vec<S
     output_dir::remove_stale_shards(&output, &keep).or_raise()
 }
 
-/// Whether `name` is a shard file name this tool writes.
-#[pyfunction]
-pub fn is_tool_shard_name(name: &str) -> bool {
-    output_dir::is_tool_shard_name(name)
-}
-
 /// Copies one file atomically (temporary name, fsync, rename), in the kernel where possible.
 /// `progress(n)` receives bytes done.
 #[pyfunction]
