@@ -54,8 +54,11 @@ class Checkpoints:
         return json.loads((directory / "config.json").read_text()), read_output_bytes(directory)
 
     def state(self, dest: Path) -> str:
-        """``old``, ``new`` or ``refused`` (no config.json: no engine loads it); fails on anything else."""
+        """``old``, ``new`` or ``refused`` (no config.json: no engine loads it); fails on anything else.
+        Whatever the state, an index present names only complete shards holding what it says."""
         if not (dest / "config.json").exists():
+            if (dest / INDEX).exists():
+                assert read_output_bytes(dest) in (self.old[1], self.new[1]), "an index naming a mix of shards"
             return "refused"
         assert (dest / INDEX).exists(), "a loadable config.json beside no index"
         seen = self.read(dest)  # every indexed shard complete and holding what the index says
