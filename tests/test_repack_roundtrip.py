@@ -57,7 +57,8 @@ def split(tensors: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.
 
 
 def write_aux_files(directory: Path, shared: Path) -> None:
-    """Config, tokenizer files, a sub-folder, a symlink to a file outside, and things never copied."""
+    """Config, tokenizer files, a sub-folder, and things never copied: hidden files and a symlink to a file
+    outside the source (skipped and reported, never followed)."""
     (directory / "config.json").write_text('{"model_type": "llama"}\n')
     (directory / "tokenizer.json").write_text('{"version": "1.0"}\n')
     (directory / "tokenizer").mkdir()
@@ -87,13 +88,15 @@ def test_engine_named_shards_round_trip(tmp_path: Path, limit: int):
     assert_standard_output(tmp_path / "out", expected_bytes(tensors), limit)
     assert result.tensors == len(tensors)
     assert result.ignored_files == []
-    assert result.aux_files == ["config.json", "tokenizer", "tokenizer.json", "tokenizer.model"]
+    assert result.aux_files == ["config.json", "tokenizer", "tokenizer.json"]
+    outside = (tmp_path / "shared" / "tokenizer.model").resolve()
+    assert result.skipped_aux == [("tokenizer.model", f"symlink to {outside}, outside the source directory")]
     out = tmp_path / "out"
     assert (out / "config.json").read_text() == '{"model_type": "llama"}\n'
     assert (out / "tokenizer" / "vocab.txt").read_text() == "a\nb\n"
     assert not (out / "tokenizer" / ".cache").exists()
+    assert not (out / "tokenizer.model").exists()
     assert not (out / "tokenizer.model").is_symlink()
-    assert (out / "tokenizer.model").read_bytes() == b"\x00sentencepiece\xff"
     assert not (out / ".gitattributes").exists()
     assert not (out / ".cache").exists()
 

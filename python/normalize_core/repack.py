@@ -37,6 +37,8 @@ class WriteResult:
     tensors: int
     total_size: int
     aux_files: list[str] = field(default_factory=list)
+    #: ``(path, reason)`` of source symlinks not copied (they lead outside the source, or nowhere).
+    skipped_aux: list[tuple[str, str]] = field(default_factory=list)
     removed_stale: list[str] = field(default_factory=list)
     #: ``*.safetensors`` files of the source that its index does not reference, left out.
     ignored_files: list[str] = field(default_factory=list)
@@ -110,7 +112,8 @@ def finish_output(
         shards=shards,
         tensors=sum(len(s.tensor_names) for s in plan.shards),
         total_size=plan.total_size,
-        aux_files=aux,
+        aux_files=aux.copied,
+        skipped_aux=aux.skipped,
         removed_stale=stale,
         seconds=time.monotonic() - started,
     )

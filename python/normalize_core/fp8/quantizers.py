@@ -40,8 +40,8 @@ def quantizer_for(device: str, fp8) -> KernelQuantizer | TorchQuantizer:
 
 
 class KernelQuantizer:
-    """Quantizes on the CPU with the Rust kernel, reading the source's mapped pages directly.
-    Tiles and scale dtype come from each tensor's ``QuantizedLayout``."""
+    """Quantizes on the CPU with the Rust kernel. Tiles and scale dtype come from each tensor's
+    ``QuantizedLayout``."""
 
     device = CPU
 
@@ -53,10 +53,20 @@ class KernelQuantizer:
         # cost a page fault and a zeroing per page of every output byte.
         self._fp8 = bytearray()
         self._scale = bytearray()
+        # Sources too, two in turn: ``load`` runs one tensor ahead, so it fills one while the
+        # other is being quantized, and a tensor is done with before the next-but-one is loaded.
+        self._sources = [bytearray(), bytearray()]
+        self._next_source = 0
 
-    def load(self, name: str):
-        """A zero-copy view of the tensor's bytes, its pages read in now."""
-        return self.checkpoint.view(name, populate=True)
+    def load(self, name: str) -> memoryview:
+        """The tensor's bytes, read now into the next of the two source buffers."""
+        nbytes = self.checkpoint.tensor(name).nbytes
+        slot, self._next_source = self._next_source, 1 - self._next_source
+        if len(self._sources[slot]) < nbytes:
+            self._sources[slot] = bytearray(nbytes)
+        source = memoryview(self._sources[slot])[:nbytes]
+        self.checkpoint.read_into(name, source)
+        return source
 
     def quantize(self, source, layout: QuantizedLayout) -> tuple[memoryview, memoryview]:
         """``(fp8 bytes, scale bytes)``, valid until the next call (the buffers are reused)."""
@@ -84,7 +94,7 @@ class KernelQuantizer:
 
 
 class TorchQuantizer:
-    """Quantizes with torch's arithmetic on ``device`` (meant for GPUs): the source is copied to
+    """Quantizes with torch's arithmetic on ``device`` (meant for GPUs): the source is read into
     page-locked memory on the read-ahead thread and moved to the device without blocking;
     results come back as host bytes."""
 
@@ -109,8 +119,6 @@ class TorchQuantizer:
         self.scale_fmt = scale_fmt
 
     def load(self, name: str):
-        import numpy
-
         from normalize_core.fp8.quantize import TORCH_SOURCE_DTYPES, as_byte_array
 
         entry = self.checkpoint.tensor(name)
@@ -118,8 +126,7 @@ class TorchQuantizer:
         # Page-locked host memory lets the copy to the GPU run without blocking this thread.
         pinned = self.torch.empty(entry.shape, dtype=dtype, pin_memory=self.target.type == "cuda")
         if entry.nbytes:
-            source = numpy.frombuffer(self.checkpoint.view(name, populate=True), dtype=numpy.uint8)
-            as_byte_array(pinned)[:] = source
+            self.checkpoint.read_into(name, as_byte_array(pinned))
         return pinned.to(self.target, non_blocking=True)
 
     def quantize(self, source, layout: QuantizedLayout):

@@ -4,9 +4,11 @@
 use std::collections::HashSet;
 use std::path::{Component, Path, PathBuf};
 
-use crate::atomic_file::PARTIAL_MARKER;
 use crate::error::{Error, Result};
-use crate::index::INDEX_FILE;
+use crate::format::{is_temporary_name, INDEX_FILE};
+
+/// Kept at its first home for callers; it lives in [`crate::format`].
+pub use crate::format::is_tool_shard_name;
 
 /// Refuses an output that is a source, lies inside one, or contains one.
 pub fn check_separate(sources: &[&Path], output: &Path) -> Result<()> {
@@ -54,35 +56,17 @@ pub fn prepare_output_dir(output: &Path, overwrite: bool) -> Result<()> {
         });
     }
     let index = output.join(INDEX_FILE);
-    if index.exists() {
+    if std::fs::symlink_metadata(&index).is_ok() {
         std::fs::remove_file(&index).map_err(|e| Error::io(&index, e))?;
     }
     for entry in std::fs::read_dir(output).map_err(|e| Error::io(output, e))? {
         let entry = entry.map_err(|e| Error::io(output, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') && name.contains(PARTIAL_MARKER) {
+        if is_temporary_name(&name) {
             let _ = std::fs::remove_file(entry.path());
         }
     }
     Ok(())
-}
-
-/// Whether `name` is a shard name this tool writes.
-pub fn is_tool_shard_name(name: &str) -> bool {
-    if name == "model.safetensors" {
-        return true;
-    }
-    let Some(rest) = name
-        .strip_prefix("model-")
-        .and_then(|r| r.strip_suffix(".safetensors"))
-    else {
-        return false;
-    };
-    let bytes = rest.as_bytes();
-    bytes.len() == 14
-        && bytes[..5].iter().all(u8::is_ascii_digit)
-        && &bytes[5..9] == b"-of-"
-        && bytes[9..].iter().all(u8::is_ascii_digit)
 }
 
 /// Removes shard files of this tool's naming that the new index does not reference (left by an
@@ -168,13 +152,5 @@ mod tests {
         prepare_output_dir(&out, true).unwrap();
         assert!(!out.join(INDEX_FILE).exists());
         assert!(out.join("note.txt").exists());
-    }
-
-    #[test]
-    fn recognises_tool_shard_names() {
-        assert!(is_tool_shard_name("model-00001-of-00002.safetensors"));
-        assert!(is_tool_shard_name("model.safetensors"));
-        assert!(!is_tool_shard_name("model-1-of-2.safetensors"));
-        assert!(!is_tool_shard_name("weights.safetensors"));
     }
 }

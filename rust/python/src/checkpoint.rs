@@ -2,14 +2,14 @@
 
 use std::collections::BTreeMap;
 use std::ffi::c_int;
-use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use normalize_core::header::{read_header as core_read_header, ShardHeader};
 use normalize_core::verify::find_problems;
-use normalize_core::{Checkpoint, Error, TensorEntry};
-use pyo3::exceptions::{PyBufferError, PyKeyError};
+use normalize_core::{Checkpoint, TensorEntry};
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::{PyBufferError, PyKeyError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -38,6 +38,14 @@ impl PyTensorEntry {
             "TensorEntry(name={:?}, dtype={}, shape={:?}, file={:?}, nbytes={})",
             self.name, self.dtype, self.shape, self.file, self.nbytes
         )
+    }
+}
+
+impl PyCheckpoint {
+    fn entry(&self, name: &str) -> PyResult<&TensorEntry> {
+        self.inner
+            .tensor(name)
+            .ok_or_else(|| PyKeyError::new_err(name.to_string()))
     }
 }
 
@@ -110,10 +118,8 @@ impl PyCheckpoint {
 
     /// The tensor of that name; KeyError when absent.
     fn tensor(&self, name: &str) -> PyResult<PyTensorEntry> {
-        self.inner
-            .tensor(name)
+        self.entry(name)
             .map(|t| PyTensorEntry::from_entry(t, &self.inner))
-            .ok_or_else(|| PyKeyError::new_err(name.to_string()))
     }
 
     fn __len__(&self) -> usize {
@@ -187,18 +193,49 @@ impl PyCheckpoint {
             .collect()
     }
 
-    /// A zero-copy, read-only view of one tensor's bytes (buffer protocol). With `populate`,
-    /// the pages are read in now (useful from a read-ahead thread).
-    #[pyo3(signature = (name, populate = false))]
-    fn view(&self, py: Python<'_>, name: &str, populate: bool) -> PyResult<PyTensorView> {
-        let entry = self
-            .inner
-            .tensor(name)
-            .ok_or_else(|| PyKeyError::new_err(name.to_string()))?
-            .clone();
-        let path = self.inner.files[entry.file].path.clone();
-        py.detach(|| PyTensorView::map(&path, &entry, populate))
-            .or_raise()
+    /// One tensor's bytes, read now into memory the view owns (read-only buffer protocol).
+    /// Reading is by positional reads, never a mapping: a source truncated meanwhile raises
+    /// `NormalizeError` (kind "source_changed"), it cannot kill the process.
+    fn view(&self, py: Python<'_>, name: &str) -> PyResult<PyTensorView> {
+        let entry = self.entry(name)?;
+        let mut bytes = vec![0u8; entry.nbytes() as usize];
+        py.detach(|| self.inner.read_tensor(entry, &mut bytes))
+            .or_raise()?;
+        Ok(PyTensorView {
+            bytes,
+            name: entry.name.clone(),
+            dtype: entry.dtype.to_string(),
+            shape: entry.shape.clone(),
+            nbytes: entry.nbytes(),
+        })
+    }
+
+    /// Reads one tensor's bytes into `buffer`, any writable C-contiguous buffer of exactly
+    /// `nbytes` bytes (a reused `bytearray`, pinned memory seen as a numpy array), with no
+    /// second copy. Checked like `view`.
+    fn read_into(&self, py: Python<'_>, name: &str, buffer: PyBuffer<u8>) -> PyResult<()> {
+        let entry = self.entry(name)?;
+        if buffer.readonly() || !buffer.is_c_contiguous() {
+            return Err(PyValueError::new_err(format!(
+                "the buffer for '{name}' must be writable and C-contiguous"
+            )));
+        }
+        if buffer.len_bytes() as u64 != entry.nbytes() {
+            return Err(PyValueError::new_err(format!(
+                "the buffer for '{name}' has {} bytes; the tensor has {}",
+                buffer.len_bytes(),
+                entry.nbytes()
+            )));
+        }
+        let (address, len) = (buffer.buf_ptr() as usize, buffer.len_bytes());
+        py.detach(|| {
+            // SAFETY: `buffer` keeps the exporter's memory alive and unmoved (an exported
+            // bytearray or array cannot be resized) until this method returns; it was checked
+            // writable and `len` bytes long.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(address as *mut u8, len) };
+            self.inner.read_tensor(entry, bytes)
+        })
+        .or_raise()
     }
 
     fn __repr__(&self) -> String {
@@ -213,12 +250,10 @@ impl PyCheckpoint {
     }
 }
 
-/// Bytes of one tensor, mapped read-only from its file: reading costs page faults only, and
-/// nothing can write through it.
+/// Bytes of one tensor, read from its file into memory the view owns; exported read-only.
 #[pyclass(name = "TensorView", module = "normalize_core._core", frozen)]
 pub struct PyTensorView {
-    /// None for a zero-byte tensor (nothing to map).
-    map: Option<memmap2::Mmap>,
+    bytes: Vec<u8>,
     #[pyo3(get)]
     name: String,
     #[pyo3(get)]
@@ -227,40 +262,6 @@ pub struct PyTensorView {
     shape: Vec<u64>,
     #[pyo3(get)]
     nbytes: u64,
-}
-
-impl PyTensorView {
-    fn map(
-        path: &std::path::Path,
-        entry: &TensorEntry,
-        populate: bool,
-    ) -> normalize_core::Result<Self> {
-        let len = entry.nbytes() as usize;
-        let map = if len == 0 {
-            None
-        } else {
-            let file = File::open(path).map_err(|e| Error::io(path, e))?;
-            let mut options = memmap2::MmapOptions::new();
-            options.offset(entry.file_offset).len(len);
-            if populate {
-                options.populate();
-            }
-            // SAFETY: a read-only mapping; another process truncating or rewriting the source
-            // while it is read is the one hazard, as for every reader of mapped checkpoints.
-            Some(unsafe { options.map(&file) }.map_err(|e| Error::io(path, e))?)
-        };
-        Ok(PyTensorView {
-            map,
-            name: entry.name.clone(),
-            dtype: entry.dtype.to_string(),
-            shape: entry.shape.clone(),
-            nbytes: entry.nbytes(),
-        })
-    }
-
-    fn bytes(&self) -> &[u8] {
-        self.map.as_deref().unwrap_or(&[])
-    }
 }
 
 #[pymethods]
@@ -272,10 +273,11 @@ impl PyTensorView {
         view: *mut ffi::Py_buffer,
         flags: c_int,
     ) -> PyResult<()> {
-        let bytes = slf.get().bytes();
+        let bytes = &slf.get().bytes;
         let (ptr, len) = (bytes.as_ptr().cast_mut(), bytes.len() as ffi::Py_ssize_t);
-        // SAFETY: `view` comes from CPython; the mapping lives as long as `slf`, which the view
-        // keeps a reference to; the buffer is exported read-only (a request to write fails).
+        // SAFETY: `view` comes from CPython; the bytes live (never moved: the view is frozen) as
+        // long as `slf`, which the view keeps a reference to; the buffer is exported read-only
+        // (a request to write fails).
         let status =
             unsafe { ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr.cast(), len, 1, flags) };
         if status == -1 {
@@ -286,7 +288,7 @@ impl PyTensorView {
     }
 
     fn __len__(&self) -> usize {
-        self.bytes().len()
+        self.bytes.len()
     }
 
     fn __repr__(&self) -> String {

@@ -30,6 +30,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<plan::PyOutputPlan>()?;
     m.add_class::<plan::PyShardPlan>()?;
     m.add_class::<writer::PyShardWriter>()?;
+    m.add_class::<files::PyAuxCopy>()?;
     m.add_function(wrap_pyfunction!(checkpoint::read_header, m)?)?;
     m.add_function(wrap_pyfunction!(plan::plan_shards, m)?)?;
     m.add_function(wrap_pyfunction!(fp8::quantize_fp8_blocks, m)?)?;
