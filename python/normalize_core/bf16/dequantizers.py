@@ -6,11 +6,13 @@ and turn them into the output tensor's bytes for the shard writer (``dequantize(
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from normalize_core._core import Checkpoint, dequantize_fp8_blocks
 from normalize_core.bf16.formats import Fp8Weight
-from normalize_core.fp8.quantizers import CPU, gpu_present
+from normalize_core.devices import AUTO, CPU, CUDA, parse_device, torch_device
+from normalize_core.fp8.quantizers import gpu_present
 from normalize_core.kinds import Dtype
 
 #: ``--dtype`` names → safetensors dtypes.
@@ -20,11 +22,15 @@ _OUTPUT_SIZES = {Dtype.BF16: 2, Dtype.F16: 2, Dtype.F32: 4}
 
 def dequantizer_for(device: str, checkpoint: Checkpoint, block: tuple[int, int], dtype: str):
     """The dequantizer for ``device`` ("auto", "cpu", "cuda", "cuda:N") writing ``dtype``
-    ("bfloat16", "float16" or "float32") from scales of ``(rows, cols)`` tiles."""
-    if device == "auto":
-        device = "cuda" if gpu_present() else CPU
+    ("bfloat16", "float16" or "float32") from scales of ``(rows, cols)`` tiles. Raises
+    ``ValueError`` for any other device, or a GPU that torch does not see."""
+    device = parse_device(device)
+    if device == AUTO:
+        device = CUDA if gpu_present() else CPU
     if device == CPU:
         return KernelDequantizer(checkpoint, block, dtype)
+    if importlib.util.find_spec("torch") is None:
+        raise ValueError(f"device {device!r} needs torch, which is not installed (pip install 'model-normalize[gpu]')")
     return TorchDequantizer(checkpoint, block, dtype, device)
 
 
@@ -92,11 +98,8 @@ class TorchDequantizer:
         import torch
 
         self.torch = torch
-        resolved = torch.device(device)
-        if resolved.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
-        self.target = resolved
-        self.device = str(resolved)
+        self.target = torch_device(device)
+        self.device = str(self.target)
         self.checkpoint = checkpoint
         self.block = block
         self.dtype = getattr(torch, dtype)

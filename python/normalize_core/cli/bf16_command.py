@@ -1,5 +1,5 @@
 """``to-bf16``: dequantize a block-FP8 checkpoint back to bf16 (or float16/float32). torch is imported
-only for a GPU run."""
+only for a GPU run; the library code only when the command runs."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from normalize_core._core import NormalizeError, check_separate
 from normalize_core.cli.app import (
+    DeviceOpt,
     MaxShardOpt,
     OverwriteOpt,
     QuietOpt,
@@ -19,43 +18,36 @@ from normalize_core.cli.app import (
     SourceOpt,
     app,
     fail,
-    finding,
-    labelled,
     shard_limit,
-    stdout,
 )
-from normalize_core.progress import byte_progress
+from normalize_core.cli.console import print_finding, print_table, say, write_line
 from normalize_core.sizes import format_bytes
+from normalize_core.words import plural
 
 
 def print_plan(bf16) -> None:
     """The dry run: what happens to which tensors, and the output's size and shards."""
     checkpoint = bf16.checkpoint
-    weights = bf16.roles.weights.values()
     nbytes = {t.name: t.nbytes for t in checkpoint.tensors}
-    table = Table(title=f"to-bf16: {bf16.format.describe()}")
-    for column in ("tensors", "count", "source bytes", "output bytes"):
-        table.add_column(column, justify="left" if column == "tensors" else "right")
-    fp8_bytes = sum(nbytes[w.name] for w in weights)
+    fp8_bytes = sum(nbytes[name] for name in bf16.roles.weights)
     copied_bytes = sum(t.nbytes for t in bf16.copied)
+    dropped = bf16.roles.activation_scales
     rows = [
         (f"FP8 weights → {bf16.dtype}", len(bf16.roles.weights), fp8_bytes, bf16.plan.total_size - copied_bytes),
         ("copied unchanged", len(bf16.copied), copied_bytes, copied_bytes),
         ("scales removed", len(bf16.roles.scales), sum(nbytes[n] for n in bf16.roles.scales), 0),
-        (
-            "activation scales dropped",
-            len(bf16.roles.activation_scales),
-            sum(nbytes[n] for n in bf16.roles.activation_scales),
-            0,
-        ),
+        ("activation scales dropped", len(dropped), sum(nbytes[n] for n in dropped), 0),
     ]
-    for label, count, before, after in rows:
-        table.add_row(label, str(count), format_bytes(before), format_bytes(after))
-    stdout.print(table)
+    print_table(
+        ["tensors", "count", "source bytes", "output bytes"],
+        [[label, str(count), format_bytes(before), format_bytes(after)] for label, count, before, after in rows],
+        right={1, 2, 3},
+        title=f"to-bf16: {bf16.format.describe()}",
+    )
     layout = "bin-packed into model-i-of-n shards" if bf16.repacked else "source shard layout kept"
-    stdout.print(
+    say(
         f"{format_bytes(checkpoint.total_size)} → {format_bytes(bf16.plan.total_size)} "
-        f"in {len(bf16.plan.shards)} shards ({layout})"
+        f"in {plural(len(bf16.plan.shards), 'shard')} ({layout})"
     )
 
 
@@ -63,14 +55,10 @@ def note_dropped_activation_scales(bf16) -> None:
     """Says so when activation scales are left out (nothing reads them once the weights are bf16)."""
     dropped = bf16.roles.activation_scales
     if dropped:
-        stdout.print(
-            labelled(
-                "note",
-                f"{len(dropped)} activation scales (*.input_scale, e.g. {dropped[0]}) are dropped: "
-                "a static activation scheme means nothing without FP8 weights",
-                "yellow",
-            ),
-            soft_wrap=True,
+        write_line(
+            ("note:", "yellow"),
+            f" {plural(len(dropped), 'activation scale')} (*.input_scale, e.g. {dropped[0]}) dropped: "
+            "a static activation scheme means nothing without FP8 weights",
         )
 
 
@@ -84,9 +72,7 @@ def to_bf16_command(
     dtype: Annotated[
         str, typer.Option("--dtype", help="Output dtype of the dequantized weights: bfloat16, float16 or float32.")
     ] = "bfloat16",
-    device: Annotated[
-        str, typer.Option("--device", help="auto (a GPU when torch sees one), cpu, cuda or cuda:N.")
-    ] = "auto",
+    device: DeviceOpt = "auto",
     no_repack: Annotated[
         bool, typer.Option("--no-repack", help="Keep the source's shard files even when their names are not standard.")
     ] = False,
@@ -130,8 +116,10 @@ def to_bf16_command(
     if as_json and not dry_run:
         raise typer.BadParameter("--json goes with --dry-run")
     limit = shard_limit(shard_size_gb, max_shard_size)
+    from normalize_core._core import NormalizeError, check_separate
     from normalize_core.bf16.convert import plan_bf16, write_bf16
     from normalize_core.bf16.dequantizers import dequantizer_for
+    from normalize_core.cli.progress import byte_progress
 
     try:
         if output is not None and not dry_run:
@@ -158,13 +146,12 @@ def to_bf16_command(
             result = write_bf16(bf16, output, device=target, overwrite=overwrite, progress=advance)
     except (NormalizeError, ValueError) as e:
         raise fail(str(e)) from None
-    stdout.print(
-        f"Wrote {len(result.shards)} shards to {result.output} on {result.device} in {result.seconds:.1f} s: "
-        f"{result.dequantized} FP8 weights to {dtype}, {result.copied} tensors copied, "
-        f"{result.dropped_scales} scales removed, "
-        f"{format_bytes(result.bytes_before)} → {format_bytes(result.bytes_after)}.",
-        soft_wrap=True,
+    say(
+        f"Wrote {plural(len(result.shards), 'shard')} to {result.output} on {result.device} in {result.seconds:.1f} s: "
+        f"{plural(result.dequantized, 'FP8 weight')} to {dtype}, {plural(result.copied, 'tensor')} copied, "
+        f"{plural(result.dropped_scales, 'scale')} removed, "
+        f"{format_bytes(result.bytes_before)} → {format_bytes(result.bytes_after)}."
     )
     note_dropped_activation_scales(bf16)
     for name, reason in result.skipped_aux:
-        stdout.print(finding("warning", f"{name} not copied: {reason}"), soft_wrap=True)
+        print_finding("warning", f"{name} not copied: {reason}")

@@ -11,11 +11,9 @@ import os
 from pathlib import Path
 
 from normalize_core._core import Checkpoint, quantize_fp8_blocks
+from normalize_core.devices import AUTO, CPU, CUDA, parse_device, torch_device
 from normalize_core.fp8.layout import QuantizedLayout
 from normalize_core.kinds import ScaleFormat
-
-#: ``--device`` spellings that mean "no GPU".
-CPU = "cpu"
 
 
 def gpu_present() -> bool:
@@ -29,11 +27,15 @@ def gpu_present() -> bool:
 
 
 def quantizer_for(device: str, fp8) -> KernelQuantizer | TorchQuantizer:
-    """The quantizer for ``device`` ("auto", "cpu", "cuda", "cuda:N") and a plan made by ``plan_fp8``."""
-    if device == "auto":
-        device = "cuda" if gpu_present() else CPU
+    """The quantizer for ``device`` ("auto", "cpu", "cuda", "cuda:N") and a plan made by ``plan_fp8``.
+    Raises ``ValueError`` for any other value, or a GPU that torch does not see."""
+    device = parse_device(device)
+    if device == AUTO:
+        device = CUDA if gpu_present() else CPU
     if device == CPU:
         return KernelQuantizer(fp8.checkpoint, fp8.scale_fmt)
+    if importlib.util.find_spec("torch") is None:
+        raise ValueError(f"device {device!r} needs torch, which is not installed (pip install 'model-normalize[gpu]')")
     return TorchQuantizer(fp8.checkpoint, fp8.scale_fmt, device)
 
 
@@ -100,11 +102,8 @@ class TorchQuantizer:
         import torch
 
         self.torch = torch
-        resolved = torch.device(device)
-        if resolved.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
-        self.target = resolved
-        self.device = str(resolved)
+        self.target = torch_device(device)
+        self.device = str(self.target)
         self.checkpoint = checkpoint
         self.scale_fmt = scale_fmt
 
