@@ -343,3 +343,14 @@ def test_a_block_size_that_is_not_square_comes_from_the_config(tmp_path):
     to_bf16(source, tmp_path / "out", device="cpu")
     want = dequantize_reference(codes, values, "bfloat16", (64, 128))
     assert np.array_equal(output_bytes(read_tensors(tmp_path / "out")[weight]), want)
+
+
+def test_a_non_empty_output_needs_overwrite(tmp_path):
+    source = Release().write(tmp_path / "src")
+    command = ["to-bf16", "-s", str(source), "-o", str(tmp_path / "out"), "--device", "cpu", "-q"]
+    assert runner.invoke(app, command).exit_code == 0
+    first = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    refused = runner.invoke(app, command)
+    assert refused.exit_code == 2 and "--overwrite" in refused.stderr
+    assert runner.invoke(app, [*command, "--overwrite"]).exit_code == 0
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == first
