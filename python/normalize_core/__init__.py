@@ -3,8 +3,8 @@
 The index tooling (headers, indexes, plans, writers) comes from the Rust extension; the
 functions below drive it. Every public name is imported from its module when first used, so
 ``import normalize_core`` costs almost nothing and imports neither torch nor the command-line
-packages. ``to_fp8`` on the CPU never imports torch (the Rust kernel quantizes);
-``quantize_block_fp8``, which takes torch tensors, imports it.
+packages. ``to_fp8`` and ``to_bf16`` on the CPU never import torch (Rust kernels quantize and
+dequantize); ``quantize_block_fp8`` and ``dequantize_block_fp8``, which take torch tensors, import it.
 
 >>> import normalize_core
 >>> ckpt = normalize_core.Checkpoint.open("path/to/checkpoint")   # doctest: +SKIP
@@ -21,6 +21,8 @@ import types
 
 #: Public name → the module that defines it (one line per name: adding an export is one line).
 _EXPORTS = {
+    "Bf16Plan": "normalize_core.bf16.convert",
+    "Bf16Result": "normalize_core.bf16.convert",
     "CheckReport": "normalize_core.check",
     "Checkpoint": "normalize_core._core",
     "CheckpointDiff": "normalize_core.diff",
@@ -57,12 +59,14 @@ _EXPORTS = {
     "WriteResult": "normalize_core.repack",
     "__version__": "normalize_core._core",
     "check": "normalize_core.check",
+    "dequantize_block_fp8": "normalize_core.bf16.dequantize",
     "diff": "normalize_core.diff",
     "inspect_checkpoint": "normalize_core.report",
     "merge": "normalize_core.merge",
     "parse_device": "normalize_core.devices",
     "parse_size": "normalize_core.sizes",
     "place": "normalize_core.place",
+    "plan_bf16": "normalize_core.bf16.convert",
     "plan_fp8": "normalize_core.fp8.convert",
     "plan_merge": "normalize_core.merge",
     "plan_placement": "normalize_core.place",
@@ -71,9 +75,11 @@ _EXPORTS = {
     "quantize_block_fp8": "normalize_core.fp8.quantize",
     "read_header": "normalize_core._core",
     "repack": "normalize_core.repack",
+    "to_bf16": "normalize_core.bf16.convert",
     "to_fp8": "normalize_core.fp8.convert",
     "verify_checkpoint": "normalize_core.report",
     "with_skip_patterns": "normalize_core.fp8.rules",
+    "write_bf16": "normalize_core.bf16.convert",
     "write_fp8": "normalize_core.fp8.convert",
     "write_sample_checkpoint": "normalize_core.sample",
 }

@@ -33,3 +33,22 @@ def parse_device(text: str) -> str:
 def cuda_ordinal(device: str) -> int | None:
     """N for a parsed ``cuda:N``; None for ``cuda`` (the current device) and the other values."""
     return int(device.split(":")[1]) if device.startswith(f"{CUDA}:") else None
+
+
+def torch_device(device: str):
+    """The ``torch.device`` for a parsed ``cuda`` or ``cuda:N`` (or ``cpu``, to run torch's arithmetic
+    there). Imports torch. Raises ``ValueError`` when torch sees no CUDA device or fewer than N + 1."""
+    import torch
+
+    resolved = torch.device(device)
+    if resolved.type == CUDA:
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if visible == 0:
+            raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
+        ordinal = cuda_ordinal(device)
+        if ordinal is not None and ordinal >= visible:
+            raise ValueError(
+                f"device {device!r} requested but torch sees only {visible} CUDA "
+                f"device{'' if visible == 1 else 's'} (cuda:0 to cuda:{visible - 1})"
+            )
+    return resolved

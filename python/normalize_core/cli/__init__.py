@@ -1,6 +1,12 @@
 """The ``normalize`` command line: one module per family of commands, all on one typer app."""
 
-from normalize_core.cli import check_command, checkpoint_commands, fp8_command, merge_commands  # noqa: F401  (registers)
+from normalize_core.cli import (  # noqa: F401  (registers the commands)
+    bf16_command,
+    check_command,
+    checkpoint_commands,
+    fp8_command,
+    merge_commands,
+)
 from normalize_core.cli.app import app
 
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from normalize_core._core import Checkpoint, quantize_fp8_blocks
-from normalize_core.devices import AUTO, CPU, CUDA, cuda_ordinal, parse_device
+from normalize_core.devices import AUTO, CPU, CUDA, parse_device, torch_device
 from normalize_core.fp8.layout import QuantizedLayout
 from normalize_core.kinds import ScaleFormat
 
@@ -102,19 +102,8 @@ class TorchQuantizer:
         import torch
 
         self.torch = torch
-        resolved = torch.device(device)
-        if resolved.type == CUDA:
-            visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            if visible == 0:
-                raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
-            ordinal = cuda_ordinal(device)
-            if ordinal is not None and ordinal >= visible:
-                raise ValueError(
-                    f"device {device!r} requested but torch sees only {visible} CUDA "
-                    f"device{'' if visible == 1 else 's'} (cuda:0 to cuda:{visible - 1})"
-                )
-        self.target = resolved
-        self.device = str(resolved)
+        self.target = torch_device(device)
+        self.device = str(self.target)
         self.checkpoint = checkpoint
         self.scale_fmt = scale_fmt
 
