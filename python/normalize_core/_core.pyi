@@ -79,6 +79,13 @@ class Checkpoint:
     def problems(self) -> list[tuple[Severity, str]]: ...
     def view(self, name: str) -> TensorView: ...
     def read_into(self, name: str, buffer: Buffer) -> None: ...
+    def scale_properties(self, names: list[str]) -> list[ScaleProperties]: ...
+
+class ScaleProperties:
+    """What holds for every value of one F32 or BF16 scale tensor."""
+
+    finite_positive: bool
+    powers_of_two: bool
 
 class OutputTensor:
     @property

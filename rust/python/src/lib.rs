@@ -24,6 +24,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<checkpoint::PyTensorEntry>()?;
     m.add_class::<checkpoint::PyTensorView>()?;
     m.add_class::<checkpoint::PyShardHeader>()?;
+    m.add_class::<checkpoint::PyScaleProperties>()?;
     m.add_class::<plan::PyPlanBuilder>()?;
     m.add_class::<plan::PyOutputTensor>()?;
     m.add_class::<plan::PyTensorGroup>()?;
