@@ -9,6 +9,7 @@ mod fp8;
 mod index;
 mod kinds;
 mod plan;
+mod regular_file;
 mod writer;
 
 use pyo3::prelude::*;
@@ -46,5 +47,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(atomic_file::write_atomically, m)?)?;
     m.add_function(wrap_pyfunction!(atomic_file::sync_dir, m)?)?;
     m.add_function(wrap_pyfunction!(atomic_file::temp_path_for, m)?)?;
+    m.add_function(wrap_pyfunction!(regular_file::read_regular_file, m)?)?;
+    m.add_function(wrap_pyfunction!(regular_file::files_equal, m)?)?;
     Ok(())
 }
