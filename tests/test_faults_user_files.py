@@ -152,27 +152,17 @@ def test_the_config_rewrite_of_to_fp8_refuses_a_fifo(tmp_path: Path) -> None:
     assert not (tmp_path / "config.json").exists()
 
 
-def test_a_fifo_config_in_the_base_makes_merge_exit_2(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fifo_in", ["base", "extra"])
+def test_a_fifo_config_in_either_checkpoint_makes_merge_exit_2(tmp_path: Path, fifo_in: str) -> None:
+    """merge copies the base's aux files and compares the extra's with them (to list those it leaves out)."""
     base, extra = checkpoint(tmp_path / "base"), checkpoint(tmp_path / "extra", seed=1)
-    victim = fifo_config(base)
+    victim = fifo_config(base if fifo_in == "base" else extra)
     output = tmp_path / "out"
     result = run_normalize(
         "merge", "--base", str(base), "--extra", str(extra), "--out", str(output), "--yes", timeout=TIMEOUT
     )
     refused(result, victim)
     assert not (output / INDEX).exists() and not temporary_files(tmp_path)
-
-
-def test_a_fifo_aux_file_in_the_extra_makes_merge_exit_2(tmp_path: Path) -> None:
-    """merge compares the extra's aux files with the base's to list those it leaves out."""
-    base, extra = checkpoint(tmp_path / "base"), checkpoint(tmp_path / "extra", seed=1)
-    victim = fifo_config(extra)
-    output = tmp_path / "out"
-    result = run_normalize(
-        "merge", "--base", str(base), "--extra", str(extra), "--out", str(output), "--yes", timeout=TIMEOUT
-    )
-    refused(result, victim)
-    assert not output.exists()
 
 
 @pytest.fixture
