@@ -43,6 +43,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(files::remove_stale_shards, m)?)?;
     m.add_function(wrap_pyfunction!(files::copy_file, m)?)?;
     m.add("INDEX_FILE", index::INDEX_FILE)?;
+    m.add("SINGLE_FILE", index::SINGLE_FILE)?;
     m.add_function(wrap_pyfunction!(index::read_index, m)?)?;
     m.add_function(wrap_pyfunction!(atomic_file::write_atomically, m)?)?;
     m.add_function(wrap_pyfunction!(atomic_file::sync_dir, m)?)?;
