@@ -169,3 +169,13 @@ def test_no_command_prints_the_help_and_exits_2() -> None:
     result = invoke()
     assert result.returncode == 2
     assert "Commands:" in result.stderr and result.stdout == ""
+
+
+def test_a_prompt_left_without_an_answer_is_one_line_and_exit_2(tmp_path: Path, monkeypatch) -> None:
+    """End of input at a prompt (click's Abort) used to end in a traceback: the handler looked the
+    exception up where typer's vendored click does not define it."""
+    monkeypatch.setattr("normalize_core.cli.placement.terminal_attached", lambda: True)
+    source = write_sample_checkpoint(tmp_path / "engine")
+    result = invoke("repack", "-s", str(source), "-o", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stdout
+    assert one_error_line(result) == "error: aborted: no answer to the question"

@@ -9,14 +9,13 @@ another (what ``merge`` leaves out and what ``place`` has to copy).
 
 from __future__ import annotations
 
-import filecmp
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from normalize_core._core import Checkpoint, list_aux_files
+from normalize_core._core import Checkpoint, files_equal, list_aux_files
 
 
 @dataclass(frozen=True)
@@ -113,13 +112,15 @@ DIFFERS = "differs"
 def changed_aux_files(source: Path, reference: Path) -> dict[str, str]:
     """Non-tensor files of ``source`` (configs, tokenizer, sub-folders; hidden entries skipped,
     as ``copy_aux_files`` does) that ``reference`` lacks (``"new"``) or holds with other bytes
-    (``"differs"``), as sorted relative POSIX paths."""
+    (``"differs"``), as sorted relative POSIX paths. A ``reference`` entry that is no regular file
+    counts as lacking (it is never opened); a ``source`` file compared must be one: a FIFO or device
+    raises ``NormalizeError`` rather than block or read forever."""
     changed: dict[str, str] = {}
     for relative in sorted(aux_file_paths(source)):
         theirs = reference / relative
         if not theirs.is_file():
             changed[relative] = ONLY_IN_SOURCE
-        elif not filecmp.cmp(source / relative, theirs, shallow=False):
+        elif not files_equal(source / relative, theirs):
             changed[relative] = DIFFERS
     return changed
 

@@ -43,15 +43,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from normalize_core._core import Checkpoint, NormalizeError, copy_file
+from normalize_core._core import INDEX_FILE, Checkpoint, NormalizeError, copy_file, sync_dir
+from normalize_core.config_file import CONFIG_FILE
 from normalize_core.diff import changed_aux_files
 from normalize_core.words import plural, short_list
-
-INDEX_FILE = "model.safetensors.index.json"
-#: transformers loads this file in preference to an index when both exist.
-SINGLE_FILE = "model.safetensors"
-#: Engines read the quantization scheme here; it must always match the weights the index names.
-CONFIG_FILE = "config.json"
 
 #: Crash tests set this to N: the placing process kills itself (SIGKILL) just before its N-th
 #: change to the destination (each temporary copy, rename and removal), so that every state a
@@ -59,8 +54,16 @@ CONFIG_FILE = "config.json"
 KILL_AT_STEP_ENV = "NORMALIZE_TEST_PLACE_KILL_AT"
 
 #: Names of what a placement leaves while it runs: ``.NAME.partial-place-PID`` (a temporary copy;
-#: the copy itself may still be under the writer's ``.partial-PID`` name) and
-#: ``.NAME.previous-place-PID`` (the set-aside ``config.json``).
+#: the copy itself may still be under the core's ``temp_path_for`` name of that, ending
+#: ``.partial-PID``) and ``.NAME.previous-place-PID`` (the set-aside ``config.json``).
+#:
+#: Not the core's ``temp_path_for`` names (``.NAME.partial-PID``), for two reasons. The set-aside
+#: ``config.json`` is no temporary file but, after a crash, the only copy: it must not look like one
+#: to a writer that clears temporary files from its output (``--overwrite`` removes every
+#: ``.NAME.partial-PID``). And the next placement removes and reports what dead placements left in
+#: a directory that is a user's checkpoint: ``place`` in the name tells its own copies from a
+#: killed writer's temporary files. A copy's name still holds the core's ``.partial-`` marker, so
+#: writers and cleanups treat a stale one as temporary too.
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>partial|previous)-place-(?P<pid>[0-9]+)(?:\.partial-[0-9]+)?")
 
 
@@ -222,7 +225,7 @@ def _stage_copies(plan: PlacementPlan, step: _Steps, progress: Callable[[int], N
                 if parent.is_relative_to(plan.destination) and not parent.exists():
                     parent.mkdir()
                     created_dirs.append(parent)
-            temp = final.with_name(f".{final.name}.partial-place-{os.getpid()}")
+            temp = _placement_name(final, "partial")
             step()
             copy_file(plan.staging / name, temp, progress)
             staged[name] = temp
@@ -246,23 +249,23 @@ def _commit(plan: PlacementPlan, staged: dict[str, Path], step: _Steps, remove_s
     set_aside = None
     try:
         if config.is_file() and _config_must_be_absent(plan):
-            set_aside = config.with_name(f".{CONFIG_FILE}.previous-place-{os.getpid()}")
+            set_aside = _placement_name(config, "previous")
             step()
             os.replace(config, set_aside)
-            _sync_dir(destination)
+            sync_dir(destination)
         if index.exists() and any(name in plan.replaced for name in plan.shards):
             # The old index names shards whose bytes are about to change: no index beats a wrong one.
             step()
             index.unlink()
-            _sync_dir(destination)
+            sync_dir(destination)
         for name in [*plan.shards, *(name for name in plan.aux_files if name != CONFIG_FILE)]:
             step()
             os.replace(staged.pop(name), destination / name)
         for directory in sorted({(destination / name).parent for name in plan.aux_files} | {destination}):
-            _sync_dir(directory)
+            sync_dir(directory)
         step()
         os.replace(staged.pop(INDEX_FILE), index)
-        _sync_dir(destination)
+        sync_dir(destination)
         removed = _remove_stale(plan, step) if remove_stale else []
         if CONFIG_FILE in staged:
             step()
@@ -270,18 +273,18 @@ def _commit(plan: PlacementPlan, staged: dict[str, Path], step: _Steps, remove_s
         elif set_aside is not None:
             step()
             os.replace(set_aside, config)
-        _sync_dir(destination)
+        sync_dir(destination)
         if set_aside is not None and set_aside.exists():
             step()
             set_aside.unlink()
-    except OSError as e:
+    except (OSError, NormalizeError) as e:
         if set_aside is None or config.exists():
             raise
         raise PlacementError(
-            f"{e.filename or destination}: {e.strerror or e}; the placement stopped half-way with "
-            f"{CONFIG_FILE} set aside as {set_aside.name}, so nothing loads {destination}: place again to finish",
+            f"{_failure_line(e, destination)}; the placement stopped half-way with {CONFIG_FILE} set aside as "
+            f"{set_aside.name}, so nothing loads {destination}: place again to finish",
             "io",
-            e.filename,
+            e.filename if isinstance(e, OSError) else e.file,
         ) from e
     finally:
         for temp in staged.values():
@@ -303,7 +306,7 @@ def _remove_stale(plan: PlacementPlan, step: _Steps) -> list[str]:
     for name in plan.stale:
         step()
         (plan.destination / name).unlink()
-    _sync_dir(plan.destination)
+    sync_dir(plan.destination)
     return list(plan.stale)
 
 
@@ -382,10 +385,14 @@ def refuse_unusable_destination(destination: Path, staging: Path, shown: str, st
         raise PlacementError(f"{shown}: not a directory", "not_a_directory", destination)
 
 
-def _sync_dir(directory: Path) -> None:
-    """Makes renames and removals in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _placement_name(final: Path, kind: str) -> Path:
+    """The hidden name of a placement's ``kind`` (``partial`` or ``previous``) file for ``final``
+    (see ``_LEFTOVER`` for why it is not the core's ``temp_path_for``)."""
+    return final.with_name(f".{final.name}.{kind}-place-{os.getpid()}")
+
+
+def _failure_line(error: OSError | NormalizeError, fallback: Path) -> str:
+    """``file: what went wrong`` for an I/O failure (``NormalizeError`` messages name their file)."""
+    if isinstance(error, OSError):
+        return f"{error.filename or fallback}: {error.strerror or error}"
+    return str(error)

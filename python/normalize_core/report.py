@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from normalize_core._core import Checkpoint, NormalizeError, list_aux_files
+from normalize_core.config_file import CONFIG_FILE, read_config_bytes
 from normalize_core.engines.verdicts import engine_findings
 from normalize_core.fp8.contract import fp8_findings
 from normalize_core.fp8.layout import FP8_DTYPES, SCALE_SUFFIX, is_scale_name
@@ -28,10 +29,12 @@ def naming_style(checkpoint: Checkpoint) -> str:
 
 
 def read_config(directory: Path) -> dict[str, Any] | None:
-    """``config.json`` as a dict, or None when absent or unreadable."""
+    """``config.json`` parsed, or None when absent or not JSON. Raises ``NormalizeError`` when it is
+    there but cannot be read as a regular file (a FIFO, a directory, …; see ``config_file``)."""
+    text = read_config_bytes(directory / CONFIG_FILE)
     try:
-        return json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError):
+        return None if text is None else json.loads(text)
+    except ValueError:
         return None
 
 

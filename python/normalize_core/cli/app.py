@@ -62,7 +62,7 @@ class NormalizeGroup(TyperGroup):
             command = e.ctx.command_path if e.ctx is not None else "normalize"
             print_error(f"{e.format_message().rstrip('.')} (see: {command} --help)")
             status = USER_ERROR
-        except _click_exceptions.Abort:
+        except typer.Abort:  # typer's own class: its vendored click has none in ``exceptions``
             print_error("aborted: no answer to the question")
             status = USER_ERROR
         except Exception as e:

@@ -122,9 +122,12 @@ def inspect_command(
     valid safetensors), 2 when DIRECTORY cannot be read.
     """
     from normalize_core._core import NormalizeError
-    from normalize_core.report import inspect_checkpoint
+    from normalize_core.report import inspect_checkpoint, read_config
 
     require_directory(directory)
+    # A config.json that cannot be read (a FIFO, a directory) is an input error (exit 2, raised
+    # here); what is wrong with the checkpoint itself is reported below (exit 1).
+    read_config(directory)
     try:
         info = inspect_checkpoint(directory)
     except NormalizeError as e:

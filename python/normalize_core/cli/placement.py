@@ -15,11 +15,10 @@ from pathlib import Path
 
 import typer
 
+from normalize_core._core import INDEX_FILE, SINGLE_FILE
 from normalize_core.cli.console import say
 from normalize_core.cli.progress import byte_progress
 from normalize_core.place import (
-    INDEX_FILE,
-    SINGLE_FILE,
     PlacementError,
     PlacementResult,
     execute_placement,

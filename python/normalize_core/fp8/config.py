@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from normalize_core._core import write_atomically
+from normalize_core.config_file import read_config_bytes
 from normalize_core.errors import normalize_error
 from normalize_core.fp8.groups import module_of, split_fused_groups
 from normalize_core.kinds import ScaleFormat
@@ -58,10 +59,10 @@ def fp8_quantization_config(
 
 def write_quantized_config(source_config: Path, output_config: Path, quantization_config: dict[str, Any]) -> bool:
     """Writes ``output_config`` (atomically) as ``source_config`` plus ``quantization_config``, every
-    other key and its order kept. Returns False, writing nothing, when the source has no config.json."""
-    try:
-        text = source_config.read_text()
-    except FileNotFoundError:
+    other key and its order kept. Returns False, writing nothing, when the source has no config.json;
+    raises ``NormalizeError`` when it is not JSON, or not a regular file (see ``config_file``)."""
+    text = read_config_bytes(source_config)
+    if text is None:
         return False
     try:
         config = json.loads(text)

@@ -9,8 +9,6 @@ ue8m0`` only with power-of-two scales. No torch; scale tensors are read, weights
 
 from __future__ import annotations
 
-import math
-from array import array
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,28 +34,25 @@ def block_scale_shapes(shape: list[int], block: tuple[int, int]) -> list[list[in
     return shapes
 
 
-def _read_array(checkpoint: Checkpoint, name: str, typecode: str) -> array:
-    """A tensor's bytes as an ``array`` of ``typecode`` (little-endian, as this machine)."""
-    values = array(typecode)
-    values.frombytes(memoryview(checkpoint.view(name)))
-    return values
-
-
-def _scales_are_powers_of_two(checkpoint: Checkpoint, name: str, dtype: str) -> bool:
-    if dtype == "F32":
-        return all(bits & 0x7FFFFF == 0 for bits in _read_array(checkpoint, name, "I"))
-    return all(bits & 0x7F == 0 for bits in _read_array(checkpoint, name, "H"))
-
-
-def _scale_values_ok(checkpoint: Checkpoint, name: str, dtype: str) -> bool:
-    """Every scale finite and positive."""
-    if dtype == "F32":
-        values = _read_array(checkpoint, name, "f")
-    else:
-        # bfloat16 is the top half of a float32.
-        values = array("f")
-        values.frombytes(b"".join(b"\0\0" + h.to_bytes(2, "little") for h in _read_array(checkpoint, name, "H")))
-    return all(v > 0 and math.isfinite(v) for v in values)
+def _block_scale_finding(
+    weight: TensorEntry, tensors: dict[str, TensorEntry], block: tuple[int, int]
+) -> tuple[str, str] | None:
+    """What the headers say is wrong with an FP8 weight's ``_scale_inv`` (absent, of a dtype or shape
+    engines refuse), or None when its values are worth reading."""
+    scale = tensors.get(f"{weight.name}{SCALE_SUFFIX}")
+    if scale is None:
+        other = next((n for n in (f"{weight.name}_scale", f"{weight.name[:-7]}.weight_scale") if n in tensors), None)
+        hint = f"; it has {other}, which block-FP8 loaders ignore" if other else ""
+        return ("error", f"{weight.name} is FP8 but has no {weight.name}{SCALE_SUFFIX}{hint}")
+    if scale.dtype not in SCALE_TENSOR_DTYPES.values():
+        return ("error", f"{scale.name} is {scale.dtype}; engines expect F32 or BF16 scales")
+    if scale.shape not in block_scale_shapes(weight.shape, block):
+        return (
+            "error",
+            f"{scale.name} has shape {scale.shape}, expected {block_scale_shapes(weight.shape, block)[0]} "
+            f"for {weight.shape} in {block[0]}x{block[1]} blocks",
+        )
+    return None
 
 
 def orphan_scale_findings(tensors: dict[str, Any]) -> list[tuple[str, str]]:
@@ -171,36 +166,23 @@ def fp8_findings(
             findings.append(("error", f"{_count(unscaled, 'FP8 weight')} without any scale tensor, e.g. {unscaled[0]}"))
 
     if block_scheme:
-        for weight in fp8:
-            scale = tensors.get(f"{weight.name}{SCALE_SUFFIX}")
-            if scale is None:
-                other = next(
-                    (n for n in (f"{weight.name}_scale", f"{weight.name[:-7]}.weight_scale") if n in tensors), None
-                )
-                hint = f"; it has {other}, which block-FP8 loaders ignore" if other else ""
-                findings.append(("error", f"{weight.name} is FP8 but has no {weight.name}{SCALE_SUFFIX}{hint}"))
-                continue
-            if scale.dtype not in SCALE_TENSOR_DTYPES.values():
-                findings.append(("error", f"{scale.name} is {scale.dtype}; engines expect F32 or BF16 scales"))
-                continue
-            if scale.shape not in block_scale_shapes(weight.shape, block):
+        checked = [(f"{w.name}{SCALE_SUFFIX}", _block_scale_finding(w, tensors, block)) for w in fp8]
+        readable = [scale for scale, finding in checked if finding is None] if read_scales else []
+        # One call reads every scale: a large MoE checkpoint has tens of thousands of them.
+        values = dict(zip(readable, checkpoint.scale_properties(readable), strict=True))
+        for scale, finding in checked:
+            found = values.get(scale)
+            if finding is not None:
+                findings.append(finding)
+            elif found is None:
+                continue  # values not read (read_scales=False)
+            elif not found.finite_positive:
+                findings.append(("error", f"{scale} holds a zero, negative, NaN or infinite scale"))
+            elif ue8m0 and not found.powers_of_two:
                 findings.append(
                     (
                         "error",
-                        f"{scale.name} has shape {scale.shape}, expected {block_scale_shapes(weight.shape, block)[0]} "
-                        f"for {weight.shape} in {block[0]}x{block[1]} blocks",
-                    )
-                )
-                continue
-            if not read_scales:
-                continue
-            if not _scale_values_ok(checkpoint, scale.name, scale.dtype):
-                findings.append(("error", f"{scale.name} holds a zero, negative, NaN or infinite scale"))
-            elif ue8m0 and not _scales_are_powers_of_two(checkpoint, scale.name, scale.dtype):
-                findings.append(
-                    (
-                        "error",
-                        f"scale_fmt is ue8m0 but {scale.name} has scales that are not powers of two "
+                        f"scale_fmt is ue8m0 but {scale} has scales that are not powers of two "
                         "(transformers would round them and corrupt the weights)",
                     )
                 )

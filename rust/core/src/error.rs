@@ -31,6 +31,14 @@ pub enum Error {
     #[error("{}: changed while being read ({detail}); rerun once nothing writes to it", file.display())]
     SourceChanged { file: PathBuf, detail: String },
 
+    /// A file read whole (`config.json`) is larger than any real one of its kind.
+    #[error("{}: is {size} bytes, over the {limit}-byte limit for this file; is it the right file?", file.display())]
+    FileTooLarge {
+        file: PathBuf,
+        size: u64,
+        limit: u64,
+    },
+
     /// The file cannot even hold the 8-byte header length.
     #[error("{}: file is {len} bytes, too short to hold a safetensors header", file.display())]
     FileTooShort { file: PathBuf, len: u64 },
@@ -243,6 +251,7 @@ impl Error {
             Io { path, .. } => ("io", Some(path), None),
             NotARegularFile { file, .. } => ("not_a_regular_file", Some(file), None),
             SourceChanged { file, .. } => ("source_changed", Some(file), None),
+            FileTooLarge { file, .. } => ("file_too_large", Some(file), None),
             FileTooShort { file, .. } => ("file_too_short", Some(file), None),
             HeaderTooLarge { file, .. } => ("header_too_large", Some(file), None),
             HeaderPastEof { file, .. } => ("header_past_eof", Some(file), None),

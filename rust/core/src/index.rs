@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::json_object::OrderedObject;
-use crate::regular_file::{open_regular, read_exact_at};
+use crate::regular_file::read_regular_file;
 
 /// Kept at its first home for callers; it lives in [`crate::format`].
 pub use crate::format::INDEX_FILE;
@@ -49,15 +49,12 @@ pub fn read_index(path: &Path) -> Result<ShardIndex> {
         file: path.into(),
         detail,
     };
-    let (file, identity) = open_regular(path)?;
-    let len = identity.size;
-    if len > MAX_INDEX_LEN {
-        return Err(invalid(format!(
-            "{len} bytes is larger than any real index"
-        )));
-    }
-    let mut bytes = vec![0u8; len as usize];
-    read_exact_at(&file, path, 0, &mut bytes)?;
+    let bytes = read_regular_file(path, MAX_INDEX_LEN).map_err(|e| match e {
+        Error::FileTooLarge { size, .. } => {
+            invalid(format!("{size} bytes is larger than any real index"))
+        }
+        other => other,
+    })?;
     let raw: RawIndex = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
     if let Some(tensor) = raw.weight_map.first_duplicate() {
         return Err(invalid(format!(

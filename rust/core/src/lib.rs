@@ -13,9 +13,10 @@
 //!
 //! Support modules: [`format`] holds the file-format constants and naming rules (a leaf every
 //! other module may use), [`header`] and [`index`] parse and encode the on-disk formats,
-//! [`regular_file`] opens sources safely and notices when they change, [`copy`] moves byte
-//! ranges, [`atomic_file`] makes files appear only when complete, [`output_dir`] guards the
-//! destination, [`aux_files`] copies non-tensor files, [`verify`] reports problems.
+//! [`regular_file`] opens and reads sources safely and notices when they change, [`copy`]
+//! moves byte ranges, [`atomic_file`] makes files appear only when complete, [`output_dir`]
+//! guards the destination, [`aux_files`] copies non-tensor files, [`verify`] reports problems,
+//! [`scale_values`] checks the values of FP8 scale tensors.
 
 pub mod atomic_file;
 pub mod aux_files;
@@ -32,6 +33,7 @@ mod json_object;
 pub mod output_dir;
 pub mod plan;
 pub mod regular_file;
+pub mod scale_values;
 pub mod verify;
 pub mod writer;
 

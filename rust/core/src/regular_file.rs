@@ -1,5 +1,5 @@
-//! Source files that must be regular files, opened without ever blocking, and the identity that
-//! tells whether one changed since it was first seen.
+//! Source files that must be regular files, opened without ever blocking, read whole or compared,
+//! and the identity that tells whether one changed since it was first seen.
 //!
 //! A FIFO, a device, a socket or a directory named like a shard (or an aux file) is an error that
 //! says what it is; it is never opened in a way that could block (a FIFO without a writer) or read
@@ -140,6 +140,53 @@ pub fn describe(meta: &Metadata) -> &'static str {
     }
 }
 
+/// Reads all of `path`, (a symlink to) a regular file of at most `max_bytes` bytes, as
+/// [`open_regular`] opens it (a FIFO or device is refused, never read); the file must not change
+/// while it is read. For the small files read whole: `config.json`, an index.
+pub fn read_regular_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>> {
+    let (file, identity) = open_regular(path)?;
+    if identity.size > max_bytes {
+        return Err(Error::FileTooLarge {
+            file: path.into(),
+            size: identity.size,
+            limit: max_bytes,
+        });
+    }
+    let mut bytes = vec![0u8; identity.size as usize];
+    read_exact_at(&file, path, 0, &mut bytes)?;
+    identity.verify(path, &file)?;
+    Ok(bytes)
+}
+
+/// Pieces [`files_equal`] compares at a time: memory stays bounded whatever the files' size.
+const COMPARE_PIECE: usize = 1 << 20;
+
+/// Whether `first` and `second`, both (symlinks to) regular files opened as [`open_regular`]
+/// opens them, hold the same bytes. Files of different sizes are not read; others are compared
+/// piece by piece and must not change while they are.
+pub fn files_equal(first: &Path, second: &Path) -> Result<bool> {
+    let (first_file, first_identity) = open_regular(first)?;
+    let (second_file, second_identity) = open_regular(second)?;
+    if first_identity.size != second_identity.size {
+        return Ok(false);
+    }
+    let piece = COMPARE_PIECE.min(first_identity.size as usize);
+    let (mut first_piece, mut second_piece) = (vec![0u8; piece], vec![0u8; piece]);
+    let mut offset = 0u64;
+    while offset < first_identity.size {
+        let len = piece.min((first_identity.size - offset) as usize);
+        read_exact_at(&first_file, first, offset, &mut first_piece[..len])?;
+        read_exact_at(&second_file, second, offset, &mut second_piece[..len])?;
+        if first_piece[..len] != second_piece[..len] {
+            return Ok(false);
+        }
+        offset += len as u64;
+    }
+    first_identity.verify(first, &first_file)?;
+    second_identity.verify(second, &second_file)?;
+    Ok(true)
+}
+
 /// Fills `buf` from `file` at `offset`. Reaching the end of the file first means the file shrank
 /// after it was opened (every range read was checked against its size then).
 pub fn read_exact_at(file: &File, path: &Path, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -229,6 +276,68 @@ mod tests {
         }
         let missing = open_regular(&dir.path().join("missing")).unwrap_err();
         assert_eq!(missing.kind(), "io");
+    }
+
+    #[test]
+    fn small_files_are_read_whole_within_their_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config.json");
+        std::fs::write(&config, b"{\"a\": 1}").unwrap();
+        assert_eq!(read_regular_file(&config, 8).unwrap(), b"{\"a\": 1}");
+        std::fs::write(&config, b"").unwrap();
+        assert_eq!(read_regular_file(&config, 0).unwrap(), b"");
+
+        std::fs::write(&config, [b' '; 9]).unwrap();
+        let err = read_regular_file(&config, 8).unwrap_err();
+        assert_eq!(err.kind(), "file_too_large");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: is 9 bytes, over the 8-byte limit for this file; is it the right file?",
+                config.display()
+            )
+        );
+
+        let fifo = dir.path().join("fifo");
+        rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::RUSR).unwrap();
+        for path in [fifo.as_path(), dir.path(), Path::new("/dev/zero")] {
+            let err = read_regular_file(path, 1 << 20).unwrap_err();
+            assert_eq!(err.kind(), "not_a_regular_file", "{path:?}");
+        }
+        let missing = read_regular_file(&dir.path().join("missing"), 8).unwrap_err();
+        assert_eq!(missing.kind(), "io");
+    }
+
+    #[test]
+    fn files_compare_by_their_bytes_and_only_regular_files_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name);
+        let big: Vec<u8> = (0..COMPARE_PIECE * 2 + 7)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let mut late_change = big.clone();
+        *late_change.last_mut().unwrap() ^= 1;
+        std::fs::write(path("a"), &big).unwrap();
+        std::fs::write(path("same"), &big).unwrap();
+        std::fs::write(path("late"), &late_change).unwrap();
+        std::fs::write(path("short"), &big[..10]).unwrap();
+        std::fs::write(path("empty"), b"").unwrap();
+        std::fs::write(path("empty2"), b"").unwrap();
+        std::os::unix::fs::symlink("a", path("link")).unwrap();
+        assert!(files_equal(&path("a"), &path("same")).unwrap());
+        assert!(files_equal(&path("a"), &path("link")).unwrap());
+        assert!(files_equal(&path("a"), &path("a")).unwrap());
+        assert!(files_equal(&path("empty"), &path("empty2")).unwrap());
+        assert!(!files_equal(&path("a"), &path("late")).unwrap());
+        assert!(!files_equal(&path("a"), &path("short")).unwrap());
+
+        let fifo = path("fifo");
+        rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::RUSR).unwrap();
+        for (first, second) in [(&fifo, &path("a")), (&path("a"), &fifo)] {
+            let err = files_equal(first, second).unwrap_err();
+            assert_eq!(err.kind(), "not_a_regular_file");
+            assert_eq!(err.file(), Some(fifo.as_path()));
+        }
     }
 
     #[test]

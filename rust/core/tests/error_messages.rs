@@ -17,6 +17,7 @@ fn covered(error: &Error) -> &'static str {
         Io { .. } => "Io",
         NotARegularFile { .. } => "NotARegularFile",
         SourceChanged { .. } => "SourceChanged",
+        FileTooLarge { .. } => "FileTooLarge",
         FileTooShort { .. } => "FileTooShort",
         HeaderTooLarge { .. } => "HeaderTooLarge",
         HeaderPastEof { .. } => "HeaderPastEof",
@@ -82,6 +83,13 @@ fn golden() -> Vec<Golden> {
             "/m/a.safetensors: changed while being read (it was 10 bytes, now 4); rerun once nothing writes to it",
             "source_changed",
             Some("/m/a.safetensors"),
+            None,
+        ),
+        (
+            Error::FileTooLarge { file: p("/m/config.json"), size: 70_000_000, limit: 67_108_864 },
+            "/m/config.json: is 70000000 bytes, over the 67108864-byte limit for this file; is it the right file?",
+            "file_too_large",
+            Some("/m/config.json"),
             None,
         ),
         (

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use normalize_core::header::{read_header as core_read_header, ShardHeader};
+use normalize_core::scale_values::{read_scale_properties, ScaleProperties, ScaleStorage};
 use normalize_core::verify::find_problems;
 use normalize_core::{Checkpoint, TensorEntry};
 use pyo3::buffer::PyBuffer;
@@ -238,6 +239,37 @@ impl PyCheckpoint {
         .or_raise()
     }
 
+    /// What holds for every value of each of the scale tensors `names` (F32 or BF16), in
+    /// order: one `ScaleProperties` per name. Reads them all in one call with the GIL
+    /// released, checked like `view`. KeyError for a name the checkpoint lacks, ValueError for
+    /// a tensor of another dtype.
+    fn scale_properties(
+        &self,
+        py: Python<'_>,
+        names: Vec<String>,
+    ) -> PyResult<Vec<PyScaleProperties>> {
+        let scales = names
+            .iter()
+            .map(|name| {
+                let entry = self.entry(name)?;
+                let storage = ScaleStorage::of(entry.dtype).ok_or_else(|| {
+                    PyValueError::new_err(format!(
+                        "'{name}' is {}; scale tensors are F32 or BF16",
+                        entry.dtype
+                    ))
+                })?;
+                Ok((entry, storage))
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let properties = py
+            .detach(|| read_scale_properties(&self.inner, &scales))
+            .or_raise()?;
+        Ok(properties
+            .into_iter()
+            .map(PyScaleProperties::from)
+            .collect())
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "Checkpoint({:?}, layout={}, files={}, tensors={}, total_size={})",
@@ -246,6 +278,42 @@ impl PyCheckpoint {
             self.inner.files.len(),
             self.inner.tensors.len(),
             self.inner.total_size()
+        )
+    }
+}
+
+/// What holds for every value of one scale tensor (see `Checkpoint.scale_properties`).
+#[pyclass(
+    name = "ScaleProperties",
+    module = "normalize_core._core",
+    frozen,
+    get_all
+)]
+pub struct PyScaleProperties {
+    /// Every value is finite and greater than zero.
+    pub finite_positive: bool,
+    /// Every value is a positive power of two of the normal float range (no mantissa bits),
+    /// which `scale_fmt: ue8m0` stores exactly.
+    pub powers_of_two: bool,
+}
+
+impl From<ScaleProperties> for PyScaleProperties {
+    fn from(found: ScaleProperties) -> Self {
+        PyScaleProperties {
+            finite_positive: found.finite_positive,
+            powers_of_two: found.powers_of_two,
+        }
+    }
+}
+
+#[pymethods]
+impl PyScaleProperties {
+    fn __repr__(&self) -> String {
+        let flag = |b: bool| if b { "True" } else { "False" };
+        format!(
+            "ScaleProperties(finite_positive={}, powers_of_two={})",
+            flag(self.finite_positive),
+            flag(self.powers_of_two)
         )
     }
 }

@@ -1,4 +1,5 @@
-//! `read_index` and `INDEX_FILE`: the HF index, read and checked by the core.
+//! `read_index`, `INDEX_FILE` and `SINGLE_FILE`: the HF layout's file names, and its index read
+//! and checked by the core.
 
 use std::path::PathBuf;
 
@@ -10,6 +11,10 @@ use crate::errors::OrRaise;
 
 /// The index file name of the HF sharded layout, `model.safetensors.index.json`.
 pub const INDEX_FILE: &str = index::INDEX_FILE;
+
+/// The file name of an unsharded checkpoint, `model.safetensors` (transformers loads it in
+/// preference to an index when both exist).
+pub const SINGLE_FILE: &str = normalize_core::format::SINGLE_FILE;
 
 /// Reads and checks a `model.safetensors.index.json`: every tensor listed once, every shard a
 /// plain file name inside the directory. Returns `(weight_map, total_size)`: `{tensor: shard}`

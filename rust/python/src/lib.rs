@@ -10,6 +10,7 @@ mod fp8;
 mod index;
 mod kinds;
 mod plan;
+mod regular_file;
 mod writer;
 
 use pyo3::prelude::*;
@@ -25,6 +26,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<checkpoint::PyTensorEntry>()?;
     m.add_class::<checkpoint::PyTensorView>()?;
     m.add_class::<checkpoint::PyShardHeader>()?;
+    m.add_class::<checkpoint::PyScaleProperties>()?;
     m.add_class::<plan::PyPlanBuilder>()?;
     m.add_class::<plan::PyOutputTensor>()?;
     m.add_class::<plan::PyTensorGroup>()?;
@@ -43,9 +45,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(files::remove_stale_shards, m)?)?;
     m.add_function(wrap_pyfunction!(files::copy_file, m)?)?;
     m.add("INDEX_FILE", index::INDEX_FILE)?;
+    m.add("SINGLE_FILE", index::SINGLE_FILE)?;
     m.add_function(wrap_pyfunction!(index::read_index, m)?)?;
     m.add_function(wrap_pyfunction!(atomic_file::write_atomically, m)?)?;
     m.add_function(wrap_pyfunction!(atomic_file::sync_dir, m)?)?;
     m.add_function(wrap_pyfunction!(atomic_file::temp_path_for, m)?)?;
+    m.add_function(wrap_pyfunction!(regular_file::read_regular_file, m)?)?;
+    m.add_function(wrap_pyfunction!(regular_file::files_equal, m)?)?;
     Ok(())
 }
