@@ -17,7 +17,7 @@ import torch
 
 from builders import INDEX, make_tensors, snapshot, write_checkpoint
 from cli_util import one_error_line, run_normalize
-from normalize_core import NormalizeError, repack
+from normalize_core import NormalizeError, repack, to_fp8
 from normalize_core._core import files_equal, read_regular_file
 from normalize_core.config_file import CONFIG_MAX_BYTES
 from normalize_core.report import read_config
@@ -126,6 +126,17 @@ def test_a_fifo_config_makes_to_fp8_exit_2_before_writing(tmp_path: Path) -> Non
     victim = fifo_config(source)
     output = tmp_path / "out"
     result = run_normalize("to-fp8", "-s", str(source), "-o", str(output), "--device", "cpu", "-q", timeout=TIMEOUT)
+    refused(result, victim)
+    assert not output.exists()
+
+
+def test_a_fifo_config_makes_to_bf16_exit_2_before_writing(tmp_path: Path) -> None:
+    """to-bf16 reads config.json first: the quantization scheme and block size come from it."""
+    fp8 = tmp_path / "fp8"
+    to_fp8(checkpoint(tmp_path / "src"), fp8, device="cpu", allow_unloadable=True)
+    victim = fifo_config(fp8)
+    output = tmp_path / "out"
+    result = run_normalize("to-bf16", "-s", str(fp8), "-o", str(output), "--device", "cpu", "-q", timeout=TIMEOUT)
     refused(result, victim)
     assert not output.exists()
 

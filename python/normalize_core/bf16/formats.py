@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from normalize_core._core import TensorEntry
+from normalize_core.config_file import read_config_bytes
 from normalize_core.errors import normalize_error
 from normalize_core.fp8.layout import (
     FP8_DTYPES,
@@ -94,13 +95,10 @@ def _unknown(message: str, config_path: Path) -> Exception:
 
 def read_config(config_path: Path) -> dict[str, Any] | None:
     """``config.json`` as a dict; None when the file does not exist. Raises ``NormalizeError`` for a
-    file that is not a JSON object."""
-    try:
-        text = config_path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    file that is not a JSON object, or not (a symlink to) a regular file (a FIFO never blocks)."""
+    text = read_config_bytes(config_path)
+    if text is None:
         return None
-    except (OSError, UnicodeDecodeError) as e:
-        raise normalize_error("invalid_config", f"{config_path}: cannot read: {e}", file=str(config_path)) from None
     try:
         config = json.loads(text)
     except ValueError as e:
