@@ -170,10 +170,6 @@ pub enum Error {
         source_dir: PathBuf,
     },
 
-    /// The output directory has files and overwriting was not asked for.
-    #[error("{}: output directory is not empty; pass --overwrite to replace the files this tool writes", output.display())]
-    OutputNotEmpty { output: PathBuf },
-
     /// A requested output tensor is inconsistent (unknown source, bad size, duplicate name).
     #[error("tensor '{tensor}': {detail}")]
     InvalidPlan { tensor: String, detail: String },
@@ -236,7 +232,6 @@ impl Error {
             Error::OutputIsSource { .. } => "output_is_source",
             Error::OutputInsideSource { .. } => "output_inside_source",
             Error::SourceInsideOutput { .. } => "source_inside_output",
-            Error::OutputNotEmpty { .. } => "output_not_empty",
             Error::InvalidPlan { .. } => "invalid_plan",
             Error::WriteRejected { .. } => "write_rejected",
             Error::TensorNotWritten { .. } => "tensor_not_written",
@@ -272,8 +267,7 @@ impl Error {
             Error::NoSafetensors { dir } | Error::EmptyCheckpoint { dir } => Some(dir),
             Error::OutputIsSource { output }
             | Error::OutputInsideSource { output, .. }
-            | Error::SourceInsideOutput { output, .. }
-            | Error::OutputNotEmpty { output } => Some(output),
+            | Error::SourceInsideOutput { output, .. } => Some(output),
             Error::InvalidPlan { .. } | Error::InvalidQuantizeInput { .. } | Error::Cancelled => {
                 None
             }

@@ -1,12 +1,10 @@
-//! Guarding the output directory: never the source, never nested with it, never silently
-//! mixed with an earlier run's files.
+//! Guarding the output directory: never the source, never nested with it; recognising (and
+//! removing) the shards an earlier run left there.
 
 use std::collections::HashSet;
 use std::path::{Component, Path, PathBuf};
 
-use crate::atomic_file::PARTIAL_MARKER;
 use crate::error::{Error, Result};
-use crate::index::INDEX_FILE;
 
 /// Refuses an output that is a source, lies inside one, or contains one.
 pub fn check_separate(sources: &[&Path], output: &Path) -> Result<()> {
@@ -29,39 +27,6 @@ pub fn check_separate(sources: &[&Path], output: &Path) -> Result<()> {
                 output: output.into(),
                 source_dir: source.to_path_buf(),
             });
-        }
-    }
-    Ok(())
-}
-
-/// Creates the output directory, or checks an existing one is empty. With `overwrite`, an
-/// existing directory is accepted: its index is removed first (so it never points at shards
-/// being replaced) and temporary files left by a killed run are cleared.
-pub fn prepare_output_dir(output: &Path, overwrite: bool) -> Result<()> {
-    if output.exists() && !output.is_dir() {
-        return Err(Error::NotADirectory {
-            path: output.into(),
-        });
-    }
-    std::fs::create_dir_all(output).map_err(|e| Error::io(output, e))?;
-    let mut entries = std::fs::read_dir(output).map_err(|e| Error::io(output, e))?;
-    if entries.next().is_none() {
-        return Ok(());
-    }
-    if !overwrite {
-        return Err(Error::OutputNotEmpty {
-            output: output.into(),
-        });
-    }
-    let index = output.join(INDEX_FILE);
-    if index.exists() {
-        std::fs::remove_file(&index).map_err(|e| Error::io(&index, e))?;
-    }
-    for entry in std::fs::read_dir(output).map_err(|e| Error::io(output, e))? {
-        let entry = entry.map_err(|e| Error::io(output, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') && name.contains(PARTIAL_MARKER) {
-            let _ = std::fs::remove_file(entry.path());
         }
     }
     Ok(())
@@ -152,22 +117,6 @@ mod tests {
         std::os::unix::fs::symlink(&src, &link).unwrap();
         assert_eq!(kind(&link), Err("output_is_source"));
         assert_eq!(kind(&link.join("x/../y")), Err("output_inside_source"));
-    }
-
-    #[test]
-    fn non_empty_output_needs_overwrite() {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("out");
-        prepare_output_dir(&out, false).unwrap();
-        std::fs::write(out.join("note.txt"), "x").unwrap();
-        std::fs::write(out.join(INDEX_FILE), "{}").unwrap();
-        assert_eq!(
-            prepare_output_dir(&out, false).unwrap_err().kind(),
-            "output_not_empty"
-        );
-        prepare_output_dir(&out, true).unwrap();
-        assert!(!out.join(INDEX_FILE).exists());
-        assert!(out.join("note.txt").exists());
     }
 
     #[test]

@@ -15,14 +15,6 @@ pub fn check_separate(sources: Vec<PathBuf>, output: PathBuf) -> PyResult<()> {
     output_dir::check_separate(&refs, &output).or_raise()
 }
 
-/// Creates `output` or checks it is empty; with `overwrite`, accepts a non-empty one after
-/// removing its index and leftover temporary files.
-#[pyfunction]
-#[pyo3(signature = (output, overwrite = false))]
-pub fn prepare_output_dir(output: PathBuf, overwrite: bool) -> PyResult<()> {
-    output_dir::prepare_output_dir(&output, overwrite).or_raise()
-}
-
 /// Top-level entries of `dir` that are neither shards nor indexes nor hidden, sorted.
 #[pyfunction]
 pub fn list_aux_files(dir: PathBuf) -> PyResult<Vec<String>> {
