@@ -14,8 +14,9 @@ imported; on a GPU, torch does (see ``quantize.py``), with the same bytes as res
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
-import time
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,9 +26,10 @@ from normalize_core._core import (
     Checkpoint,
     OutputPlan,
     PlanBuilder,
+    ShardWriter,
     TensorEntry,
-    check_separate,
 )
+from normalize_core.distributed import SOLO, Group, device_for_rank, joined, kernel_threads, run_everywhere
 from normalize_core.errors import normalize_error
 from normalize_core.fp8.config import (
     check_fused_groups,
@@ -45,7 +47,7 @@ from normalize_core.fp8.rules import (
     decide_all,
     with_skip_patterns,
 )
-from normalize_core.repack import finish_output, fresh_output
+from normalize_core.output import RunSpec, write_output
 from normalize_core.sizes import GIB
 
 SCALE_DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16"}
@@ -108,6 +110,8 @@ class Fp8Result:
     config_written: bool
     aux_files: list[str] = field(default_factory=list)
     removed_stale: list[str] = field(default_factory=list)
+    #: Shards an interrupted earlier run had finished, kept by ``resume``.
+    reused: list[str] = field(default_factory=list)
 
 
 def refuse_quantized_source(checkpoint: Checkpoint, entries: list[TensorEntry]) -> None:
@@ -245,16 +249,25 @@ def to_fp8(
     output: str | os.PathLike,
     *,
     device: str = "auto",
+    jobs: int = 1,
     overwrite: bool = False,
+    resume: bool = False,
+    distributed: bool = False,
     progress: Callable[[int], None] | None = None,
     **plan_options,
 ) -> Fp8Result:
     """Converts ``source`` to block FP8 in ``output`` (see ``plan_fp8`` for the options):
     FP8 weights with ``_scale_inv`` companions, a fresh index, ``config.json`` with its
     ``quantization_config``, every other file copied. ``progress(n)`` receives source bytes done.
+    ``jobs`` shards are quantized at a time (on the CPU, the cores are shared between them);
+    ``resume`` finishes an interrupted run into ``output``; ``distributed`` makes this process one
+    rank of a run started by torchrun (see ``write_fp8``).
     """
-    check_separate([Path(source)], Path(output))
-    return write_fp8(plan_fp8(source, **plan_options), output, device=device, overwrite=overwrite, progress=progress)
+    with joined(distributed) as group:
+        fp8 = run_everywhere(group, lambda: plan_fp8(source, **plan_options))
+        return write_fp8(
+            fp8, output, device=device, jobs=jobs, overwrite=overwrite, resume=resume, group=group, progress=progress
+        )
 
 
 def write_fp8(
@@ -262,31 +275,39 @@ def write_fp8(
     output: str | os.PathLike,
     *,
     device: str = "auto",
+    jobs: int = 1,
     overwrite: bool = False,
+    resume: bool = False,
+    group: Group = SOLO,
     progress: Callable[..., None] | None = None,
 ) -> Fp8Result:
     """Executes a plan made by ``plan_fp8``. ``progress(n_bytes, items=0)`` receives source bytes
-    done and, per quantized tensor, ``items=1``."""
-    started = time.monotonic()
+    done and, per quantized tensor, ``items=1``. In a distributed run (``group`` from
+    ``distributed.joined``) each rank quantizes its own shards on ``cuda:LOCAL_RANK`` where
+    ``device`` is ``auto`` (with a GPU) or ``cuda``, else with the CPU kernel."""
     output = Path(output)
-    quantizer = quantizer_for(device, fp8)
+    filler = run_everywhere(
+        group, lambda: Fp8ShardFiller(fp8, device_for_rank(device, group), kernel_threads(jobs, group))
+    )
     checkpoint = fp8.checkpoint
-    check_separate([checkpoint.dir], output)
-    advance = progress or (lambda _n, items=0: None)
-    with fresh_output(output, overwrite):
-        finished: list[Path] = []
-        try:
-            write_shards(fp8, output, quantizer, advance, finished)
-        except BaseException:
-            for path in finished:
-                path.unlink(missing_ok=True)
-            raise
-        source_config = checkpoint.dir / "config.json"
+    source_config = checkpoint.dir / "config.json"
 
-        def write_config() -> None:
-            write_quantized_config(source_config, output / "config.json", fp8.quantization_config)
+    def write_config() -> None:
+        write_quantized_config(source_config, output / "config.json", fp8.quantization_config)
 
-        written = finish_output(fp8.plan, checkpoint.dir, output, started, before_index=write_config)
+    written = write_output(
+        fp8.plan,
+        output,
+        RunSpec("to-fp8", [checkpoint], run_options(fp8)),
+        fill=filler,
+        jobs=jobs,
+        before_index=write_config,
+        overwrite=overwrite,
+        resume=resume,
+        group=group,
+        progress=progress,
+        shard_work=filler.shard_work(),
+    )
     return Fp8Result(
         output=output,
         shards=written.shards,
@@ -294,40 +315,76 @@ def write_fp8(
         kept=len(fp8.decisions) - len(fp8.layouts),
         bytes_before=checkpoint.total_size,
         bytes_after=written.total_size,
-        device=quantizer.device,
+        device=filler.device,
         seconds=written.seconds,
         config_written=source_config.is_file(),
         aux_files=written.aux_files,
         removed_stale=written.removed_stale,
+        reused=written.reused,
     )
 
 
-def write_shards(fp8: Fp8Plan, output: Path, quantizer, advance, finished: list[Path]) -> None:
-    """Writes every shard: kernel copies on a helper thread, quantization on this one."""
-    checkpoint = fp8.checkpoint
-    order = [name for shard in fp8.plan.shards for name in shard.provided if name in fp8.layouts]
-    sources = read_ahead(order, quantizer.load)
-    with ThreadPoolExecutor(1, thread_name_prefix="normalize-copy") as copier:
-        for index, shard in enumerate(fp8.plan.shards):
-            writer = fp8.plan.open_shard(index, output)
-            try:
-                copying = copier.submit(writer.copy_sources, advance)
-                for name in shard.provided:
-                    layout = fp8.layouts.get(name)
-                    if layout is None:
-                        continue
-                    loaded_name, source = next(sources)
-                    assert loaded_name == name, (loaded_name, name)
-                    fp8_bytes, scale_bytes = quantizer.quantize(source, layout)
-                    del source
-                    writer.write(name, fp8_bytes)
-                    writer.write(layout.scale_name, scale_bytes)
-                    advance(checkpoint.tensor(name).nbytes, 1)
-                copying.result()
-                finished.append(writer.finish())
-            except BaseException:
-                writer.abort()
-                raise
+def run_options(fp8: Fp8Plan) -> dict[str, object]:
+    """What changes to-fp8's bytes beyond the planned headers, for the run record: the scale
+    format (same shapes, other values), and, to name the cause, the other scale settings, the
+    layout and which tensors become FP8."""
+    quantized = sorted(fp8.layouts)
+    digest = hashlib.sha256("\n".join(quantized).encode()).hexdigest()[:16]
+    return {
+        "scale_fmt": fp8.scale_fmt,
+        "scale_dtype": fp8.scale_dtype,
+        "block_size": fp8.block_size,
+        "repack": fp8.repacked,
+        "tensors_to_fp8": f"{len(quantized)} tensors (sha256 {digest})",
+    }
+
+
+class Fp8ShardFiller:
+    """Quantizes the tensors of one shard (an ``output.ShardFiller``): each job takes a quantizer
+    of its own (the kernel's reuses its output buffers), reads one source tensor ahead while it
+    quantizes the current one, and hands each FP8 weight and its scale to the shard writer."""
+
+    def __init__(self, fp8: Fp8Plan, device: str, threads: int):
+        self.fp8 = fp8
+        self.threads = threads
+        first = quantizer_for(device, fp8, threads=threads)
+        self.device = first.device
+        self.idle = [first]
+        self.lock = threading.Lock()
+        #: Per shard, the source tensors it quantizes, in data order.
+        self.quantized = [[name for name in shard.provided if name in fp8.layouts] for shard in fp8.plan.shards]
+
+    def __call__(self, writer: ShardWriter, shard: int, advance: Callable[..., None]) -> None:
+        quantizer = self._take()
+        try:
+            for name, source in read_ahead(self.quantized[shard], quantizer.load):
+                layout = self.fp8.layouts[name]
+                fp8_bytes, scale_bytes = quantizer.quantize(source, layout)
+                del source
+                writer.write(name, fp8_bytes)
+                writer.write(layout.scale_name, scale_bytes)
+                advance(self.fp8.checkpoint.tensor(name).nbytes, 1)
+        finally:
+            with self.lock:
+                self.idle.append(quantizer)
+
+    def _take(self):
+        with self.lock:
+            if self.idle:
+                return self.idle.pop()
+        return quantizer_for(self.device, self.fp8, threads=self.threads)
+
+    def shard_work(self) -> list[tuple[int, int]]:
+        """Per shard, the source bytes it reports (copied and quantized tensors) and the tensors
+        it quantizes."""
+        checkpoint = self.fp8.checkpoint
+        work = []
+        for shard, quantized in zip(self.fp8.plan.shards, self.quantized, strict=True):
+            provided = set(shard.provided)
+            copied = [name for name in shard.tensor_names if name not in provided]
+            source_bytes = sum(checkpoint.tensor(name).nbytes for name in [*copied, *quantized])
+            work.append((source_bytes, len(quantized)))
+        return work
 
 
 def read_ahead(names: list[str], load: Callable[[str], object]) -> Iterator[tuple[str, object]]:

@@ -28,12 +28,13 @@ def gpu_present() -> bool:
     return torch.cuda.is_available()
 
 
-def quantizer_for(device: str, fp8) -> KernelQuantizer | TorchQuantizer:
-    """The quantizer for ``device`` ("auto", "cpu", "cuda", "cuda:N") and a plan made by ``plan_fp8``."""
+def quantizer_for(device: str, fp8, threads: int | None = None) -> KernelQuantizer | TorchQuantizer:
+    """The quantizer for ``device`` ("auto", "cpu", "cuda", "cuda:N") and a plan made by ``plan_fp8``;
+    on the CPU the kernel uses ``threads`` threads (default: every core)."""
     if device == "auto":
         device = "cuda" if gpu_present() else CPU
     if device == CPU:
-        return KernelQuantizer(fp8.checkpoint, fp8.block_size, fp8.scale_fmt, fp8.scale_dtype)
+        return KernelQuantizer(fp8.checkpoint, fp8.block_size, fp8.scale_fmt, fp8.scale_dtype, threads)
     return TorchQuantizer(fp8.checkpoint, fp8.block_size, fp8.scale_fmt, fp8.scale_dtype, device)
 
 
@@ -42,12 +43,14 @@ class KernelQuantizer:
 
     device = CPU
 
-    def __init__(self, checkpoint: Checkpoint, block_size: int, scale_fmt: str, scale_dtype: str):
+    def __init__(
+        self, checkpoint: Checkpoint, block_size: int, scale_fmt: str, scale_dtype: str, threads: int | None = None
+    ):
         self.checkpoint = checkpoint
         self.block_size = block_size
         self.ue8m0 = scale_fmt == "ue8m0"
         self.scale_bf16 = scale_dtype == "bfloat16"
-        self.threads = os.cpu_count() or 1
+        self.threads = threads or os.cpu_count() or 1
         # Output buffers are reused from tensor to tensor (grown when needed): fresh ones would
         # cost a page fault and a zeroing per page of every output byte.
         self._fp8 = bytearray()
@@ -98,6 +101,9 @@ class TorchQuantizer:
         resolved = torch.device(device)
         if resolved.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
+        if resolved.type == "cuda" and resolved.index is not None:
+            # Page-locked buffers and streams belong to the current device: make it this one.
+            torch.cuda.set_device(resolved)
         self.target = resolved
         self.device = str(resolved)
         self.checkpoint = checkpoint
