@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.text import Text
 
 from normalize_core import __version__
+from normalize_core._core import NormalizeError
+from normalize_core.distributed import DISTRIBUTED_ENV
 from normalize_core.progress import stderr
 from normalize_core.sizes import gib_to_bytes, parse_size
 
@@ -45,6 +47,19 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(USER_ERROR)
 
 
+def failed(error: NormalizeError) -> typer.Exit:
+    """``fail(str(error))``, except on a rank of a distributed run that stopped because another rank
+    failed: it exits as quietly as it can, rank 0 prints why."""
+    if error.kind == "peer_failed":
+        return typer.Exit(USER_ERROR)
+    return fail(str(error))
+
+
+def print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for the command line: one ``warning:`` line."""
+    stderr.print(finding("warning", str(message)), soft_wrap=True)
+
+
 def shard_limit(shard_size_gb: float | None, max_shard_size: str | None) -> int:
     """Bytes per shard from ``--shard-size-gb`` (GiB) or ``--max-shard-size`` (``5GB``, ``4GiB``)."""
     if shard_size_gb is not None and max_shard_size is not None:
@@ -72,6 +87,25 @@ MaxShardOpt = Annotated[
 JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1, help="Shards written at the same time.")]
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="Write into a non-empty output, replacing only files this tool writes.")
+]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Finish an interrupted run into the output: its finished shards are checked against the plan and "
+        "kept, the rest written. Refused when the command, an option or a source changed. A new or empty output "
+        "starts fresh; a run with --resume that fails keeps what it finished for the next --resume.",
+    ),
+]
+DistributedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--distributed",
+        envvar=DISTRIBUTED_ENV,
+        help="Run as one rank of a distributed run: every rank plans, the shards are split between ranks by bytes, "
+        "rank 0 writes the index. Reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK as torchrun sets "
+        "them (python -m normalize_core under torchrun turns this on by itself). Never asks: --place only.",
+    ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 PlaceOpt = Annotated[

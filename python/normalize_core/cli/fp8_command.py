@@ -11,22 +11,27 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from normalize_core._core import NormalizeError, check_separate
+from normalize_core._core import NormalizeError
 from normalize_core.cli.app import (
+    DistributedOpt,
     MaxShardOpt,
     OverwriteOpt,
     PlaceOpt,
     QuietOpt,
+    ResumeOpt,
     ShardGbOpt,
     SourceOpt,
     YesOpt,
     app,
     fail,
+    failed,
     finding,
     labelled,
     shard_limit,
     stdout,
 )
+from normalize_core.cli.checkpoint_commands import placement_asks, print_reused
+from normalize_core.distributed import device_for_rank, joined, run_everywhere
 from normalize_core.place import check_place_option, offer_placement
 from normalize_core.progress import byte_progress
 from normalize_core.sizes import format_bytes
@@ -112,7 +117,15 @@ def to_fp8_command(
     as_json: Annotated[
         bool, typer.Option("--json", help="With --dry-run: one JSON object {quantize: [...], keep: [...]}.")
     ] = False,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "--jobs", "-j", min=1, help="Shards quantized at the same time on the CPU (they share the cores)."
+        ),
+    ] = 1,
     overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    distributed: DistributedOpt = False,
     quiet: QuietOpt = False,
     place: PlaceOpt = None,
     yes: YesOpt = False,
@@ -138,15 +151,14 @@ def to_fp8_command(
         raise typer.BadParameter("--output is required unless --dry-run")
     if as_json and not dry_run:
         raise typer.BadParameter("--json goes with --dry-run")
+    if overwrite and resume:
+        raise typer.BadParameter("give --overwrite or --resume, not both")
     limit = shard_limit(shard_size_gb, max_shard_size)
     from normalize_core.fp8.convert import plan_fp8, write_fp8
     from normalize_core.fp8.quantizers import quantizer_for
 
-    try:
-        if output is not None and not dry_run:
-            check_separate([source], output)
-            check_place_option(place, output)
-        fp8 = plan_fp8(
+    def plan():
+        return plan_fp8(
             source,
             reference=reference,
             quantize_patterns=quantize_pattern or (),
@@ -158,44 +170,74 @@ def to_fp8_command(
             block_size=block_size,
             build_plan=not dry_run,
         )
-        if fp8.reference_mismatch:
-            only_source, only_reference = fp8.reference_mismatch
-            if only_source or only_reference:
-                stdout.print(
-                    labelled(
-                        "reference differs",
-                        f"{len(only_source)} weights only in the source"
-                        f"{' (e.g. ' + only_source[0] + ')' if only_source else ''}, {len(only_reference)} only in the "
-                        f"reference{' (e.g. ' + only_reference[0] + ')' if only_reference else ''}",
-                        "yellow",
-                    )
+
+    try:
+        with joined(distributed) as group:
+            lead = group.rank == 0
+            if output is not None and not dry_run:
+                check_place_option(place, output)
+            fp8 = run_everywhere(group, plan)
+            if lead:
+                print_reference_mismatch(fp8)
+            if dry_run:
+                if not lead:
+                    return
+                if as_json:
+                    print(json.dumps({"quantize": sorted(fp8.quantized), "keep": sorted(fp8.kept)}))
+                else:
+                    print_decisions(fp8)
+                return
+            target = run_everywhere(group, lambda: quantizer_for(device_for_rank(device, group), fp8).device)
+            progress = byte_progress(
+                fp8.checkpoint.total_size,
+                f"to-fp8 on {target}" if group.world_size == 1 else f"to-fp8 on {group.world_size} ranks",
+                enabled=not quiet and lead,
+                items_total=len(fp8.layouts),
+                items_label="quantized",
+            )
+            with progress as advance:
+                result = write_fp8(
+                    fp8,
+                    output,
+                    device=target,
+                    jobs=jobs,
+                    overwrite=overwrite,
+                    resume=resume,
+                    group=group,
+                    progress=advance,
                 )
-        if dry_run:
-            if as_json:
-                print(json.dumps({"quantize": sorted(fp8.quantized), "keep": sorted(fp8.kept)}))
-            else:
-                print_decisions(fp8)
-            return
-        target = quantizer_for(device, fp8).device
-        progress = byte_progress(
-            fp8.checkpoint.total_size,
-            f"to-fp8 on {target}",
-            enabled=not quiet,
-            items_total=len(fp8.layouts),
-            items_label="quantized",
-        )
-        with progress as advance:
-            result = write_fp8(fp8, output, device=target, overwrite=overwrite, progress=advance)
-    except (NormalizeError, ValueError) as e:
+    except NormalizeError as e:
+        raise failed(e) from None
+    except ValueError as e:
         raise fail(str(e)) from None
+    if not lead:
+        return
     stdout.print(
         f"Wrote {len(result.shards)} shards to {result.output} on {result.device} in {result.seconds:.1f} s: "
         f"{result.quantized} tensors to FP8, {result.kept} kept, "
         f"{format_bytes(result.bytes_before)} → {format_bytes(result.bytes_after)}."
     )
+    print_reused(result.reused)
     if not result.config_written:
         stdout.print(finding("warning", "the source has no config.json, so no quantization_config was written"))
     try:
-        offer_placement(result.output, source, place, yes, show_progress=not quiet)
+        offer_placement(result.output, source, place, yes, show_progress=not quiet, interactive=placement_asks(group))
     except NormalizeError as e:
         raise fail(str(e)) from None
+
+
+def print_reference_mismatch(fp8) -> None:
+    """With --reference: how the reference's weights differ from the source's, if they do."""
+    if not fp8.reference_mismatch:
+        return
+    only_source, only_reference = fp8.reference_mismatch
+    if only_source or only_reference:
+        stdout.print(
+            labelled(
+                "reference differs",
+                f"{len(only_source)} weights only in the source"
+                f"{' (e.g. ' + only_source[0] + ')' if only_source else ''}, {len(only_reference)} only in the "
+                f"reference{' (e.g. ' + only_reference[0] + ')' if only_reference else ''}",
+                "yellow",
+            )
+        )

@@ -8,19 +8,23 @@ from typing import Annotated
 
 import typer
 
-from normalize_core._core import Checkpoint, NormalizeError, check_separate
+from normalize_core._core import Checkpoint, NormalizeError
 from normalize_core.cli.app import (
+    DistributedOpt,
     JobsOpt,
     MaxShardOpt,
     OverwriteOpt,
     QuietOpt,
+    ResumeOpt,
     ShardGbOpt,
     app,
     fail,
+    failed,
     shard_limit,
 )
 from normalize_core.cli.checkpoint_commands import print_plan
 from normalize_core.diff import CheckpointDiff, diff
+from normalize_core.distributed import joined, run_everywhere
 from normalize_core.merge import MergePlan, MergeResult, plan_merge, write_merge
 from normalize_core.place import place_interactively, say, terminal_attached
 from normalize_core.progress import byte_progress
@@ -106,6 +110,8 @@ def print_merge_result(result: MergeResult) -> None:
         f"{result.new_shards} new), {written.tensors} tensors, {format_bytes(written.total_size)} "
         f"in {written.seconds:.1f} s ({format_bytes(rate)}/s)."
     )
+    if written.reused:
+        say(f"Kept {len(written.reused)} shards an interrupted run had finished: {', '.join(written.reused)}")
     if result.linked:
         say(f"Hard-linked {result.linked} base shards (they share their data with base's files).")
     if result.link_fallbacks:
@@ -143,6 +149,8 @@ def merge(
         bool, typer.Option("--yes", "-y", help="Merge without asking (required when not on a terminal).")
     ] = False,
     overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    distributed: DistributedOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Write base ∪ (extra − base) to --out: base wins wherever both hold a tensor.
@@ -155,30 +163,49 @@ def merge(
     summary names those that are new or differ. Works on any layout (index, one
     model.safetensors, engine-named shards). --out is final: there is no placement step.
     """
+    if overwrite and resume:
+        raise typer.BadParameter("give --overwrite or --resume, not both")
+    if distributed and not (yes or dry_run):
+        raise fail("a distributed merge never asks for confirmation; pass --yes")
     limit = shard_limit(shard_size_gb, max_shard_size)
     try:
-        if not dry_run:
-            check_separate([base, extra], out)
-        planned = plan_merge(base, extra, limit)
+        with joined(distributed) as group:
+            lead = group.rank == 0
+            planned = run_everywhere(group, lambda: plan_merge(base, extra, limit))
+            if lead:
+                print_diff(planned.diff, planned.extra)
+                print_merge_plan(planned, hardlink)
+            if dry_run:
+                if lead:
+                    print_plan(planned.plan)
+                return
+            if not yes:
+                confirm_merge(out)
+            total = sum(s.file_len for s in planned.plan.shards)
+            with byte_progress(total, "merge", enabled=not quiet and lead) as advance:
+                result = write_merge(
+                    planned,
+                    out,
+                    hardlink=hardlink,
+                    jobs=jobs,
+                    overwrite=overwrite,
+                    resume=resume,
+                    group=group,
+                    progress=advance,
+                )
     except NormalizeError as e:
-        raise fail(str(e)) from None
-    print_diff(planned.diff, planned.extra)
-    print_merge_plan(planned, hardlink)
-    if dry_run:
-        print_plan(planned.plan)
-        return
-    if not yes:
-        if not terminal_attached():
-            raise fail("merge asks for confirmation and this is not a terminal; pass --yes to merge without asking")
-        if not typer.confirm(f"Write the merged checkpoint to {out}?", default=True):
-            say("Nothing written.")
-            raise typer.Exit(1)
-    try:
-        with byte_progress(sum(s.file_len for s in planned.plan.shards), "merge", enabled=not quiet) as advance:
-            result = write_merge(planned, out, hardlink=hardlink, jobs=jobs, overwrite=overwrite, progress=advance)
-    except NormalizeError as e:
-        raise fail(str(e)) from None
-    print_merge_result(result)
+        raise failed(e) from None
+    if lead:
+        print_merge_result(result)
+
+
+def confirm_merge(out: Path) -> None:
+    """Asks on a terminal; refuses off one (``--yes`` skips this)."""
+    if not terminal_attached():
+        raise fail("merge asks for confirmation and this is not a terminal; pass --yes to merge without asking")
+    if not typer.confirm(f"Write the merged checkpoint to {out}?", default=True):
+        say("Nothing written.")
+        raise typer.Exit(1)
 
 
 @app.command("place")
