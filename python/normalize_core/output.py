@@ -57,6 +57,7 @@ from normalize_core.run_record import (
     RunSpec,
     describe_run,
     discard_record,
+    ensure_marker_dir,
     mark_done,
     read_record,
     remove_temporaries,
@@ -254,6 +255,7 @@ class OutputRun:
                 file=str(self.output),
             )
         self.clear_previous_run(keep_record=True)
+        ensure_marker_dir(self.output)
         self.record = previous
         self.reused = verified_done(self.output, previous)
 

@@ -30,6 +30,8 @@ LOCK_FILE = ".normalize-lock"
 UNSUPPORTED = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF})
 #: Attempts when the lock file keeps being replaced under us (a finishing run removes it).
 ATTEMPTS = 20
+#: Reads of the holder's entry (5 ms apart) before giving up on naming it.
+HOLDER_READS = 40
 
 
 class OutputLockWarning(UserWarning):
@@ -55,8 +57,10 @@ class OutputLock:
             try:
                 held = _try_flock(fd, directory)
                 if _still_names(path, fd):
-                    os.ftruncate(fd, 0)
-                    os.pwrite(fd, _owner(command).encode(), 0)
+                    # Written over the old entry, then cut to length: never empty to a reader.
+                    entry = _owner(command).encode()
+                    os.pwrite(fd, entry, 0)
+                    os.ftruncate(fd, len(entry))
                     return cls(path, fd, held)
             except BaseException:
                 os.close(fd)
@@ -127,9 +131,26 @@ def _owner(command: str) -> str:
 
 
 def _holder(fd: int) -> str:
-    """``normalize repack, pid 1234 on host, since ...`` from the lock file, as far as it says."""
+    """``normalize repack, pid 1234 on host, since ...`` from the lock file. The holder writes it
+    just after locking, over what an earlier (killed) holder left: a reader waits a moment for an
+    entry that names a live process (on another host it cannot tell, and believes it)."""
+    for _ in range(HOLDER_READS):
+        try:
+            owner = json.loads(os.pread(fd, 4096, 0))
+            described = f"normalize {owner['command']}, pid {owner['pid']} on {owner['host']}, since {owner['started']}"
+            if owner["host"] != socket.gethostname() or _alive(int(owner["pid"])):
+                return described
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        time.sleep(0.005)
+    return "its pid is not known yet"
+
+
+def _alive(pid: int) -> bool:
     try:
-        owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        return f"normalize {owner['command']}, pid {owner['pid']} on {owner['host']}, since {owner['started']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "its pid is not written yet"
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

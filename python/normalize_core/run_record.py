@@ -211,10 +211,16 @@ def read_record(output: Path) -> RunRecord | None:
 
 
 def write_record(output: Path, record: RunRecord) -> None:
-    """Writes the record (durably) and an empty marker directory."""
+    """Writes the record (durably), after the marker directory: a record is never without it."""
+    ensure_marker_dir(output)
     write_atomically(output / RECORD_FILE, record.to_json())
-    (output / DONE_DIR).mkdir(exist_ok=True)
     sync_dir(output)
+
+
+def ensure_marker_dir(output: Path) -> None:
+    """Creates the marker directory unless it exists (a run killed while discarding its record
+    can leave the record alone)."""
+    (output / DONE_DIR).mkdir(exist_ok=True)
 
 
 def discard_record(output: Path) -> None:
