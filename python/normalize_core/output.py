@@ -22,7 +22,8 @@
 
 A failure removes what this run created (the shards it finished, the files it copied, its record,
 the directory if it made it) and nothing else, except under ``resume``: then the finished shards
-and the record stay for the next ``resume``. A killed run leaves its record for ``resume``.
+and the record stay for the next ``resume``. A killed run leaves its record for ``resume``, and so
+does a distributed run that lost a rank (the dead rank cannot clean up after itself).
 
 Distributed (``group`` from ``distributed.joined``): every rank describes the run and the
 fingerprints must agree; rank 0 alone does steps 2–4 and 6 and tells the others which shards are
@@ -139,8 +140,10 @@ def write_output(
         reports = group.all_gather(report)
         finished = group.broadcast(run_everywhere(group, lambda: run.finish(before_index)))
         advance.complete()
-    except BaseException:
-        run.abandon()
+    except BaseException as failure:
+        # A rank that died cannot clean up after itself: the run stays resumable for every rank.
+        if getattr(failure, "kind", None) != "rank_lost":
+            run.abandon()
         raise
     finally:
         run.release()
