@@ -1,4 +1,5 @@
-"""Shared fixtures. Area-specific helpers live next to the tests that use them."""
+"""Shared fixtures. Checkpoint builders and readers are in ``builders.py``; output-layout checks for the
+repack tests in ``repack_util.py``."""
 
 from __future__ import annotations
 

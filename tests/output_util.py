@@ -4,7 +4,6 @@ line as subprocesses, and byte-for-byte pictures of directories."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -14,9 +13,9 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-INDEX = "model.safetensors.index.json"
+from builders import INDEX, write_checkpoint
+
 RECORD = ".normalize-run.json"
 DONE_DIR = ".normalize-run.done"
 LOCK = ".normalize-lock"
@@ -42,37 +41,13 @@ def llama_tensors(layers: int, size: int = 128, seed: int = 0) -> dict[str, torc
 
 
 def write_engine_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], files: int = 3) -> Path:
-    """Engine-named shards (no index), the tensors split evenly in order, plus config, tokenizer and a
-    sub-folder of aux files."""
-    directory.mkdir(parents=True)
-    names = list(tensors)
-    for r in range(files):
-        chunk = names[len(names) * r // files : len(names) * (r + 1) // files]
-        save_file({n: tensors[n] for n in chunk}, directory / f"model-rank{r}.safetensors", metadata={"format": "pt"})
-    for relative, text in AUX.items():
-        (directory / relative).parent.mkdir(parents=True, exist_ok=True)
-        (directory / relative).write_text(text)
-    return directory
+    """Engine-named shards (no index) plus config, tokenizer and a sub-folder of aux files."""
+    return write_checkpoint(directory, tensors, layout="engine", files=files, aux=AUX)
 
 
 def write_indexed_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], files: int) -> Path:
-    """Standard shards (the tensors split evenly in order) and an index, the way transformers writes
-    them, plus the aux files."""
-    directory.mkdir(parents=True)
-    names = list(tensors)
-    weight_map = {}
-    for i in range(files):
-        file_name = f"model-{i + 1:05d}-of-{files:05d}.safetensors"
-        chunk = names[len(names) * i // files : len(names) * (i + 1) // files]
-        save_file({n: tensors[n] for n in chunk}, directory / file_name, metadata={"format": "pt"})
-        weight_map |= dict.fromkeys(chunk, file_name)
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (directory / INDEX).write_text(json.dumps(index))
-    for relative, text in AUX.items():
-        (directory / relative).parent.mkdir(parents=True, exist_ok=True)
-        (directory / relative).write_text(text)
-    return directory
+    """Standard shards and an index, the way transformers writes them, plus the aux files."""
+    return write_checkpoint(directory, tensors, layout="indexed", files=files, aux=AUX)
 
 
 def tree_bytes(directory: Path) -> dict[str, bytes]:
@@ -83,21 +58,6 @@ def tree_bytes(directory: Path) -> dict[str, bytes]:
         for name in files:
             path = Path(root) / name
             found[path.relative_to(directory).as_posix()] = path.read_bytes()
-    return found
-
-
-def fingerprint_tree(directory: Path) -> dict[str, tuple[int, int, str]]:
-    """relative path → (size, mtime_ns, sha256) of every file below ``directory``."""
-    found = {}
-    for root, _dirs, files in os.walk(directory):
-        for name in files:
-            path = Path(root) / name
-            info = path.stat()
-            found[path.relative_to(directory).as_posix()] = (
-                info.st_size,
-                info.st_mtime_ns,
-                hashlib.sha256(path.read_bytes()).hexdigest(),
-            )
     return found
 
 

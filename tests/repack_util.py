@@ -1,9 +1,7 @@
-"""Helpers for the repack tests: build checkpoints with the ``safetensors`` library, read outputs back
-with it, and check an output directory against HF's sharded layout.
+"""Checks of an output directory against HF's sharded layout, for the repack tests.
 
-Source checkpoints are written by ``safetensors.torch.save_file`` (or ``safetensors.numpy``), never by
-this project, and outputs are read with ``safetensors.safe_open`` plus an independent header parser,
-so a round trip compares the tool against the reference implementation, not against itself.
+Outputs are read with ``safetensors.safe_open`` (see ``builders``) plus an independent header
+parser, so a round trip compares the tool against the reference implementation, not against itself.
 """
 
 from __future__ import annotations
@@ -15,36 +13,11 @@ import re
 import struct
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
+from builders import HEADER_DTYPES, INDEX, TensorBytes, read_output_bytes
 from normalize_core import Checkpoint, verify_checkpoint
 
-#: Every torch dtype that ``safetensors.torch`` saves: all of DESIGN §2 except the two F6 formats.
-TORCH_DTYPES = [
-    torch.bool,
-    torch.uint8,
-    torch.int8,
-    torch.int16,
-    torch.uint16,
-    torch.float16,
-    torch.bfloat16,
-    torch.int32,
-    torch.uint32,
-    torch.float32,
-    torch.float64,
-    torch.int64,
-    torch.uint64,
-    torch.float8_e4m3fn,
-    torch.float8_e5m2,
-    torch.float8_e8m0fnu,
-    torch.float8_e4m3fnuz,
-    torch.float8_e5m2fnuz,
-    torch.complex64,
-    torch.float4_e2m1fn_x2,
-]
-INDEX = "model.safetensors.index.json"
+#: Every torch dtype that ``safetensors.torch`` saves: all safetensors dtypes except the two F6 formats.
+TORCH_DTYPES = list(HEADER_DTYPES)
 STANDARD_SHARD = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
 
 #: Bytes per element of each header dtype (sub-byte formats count whole bytes of their packing).
@@ -71,108 +44,12 @@ ITEMSIZE = {
     "C64": 8,
 }
 
-TensorBytes = dict[str, tuple[str, list[int], bytes]]
-"""Tensor name → (header dtype, shape, raw little-endian bytes)."""
-
-
-def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    """The bytes safetensors stores for ``tensor`` (C order, native little-endian)."""
-    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-    """A tensor of ``dtype`` filled with random bit patterns (bools stay 0/1)."""
-    numel = math.prod(shape)
-    probe = torch.empty(0, dtype=dtype)
-    raw = torch.randint(0, 256, (numel * probe.element_size(),), dtype=torch.uint8, generator=generator)
-    if dtype == torch.bool:
-        raw &= 1
-    return raw.view(dtype).reshape(shape)
-
-
-def save_engine_checkpoint(directory: Path, files: dict[str, dict[str, torch.Tensor]]) -> Path:
-    """Writes each ``{file name: tensors}`` with ``safetensors.torch.save_file``; no index."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, tensors in files.items():
-        save_file(tensors, directory / name, metadata={"format": "pt"})
-    return directory
-
-
-def save_standard_checkpoint(directory: Path, shards: list[dict[str, torch.Tensor]]) -> Path:
-    """Writes ``model-{i:05d}-of-{n:05d}.safetensors`` shards and an index the way transformers does."""
-    directory.mkdir(parents=True, exist_ok=True)
-    weight_map: dict[str, str] = {}
-    total_size = 0
-    for i, tensors in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(tensors, directory / name, metadata={"format": "pt"})
-        for key, tensor in tensors.items():
-            weight_map[key] = name
-            total_size += tensor.numel() * tensor.element_size()
-    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-    (directory / INDEX).write_text(json.dumps(index, indent=2))
-    return directory
-
-
-def expected_bytes(tensors: dict[str, torch.Tensor]) -> TensorBytes:
-    """What a reader must find for each of ``tensors`` after a lossless round trip."""
-    return {name: (header_dtype(t), header_shape(t), tensor_bytes(t)) for name, t in tensors.items()}
-
-
-def header_shape(tensor: torch.Tensor) -> list[int]:
-    """The shape ``save_file`` writes: a ``float4_e2m1fn_x2`` element is two F4 values."""
-    shape = list(tensor.shape)
-    if tensor.dtype == torch.float4_e2m1fn_x2:
-        shape[-1] *= 2
-    return shape
-
-
-def header_dtype(tensor: torch.Tensor) -> str:
-    """The safetensors dtype string of a torch tensor, as ``save_file`` writes it."""
-    names = {
-        torch.bool: "BOOL",
-        torch.uint8: "U8",
-        torch.int8: "I8",
-        torch.int16: "I16",
-        torch.uint16: "U16",
-        torch.float16: "F16",
-        torch.bfloat16: "BF16",
-        torch.int32: "I32",
-        torch.uint32: "U32",
-        torch.float32: "F32",
-        torch.float64: "F64",
-        torch.int64: "I64",
-        torch.uint64: "U64",
-        torch.float8_e4m3fn: "F8_E4M3",
-        torch.float8_e5m2: "F8_E5M2",
-        torch.float8_e8m0fnu: "F8_E8M0",
-        torch.float8_e4m3fnuz: "F8_E4M3FNUZ",
-        torch.float8_e5m2fnuz: "F8_E5M2FNUZ",
-        torch.complex64: "C64",
-        torch.float4_e2m1fn_x2: "F4",
-    }
-    return names[tensor.dtype]
-
 
 def read_raw_header(path: Path) -> tuple[int, dict]:
     """``(N, header JSON)`` of a safetensors file, parsed with the standard library only."""
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         return length, json.loads(f.read(length))
-
-
-def read_output_bytes(directory: Path) -> TensorBytes:
-    """Every tensor of a standard-layout directory, read through its index with ``safe_open``."""
-    weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
-    found: TensorBytes = {}
-    for shard in sorted(set(weight_map.values())):
-        with safe_open(directory / shard, framework="pt") as f:
-            assert f.metadata() == {"format": "pt"}, shard
-            for name in f.keys():
-                assert weight_map[name] == shard, f"{name} is in {shard}, the index says {weight_map[name]}"
-                view = f.get_slice(name)
-                found[name] = (view.get_dtype(), view.get_shape(), tensor_bytes(f.get_tensor(name)))
-    return found
 
 
 def assert_standard_output(output: Path, expected: TensorBytes, max_shard_bytes: int) -> dict:

@@ -14,17 +14,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from builders import INDEX, expected_bytes, save_engine_checkpoint
 from normalize_core import NormalizeError
 from normalize_core.cli import app
 from normalize_core.repack import plan_repack, write_repack
-from repack_util import (
-    INDEX,
-    assert_standard_output,
-    expected_bytes,
-    leftover_partials,
-    save_engine_checkpoint,
-    shard_files,
-)
+from repack_util import assert_standard_output, leftover_partials, shard_files
 
 #: Runs the CLI's entry point with the arguments that follow; ``PRELUDE`` may set limits first.
 CLI = "import sys\n{prelude}\nfrom normalize_core.cli import main\nsys.exit(main())"
@@ -234,7 +228,7 @@ def test_a_source_shrinking_after_planning_fails_cleanly(engine_source, tmp_path
     with pytest.raises(NormalizeError) as raised:
         write_repack(checkpoint, plan, output, jobs=1)
 
-    assert raised.value.kind == "io"
+    assert raised.value.kind == "source_changed"
     assert raised.value.file == str(victim)
     assert not output.exists()
 
@@ -258,17 +252,18 @@ def test_a_failure_after_other_shards_completed_removes_them(engine_source, tmp_
 
 
 def test_an_aux_file_failing_after_the_shards_were_written_leaves_nothing(engine_source, tmp_path: Path):
-    """Aux files are copied once every shard is in place; a dangling symlink among them fails the run
-    then, and the shards already written must go with the directory created for them."""
+    """Aux files are copied once every shard is in place; a FIFO among them fails the run then, and the
+    shards already written must go with the directory created for them."""
     source, _ = engine_source
-    (source / "tokenizer.model").symlink_to(tmp_path / "missing" / "tokenizer.model")
+    os.mkfifo(source / "tokenizer.model")
     output = tmp_path / "out"
 
     result = run_cli(["repack", "-s", str(source), "-o", str(output), "--max-shard-size", "20KB", "-q"])
 
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == [
-        f"error: {source / 'tokenizer.model'}: No such file or directory (os error 2)"
+        f"error: {source / 'tokenizer.model'}: is a FIFO, not a regular file; only regular files (or symlinks "
+        "to them) are read"
     ]
     assert not output.exists()
 

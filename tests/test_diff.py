@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from merge_util import make_tensors, write_checkpoint
+from builders import make_tensors, write_checkpoint
 from normalize_core import Checkpoint, NormalizeError, diff
 from normalize_core.cli import app
 from normalize_core.diff import changed_aux_files

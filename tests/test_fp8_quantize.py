@@ -1,4 +1,4 @@
-"""The FP8 quantizer against an independent reference built here from DESIGN §2.
+"""The FP8 quantizer against an independent reference of vLLM/DeepGEMM's ``per_block_cast_to_fp8``.
 
 The reference is numpy only: tile maxima in float32, ``s = max(amax, 1e-4) / 448``, ue8m0 via
 float64 ``log2`` and ``ceil``, ``q = round(clamp(x * (1/s)))`` to the nearest of the 253 finite
@@ -49,7 +49,7 @@ def round_to_e4m3fn(x: np.ndarray) -> np.ndarray:
 
 
 def reference_quantize(x: np.ndarray, block: int, ue8m0: bool, bf16_scales: bool) -> tuple[np.ndarray, np.ndarray]:
-    """DESIGN §2 on one float32 matrix: ``(codes [N, K] uint8, scales [ceil(N/b), ceil(K/b)] float32)``."""
+    """The reference on one float32 matrix: ``(codes [N, K] uint8, scales [ceil(N/b), ceil(K/b)] float32)``."""
     rows, cols = x.shape
     tiles_r, tiles_c = math.ceil(rows / block), math.ceil(cols / block)
     codes = np.zeros((rows, cols), dtype=np.uint8)

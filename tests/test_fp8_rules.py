@@ -2,8 +2,8 @@
 held to the decisions of real published block-FP8 checkpoints.
 
 Real data: ``tests/fixtures/realdata/*.patterns.json.gz``, built by ``make_fixtures.py`` next to them from the
-project's real-data folder (tensor lists of the actual releases; provenance in that script and in
-realdata/SOURCES.md). Each holds a model's source tensors grouped by name pattern (number segments → ``N``),
+project's real-data folder (tensor lists of the actual releases; provenance in that script and in each
+fixture's ``provenance`` field). Each holds a model's source tensors grouped by name pattern (number segments → ``N``),
 with one real example name, ndim, source dtype and whether the release quantized it; the generator refuses a
 pattern whose real tensors disagree, so one decision per pattern stands for all of its tensors.
 
@@ -32,7 +32,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from normalize_core import NormalizeError
 from normalize_core.fp8.groups import fused_group, module_of, split_fused_groups
+from normalize_core.fp8.layout import quantized_layout
 from normalize_core.fp8.rules import (
     HEURISTIC_KEEP_RULES,
     Decision,
@@ -479,17 +481,20 @@ def test_reference_rules_reject_what_is_not_a_block_fp8_reference(tmp_path: Path
     with pytest.raises(ValueError, match=r"several dtypes: \['BF16', 'F32'\]"):
         ReferenceRules.from_dir(mixed)
 
-    for bad_index, message in [
-        ("{", "not a safetensors index"),
-        ('{"metadata": {}}', "not a safetensors index"),
-        ('{"weight_map": {"x.weight_scale_inv": "../x.safetensors"}}', "not a plain file name"),
-        ('{"weight_map": {"x.weight_scale_inv": 3}}', "must map tensor names"),
+    # A reference index is checked by the core's index reader, as every index is.
+    for bad_index, kind, message in [
+        ("{", "invalid_index", "invalid index: EOF while parsing"),
+        ('{"metadata": {}}', "invalid_index", "invalid index: missing field `weight_map`"),
+        ('{"weight_map": {"x.weight_scale_inv": "../x.safetensors"}}', "unsafe_shard_name", "not a plain file name"),
+        ('{"weight_map": {"x.weight_scale_inv": 3}}', "invalid_index", "is 3, not a file name"),
+        ('{"weight_map": {"x.weight_scale_inv": "a", "x.weight_scale_inv": "b"}}', "invalid_index", "listed twice"),
     ]:
         indexed = tmp_path / "indexed"
         indexed.mkdir(exist_ok=True)
         (indexed / "model.safetensors.index.json").write_text(bad_index)
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(NormalizeError, match=message) as raised:
             ReferenceRules.from_dir(indexed)
+        assert (raised.value.kind, raised.value.file) == (kind, str(indexed / "model.safetensors.index.json"))
 
 
 # --- summary ----------------------------------------------------------------------------------------------------
@@ -509,7 +514,9 @@ def test_summarize_groups_by_pattern_and_counts_bytes() -> None:
     sizes = {name: math.prod(shape) * itemsize[dtype] for name, dtype, shape in entries}
     shapes = {name: shape for name, _, shape in entries}
     rules = with_skip_patterns(HeuristicRules(), ["layers\\.1\\.self_attn"])
-    rows = summarize(decide_all(entries, rules), sizes, shapes)
+    decisions = decide_all(entries, rules)
+    layouts = {d.name: quantized_layout(d.name, shapes[d.name]) for d in decisions if d.quantize}
+    rows = summarize(decisions, sizes, layouts)
 
     q_proj = 256 * 512 * 2
     assert rows == [
@@ -569,5 +576,6 @@ def test_summarize_groups_by_pattern_and_counts_bytes() -> None:
 
 def test_summarize_an_f32_weight_saves_three_quarters() -> None:
     name = "model.layers.0.mlp.down_proj.weight"
-    rows = summarize([Decision(name, True, "matmul weight")], {name: 128 * 128 * 4}, {name: [128, 128]})
+    layouts = {name: quantized_layout(name, [128, 128])}
+    rows = summarize([Decision(name, True, "matmul weight")], {name: 128 * 128 * 4}, layouts)
     assert rows[0]["bytes_saved"] == 128 * 128 * 3 - 4

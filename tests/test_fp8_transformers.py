@@ -60,7 +60,7 @@ def tiny_qwen3_moe(attention_bias: bool) -> Qwen3MoeForCausalLM:
 
 
 def quantize_dequantize(weight: torch.Tensor) -> torch.Tensor:
-    """The DESIGN §2 arithmetic, written independently of the code under test."""
+    """Per-block FP8 as vLLM/DeepGEMM compute it, written independently of the code under test."""
     rows, cols = weight.shape
     x = weight.float()
     out = torch.empty_like(x)

@@ -1,4 +1,4 @@
-"""Corrupt, hostile and inconsistent inputs (DESIGN §3, the repack issue's point 8): each gives a
+"""Corrupt, hostile and inconsistent inputs: each gives a
 ``NormalizeError`` whose ``kind``, ``file`` and ``tensor`` say what and where, leaves no output behind
 and does not touch the source; the CLI prints one line and exits 2. Also the refused output
 directories: the source itself, inside the source, containing the source, non-empty."""
@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from builders import INDEX, snapshot
 from normalize_core import NormalizeError, repack
 from normalize_core.cli import app
-from repack_util import INDEX
 
 
 def entry(dtype: str, shape: list[int], begin: int, end: int) -> dict:
@@ -235,11 +235,6 @@ MALFORMED: dict[str, Malformed] = {
         None,
     ),
 }
-
-
-def snapshot(directory: Path) -> dict[str, bytes]:
-    """Every file under ``directory`` with its bytes, to prove the source was not written."""
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(params=list(MALFORMED), ids=list(MALFORMED))

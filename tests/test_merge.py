@@ -14,11 +14,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from merge_util import (
+from builders import (
     INDEX,
-    expected,
+    expected_bytes,
     make_tensors,
-    read_back,
+    read_output_bytes,
     shard_names,
     snapshot,
     write_checkpoint,
@@ -48,7 +48,7 @@ def make_pair(tmp_path: Path, base_layout: str = "indexed", extra_layout: str = 
     extra_tensors = make_tensors(EXTRA_SPEC, seed=2)
     base = write_checkpoint(tmp_path / "base", base_tensors, layout=base_layout, files=3, aux=BASE_AUX)
     extra = write_checkpoint(tmp_path / "extra", extra_tensors, layout=extra_layout, files=2, aux=EXTRA_AUX)
-    want = expected(base_tensors) | {n: v for n, v in expected(extra_tensors).items() if n in EXTRA_ONLY}
+    want = expected_bytes(base_tensors) | {n: v for n, v in expected_bytes(extra_tensors).items() if n in EXTRA_ONLY}
     return base, extra, want
 
 
@@ -62,7 +62,7 @@ def test_merge_reads_back_as_base_plus_extra_only(tmp_path: Path, base_layout: s
     out = tmp_path / "out"
     result = merge(base, extra, out, max_shard_bytes=2500)
 
-    assert read_back(out) == want
+    assert read_output_bytes(out) == want
     base_files = Checkpoint.open(base).files
     # Base shards first, byte for byte, under standard names; then the new shards.
     n = len(result.written.shards)
@@ -105,7 +105,7 @@ def test_hardlink_shares_inodes(tmp_path: Path) -> None:
     for i, source in enumerate(Checkpoint.open(base).files, start=1):
         name = f"model-{i:05d}-of-{len(result.written.shards):05d}.safetensors"
         assert (out / name).stat().st_ino == (base / source).stat().st_ino
-    assert read_back(out) == want
+    assert read_output_bytes(out) == want
 
 
 def other_file_system(path: Path) -> Path | None:
@@ -127,7 +127,7 @@ def test_hardlink_falls_back_to_copy_across_file_systems(tmp_path: Path) -> None
         assert result.linked == 0
         assert len(result.link_fallbacks) == 3
         assert all("cross-device" in reason.lower() for _, reason in result.link_fallbacks)
-        assert read_back(out) == want
+        assert read_output_bytes(out) == want
         assert verify_checkpoint(out).ok
 
 
@@ -186,7 +186,7 @@ def test_cli_yes_merges_and_reports(tmp_path: Path) -> None:
     args = ["merge", "--base", str(base), "--extra", str(extra), "--out", str(out), "--yes", "--shard-size-gb", "1"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert read_back(out) == want
+    assert read_output_bytes(out) == want
     assert len(shard_names(out)) == 4
     assert "lm_head.weight: BF16 [64, 16] in base, F32 [64, 16] in extra" in result.stdout
     assert "vision/preprocessor.json  (only in extra)" in result.stdout
@@ -251,4 +251,4 @@ def test_non_empty_output_needs_overwrite(tmp_path: Path) -> None:
     assert refused.value.kind == "output_not_empty"
     result = merge(base, extra, out, overwrite=True)  # 4 shards: the earlier run's are stale
     assert len(shard_names(out)) == 4 and len(result.written.removed_stale) == 8
-    assert read_back(out) == want
+    assert read_output_bytes(out) == want

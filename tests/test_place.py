@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from merge_util import INDEX, make_tensors, read_back, shard_names, snapshot, write_checkpoint
+from builders import INDEX, engine_shard_name, make_tensors, read_output_bytes, shard_names, snapshot, write_checkpoint
 from normalize_core import PlacementError, place, plan_placement, repack
 from normalize_core.cli import app
 from normalize_core.sizes import MIB
@@ -24,7 +24,7 @@ place_module = importlib.import_module("normalize_core.place")
 SPEC = {f"layers.{i}.weight": (torch.bfloat16, (64, 64)) for i in range(6)}
 #: Shard limit giving two shards of three 8 KiB tensors each.
 SHARD = 3 * 64 * 64 * 2 + 4096
-ENGINE_SHARDS = [f"model-language-000{i}-fused-save_rank{i - 1}.safetensors" for i in (1, 2, 3)]
+ENGINE_SHARDS = [engine_shard_name(i) for i in range(3)]
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_place_into_a_new_directory(staged: tuple[Path, Path], tmp_path: Path) -
     before = snapshot(staging)
     dest = tmp_path / "final" / "model"
     result = place(staging, dest)
-    assert read_back(dest) == read_back(staging)
+    assert read_output_bytes(dest) == read_output_bytes(staging)
     assert sorted(os.listdir(dest)) == sorted(os.listdir(staging))
     assert result.replaced == [] and result.stale_left == [] and not result.kept
     assert result.copied[-1] == INDEX, "the index is written last"
@@ -68,7 +68,7 @@ def test_place_into_source_leaves_stale_shards_by_default(staged: tuple[Path, Pa
     assert result.replaced == [], "engine names and configs do not collide with the repacked output"
     assert result.stale_left == ENGINE_SHARDS
     assert all((source / name).exists() for name in ENGINE_SHARDS)
-    assert read_back(source) == read_back(staging)
+    assert read_output_bytes(source) == read_output_bytes(staging)
     assert snapshot(staging) == before
 
 
@@ -77,7 +77,7 @@ def test_place_into_source_removes_stale_shards_when_asked(staged: tuple[Path, P
     result = place(staging, source, remove_stale=True)
     assert result.stale_removed == ENGINE_SHARDS and result.stale_left == []
     assert shard_names(source) == shard_names(staging)
-    assert read_back(source) == read_back(staging)
+    assert read_output_bytes(source) == read_output_bytes(staging)
 
 
 def test_overwrite_is_listed_and_refused_without_confirmation(tmp_path: Path) -> None:
@@ -96,7 +96,7 @@ def test_overwrite_is_listed_and_refused_without_confirmation(tmp_path: Path) ->
     assert result.replaced == plan.replaced
     index = json.loads((source / INDEX).read_text())
     assert set(index["weight_map"].values()) == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
-    assert read_back(source) == read_back(staging)
+    assert read_output_bytes(source) == read_output_bytes(staging)
     assert snapshot(staging) == before_staging
 
 
@@ -169,7 +169,7 @@ def test_place_command_off_terminal_needs_yes_to_overwrite(staged: tuple[Path, P
     assert snapshot(dest) == before
     accepted = CliRunner().invoke(app, ["place", str(staging), str(dest), "--yes"])
     assert accepted.exit_code == 0, accepted.output
-    assert read_back(dest) == read_back(staging)
+    assert read_output_bytes(dest) == read_output_bytes(staging)
     assert f"to {dest}" in accepted.stdout
 
 
@@ -210,7 +210,7 @@ def test_repack_place_source(engine_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = CliRunner().invoke(app, repack_args(engine_checkpoint, out, "--place", "source"))
     assert result.exit_code == 0, result.output
-    assert read_back(engine_checkpoint) == read_back(out)
+    assert read_output_bytes(engine_checkpoint) == read_output_bytes(out)
     assert all((engine_checkpoint / name).exists() for name in ENGINE_SHARDS), "stale shards stay by default"
     assert (out / INDEX).exists(), "the staging output stays intact"
 
@@ -219,7 +219,7 @@ def test_repack_place_directory(engine_checkpoint: Path, tmp_path: Path) -> None
     out, final = tmp_path / "out", tmp_path / "final"
     result = CliRunner().invoke(app, repack_args(engine_checkpoint, out, "--place", str(final)))
     assert result.exit_code == 0, result.output
-    assert read_back(final) == read_back(out)
+    assert read_output_bytes(final) == read_output_bytes(out)
 
 
 def test_repack_rejects_a_place_inside_the_output_before_writing(engine_checkpoint: Path, tmp_path: Path) -> None:
@@ -241,7 +241,7 @@ def test_repack_place_refuses_unconfirmed_overwrite(tmp_path: Path) -> None:
     assert (out / INDEX).exists()
     accepted = CliRunner().invoke(app, ["place", str(out), str(source), "--yes", "--remove-stale"])
     assert accepted.exit_code == 0, accepted.output
-    assert read_back(source) == read_back(out)
+    assert read_output_bytes(source) == read_output_bytes(out)
 
 
 def test_repack_prompt_choose_source_and_remove_stale(
@@ -259,7 +259,7 @@ def test_repack_prompt_choose_other_directory(engine_checkpoint: Path, tmp_path:
     out, final = tmp_path / "out", tmp_path / "typed"
     result = CliRunner().invoke(app, repack_args(engine_checkpoint, out), input=f"3\n{final}\n")
     assert result.exit_code == 0, result.output
-    assert read_back(final) == read_back(out)
+    assert read_output_bytes(final) == read_output_bytes(out)
 
 
 def test_repack_prompt_keep(engine_checkpoint: Path, tmp_path: Path, fake_terminal: None) -> None:
@@ -303,7 +303,7 @@ def test_pty_place_asks_before_replacing_and_about_stale_shards(tmp_path: Path) 
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
-    assert read_back(source) == read_back(staging)
+    assert read_output_bytes(source) == read_output_bytes(staging)
     old = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
     assert shard_names(source) == sorted([*old, "model-00001-of-00001.safetensors"]), "stale shards left"
     assert snapshot(staging) == before
@@ -321,4 +321,4 @@ def test_pty_repack_offers_the_three_options(engine_checkpoint: Path, tmp_path: 
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
-    assert read_back(tmp_path / "typed") == read_back(out)
+    assert read_output_bytes(tmp_path / "typed") == read_output_bytes(out)

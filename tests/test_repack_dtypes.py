@@ -1,4 +1,4 @@
-"""``repack`` keeps every safetensors dtype (DESIGN §2) byte for byte, 0-d and empty tensors included,
+"""``repack`` keeps every dtype the safetensors format defines byte for byte, 0-d and empty tensors included,
 keeps every offset aligned to its element size, and reads engine shards in natural order (``rank2``
 before ``rank10``)."""
 
@@ -11,17 +11,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from builders import INDEX, expected_bytes, random_tensor, save_engine_checkpoint
 from normalize_core import repack, verify_checkpoint
 from normalize_core.sample import write_safetensors
-from repack_util import (
-    INDEX,
-    TORCH_DTYPES,
-    assert_standard_output,
-    expected_bytes,
-    random_tensor,
-    read_raw_header,
-    save_engine_checkpoint,
-)
+from repack_util import TORCH_DTYPES, assert_standard_output, read_raw_header
 
 
 def dtype_zoo() -> dict[str, torch.Tensor]:

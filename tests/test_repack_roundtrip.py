@@ -17,19 +17,10 @@ from hypothesis import strategies as st
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
+from builders import INDEX, expected_bytes, random_tensor, save_engine_checkpoint, save_standard_checkpoint
 from normalize_core import Checkpoint, NormalizeError, plan_shards, repack
 from normalize_core.sample import sample_tensors
-from repack_util import (
-    INDEX,
-    TORCH_DTYPES,
-    assert_standard_output,
-    expected_bytes,
-    leftover_partials,
-    random_tensor,
-    read_raw_header,
-    save_engine_checkpoint,
-    save_standard_checkpoint,
-)
+from repack_util import TORCH_DTYPES, assert_standard_output, leftover_partials, read_raw_header
 
 KB = 1000
 
@@ -66,7 +57,8 @@ def split(tensors: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.
 
 
 def write_aux_files(directory: Path, shared: Path) -> None:
-    """Config, tokenizer files, a sub-folder, a symlink to a file outside, and things never copied."""
+    """Config, tokenizer files, a sub-folder, and things never copied: hidden files and a symlink to a file
+    outside the source (skipped and reported, never followed)."""
     (directory / "config.json").write_text('{"model_type": "llama"}\n')
     (directory / "tokenizer.json").write_text('{"version": "1.0"}\n')
     (directory / "tokenizer").mkdir()
@@ -96,13 +88,15 @@ def test_engine_named_shards_round_trip(tmp_path: Path, limit: int):
     assert_standard_output(tmp_path / "out", expected_bytes(tensors), limit)
     assert result.tensors == len(tensors)
     assert result.ignored_files == []
-    assert result.aux_files == ["config.json", "tokenizer", "tokenizer.json", "tokenizer.model"]
+    assert result.aux_files == ["config.json", "tokenizer", "tokenizer.json"]
+    outside = (tmp_path / "shared" / "tokenizer.model").resolve()
+    assert result.skipped_aux == [("tokenizer.model", f"symlink to {outside}, outside the source directory")]
     out = tmp_path / "out"
     assert (out / "config.json").read_text() == '{"model_type": "llama"}\n'
     assert (out / "tokenizer" / "vocab.txt").read_text() == "a\nb\n"
     assert not (out / "tokenizer" / ".cache").exists()
+    assert not (out / "tokenizer.model").exists()
     assert not (out / "tokenizer.model").is_symlink()
-    assert (out / "tokenizer.model").read_bytes() == b"\x00sentencepiece\xff"
     assert not (out / ".gitattributes").exists()
     assert not (out / ".cache").exists()
 
@@ -300,9 +294,9 @@ def save_with_header_length(path: Path, tensors: dict[str, torch.Tensor], header
 
 def test_page_alignment_padding_respects_the_shard_limit(tmp_path: Path):
     """A shard whose longest source run is ≥ 1 MiB gets header padding so the run keeps its page offset
-    (DESIGN, performance notes), but only when the padded shard still fits the limit. The source run
-    starts 8 bytes into a page, so padding costs almost a page; planned for every limit around the
-    threshold, written for a few."""
+    (copy_file_range is fastest between equal offsets modulo the page size), but only when the padded
+    shard still fits the limit. The source run starts 8 bytes into a page, so padding costs almost a
+    page; planned for every limit around the threshold, written for a few."""
     tensors = {"a": torch.full((100,), 1, dtype=torch.uint8)}
     tensors |= {name: torch.full((1_200_000,), i, dtype=torch.uint8) for i, name in enumerate("bc")}
     source = tmp_path / "engine"

@@ -10,8 +10,9 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
+from builders import INDEX, expected_bytes
 from normalize_core import repack
-from repack_util import INDEX, assert_standard_output, expected_bytes
+from repack_util import assert_standard_output
 
 
 def tiny_llama() -> transformers.LlamaForCausalLM:

@@ -25,6 +25,7 @@ import torch
 from typer.testing import CliRunner
 
 import normalize_core.output
+from builders import snapshot
 from normalize_core import NormalizeError, merge, repack, to_fp8
 from normalize_core.cli import app
 from output_util import (
@@ -35,7 +36,6 @@ from output_util import (
     Forkserver,
     alive,
     assert_index_names_only_complete_shards,
-    fingerprint_tree,
     llama_tensors,
     normalize_command,
     run,
@@ -83,7 +83,7 @@ def fp8_case(root: Path) -> Case:
 
 def merge_case(root: Path) -> Case:
     tensors = llama_tensors(6)
-    base = write_indexed_checkpoint(root / "base", tensors, files=8)
+    base = write_indexed_checkpoint(root / "base", tensors, files=7)
     g = torch.Generator().manual_seed(9)
     mtp = {f"model.mtp.{i}.proj.weight": torch.randn(128, 128, generator=g).bfloat16() for i in range(8)}
     extra = write_engine_checkpoint(root / "extra", tensors | mtp, files=2)
@@ -146,7 +146,7 @@ def kill_after(output: Path, pid: int, shards: int, delay: float) -> None:
 def test_killed_at_random_moments_resumes_to_identical_output(case: Case, reference, tmp_path: Path, forkserver):
     """Each kill lands a random time after a random number of shards were finished, so the 20
     kills spread over the whole run whatever the machine's speed."""
-    sources = {str(s): fingerprint_tree(s) for s in case.sources}
+    sources = {str(s): snapshot(s) for s in case.sources}
     budget = write_time(case, tmp_path / "timed", forkserver)
     assert tree_bytes(tmp_path / "timed") == reference
     planned = len([name for name in reference if name.endswith(".safetensors")])
@@ -164,7 +164,7 @@ def test_killed_at_random_moments_resumes_to_identical_output(case: Case, refere
             result = case.api(output, resume=True)
             assert getattr(result, "written", result).output == output
         assert tree_bytes(output) == reference, f"trial {trial}"
-    assert {str(s): fingerprint_tree(s) for s in case.sources} == sources
+    assert {str(s): snapshot(s) for s in case.sources} == sources
     assert interrupted >= 12, interrupted
     assert len(shards_done) >= 5, shards_done
 

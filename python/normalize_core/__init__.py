@@ -8,6 +8,8 @@ tensors, imports it when first used.
 >>> import normalize_core
 >>> ckpt = normalize_core.Checkpoint.open("path/to/checkpoint")   # doctest: +SKIP
 >>> plan = normalize_core.plan_shards(ckpt, max_shard_bytes=4 << 30)   # doctest: +SKIP
+>>> normalize_core.check("path/to/fp8-checkpoint", tp=(1, 2, 4, 8)).loads_at()   # doctest: +SKIP
+[1, 2, 4]
 """
 
 from normalize_core._core import (
@@ -26,9 +28,11 @@ from normalize_core._core import (
     plan_shards,
     read_header,
 )
+from normalize_core.check import CheckReport, check
 from normalize_core.diff import CheckpointDiff, TensorConflict, diff
 from normalize_core.fp8.convert import Fp8Plan, Fp8Result, plan_fp8, to_fp8, write_fp8
 from normalize_core.fp8.rules import Decision, HeuristicRules, PatternRules, ReferenceRules, with_skip_patterns
+from normalize_core.kinds import Dtype, Layout, Naming, ScaleDtype, ScaleFormat, Severity, ShardKind
 from normalize_core.merge import MergePlan, MergeResult, merge, plan_merge
 from normalize_core.place import (
     PlacementError,
@@ -53,16 +57,20 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "CheckReport",
     "Checkpoint",
     "CheckpointDiff",
     "Decision",
+    "Dtype",
     "Fp8Plan",
     "Fp8Result",
     "HeuristicRules",
+    "Layout",
     "PatternRules",
     "ReferenceRules",
     "MergePlan",
     "MergeResult",
+    "Naming",
     "NormalizeError",
     "OutputPlan",
     "OutputTensor",
@@ -70,7 +78,11 @@ __all__ = [
     "PlacementPlan",
     "PlacementResult",
     "PlanBuilder",
+    "ScaleDtype",
+    "ScaleFormat",
+    "Severity",
     "ShardHeader",
+    "ShardKind",
     "ShardPlan",
     "ShardWriter",
     "TensorConflict",
@@ -80,6 +92,7 @@ __all__ = [
     "VerifyReport",
     "WriteResult",
     "__version__",
+    "check",
     "diff",
     "inspect_checkpoint",
     "merge",

@@ -44,11 +44,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from normalize_core._core import (
+    INDEX_FILE,
     OutputPlan,
     ShardWriter,
     check_separate,
     copy_aux_files,
     remove_stale_shards,
+    remove_temporaries,
 )
 from normalize_core.distributed import SOLO, Group, assign_shards, run_everywhere
 from normalize_core.errors import normalize_error
@@ -61,13 +63,10 @@ from normalize_core.run_record import (
     ensure_marker_dir,
     mark_done,
     read_record,
-    remove_temporaries,
     unmark,
     verified_done,
     write_record,
 )
-
-INDEX_FILE = "model.safetensors.index.json"
 
 #: ``advance(n_bytes, items=0)``: progress of a write (``items``: e.g. tensors quantized).
 Advance = Callable[..., None]
@@ -88,6 +87,8 @@ class WriteResult:
     tensors: int
     total_size: int
     aux_files: list[str] = field(default_factory=list)
+    #: ``(path, reason)`` of source symlinks not copied (they lead outside the source, or nowhere).
+    skipped_aux: list[tuple[str, str]] = field(default_factory=list)
     removed_stale: list[str] = field(default_factory=list)
     #: ``*.safetensors`` files of the source that its index does not reference, left out.
     ignored_files: list[str] = field(default_factory=list)
@@ -147,13 +148,14 @@ def write_output(
         raise
     finally:
         run.release()
-    aux, stale = finished
+    aux, skipped_aux, stale = finished
     return WriteResult(
         output=run.output,
         shards=[s.file_name for s in run.shards],
         tensors=sum(len(s.tensor_names) for s in run.shards),
         total_size=plan.total_size,
         aux_files=aux,
+        skipped_aux=skipped_aux,
         removed_stale=stale,
         reused=[run.shards[i].file_name for i in run.reused],
         linked=sum(r["linked"] for r in reports),
@@ -295,8 +297,9 @@ class OutputRun:
         self.finished.append(shard)
         mark_done(self.output, self.record, shard)
 
-    def finish(self, before_index: Callable[[], None] | None) -> tuple[list[str], list[str]] | None:
-        """Rank 0: aux files, ``before_index``, stale shards, the index, then the record goes."""
+    def finish(self, before_index: Callable[[], None] | None):
+        """Rank 0: aux files, ``before_index``, stale shards, the index, then the record goes.
+        Returns ``(aux files copied, aux symlinks skipped, stale shards removed)``."""
         if not self.lead:
             return None
         before = set(os.listdir(self.output))
@@ -310,7 +313,7 @@ class OutputRun:
         self.plan.write_index(self.output)
         self.index_written = True
         discard_record(self.output)
-        return aux, stale
+        return aux.copied, [tuple(skip) for skip in aux.skipped], stale
 
     def abandon(self) -> None:
         """After a failure: removes what this process created, unless the output is complete or

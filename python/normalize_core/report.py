@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from normalize_core._core import Checkpoint, NormalizeError, list_aux_files
+from normalize_core.engines.verdicts import engine_findings
 from normalize_core.fp8.contract import fp8_findings
-
-FP8_DTYPES = {"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
+from normalize_core.fp8.layout import FP8_DTYPES, SCALE_SUFFIX, is_scale_name
 
 
 def naming_style(checkpoint: Checkpoint) -> str:
@@ -36,11 +36,11 @@ def read_config(directory: Path) -> dict[str, Any] | None:
 
 
 def quantization_summary(checkpoint: Checkpoint, config: dict[str, Any] | None) -> dict[str, Any]:
-    """Counts FP8 weights and scale tensors and names the scheme."""
+    """Counts FP8 weights (FP8 tensors that are not scales) and their block scales, and names the scheme."""
     names = set(checkpoint.names())
-    fp8 = [t for t in checkpoint.tensors if t.dtype in FP8_DTYPES]
-    block_scaled = [t for t in fp8 if f"{t.name}_scale_inv" in names]
-    scale_dtypes = Counter(checkpoint.tensor(f"{t.name}_scale_inv").dtype for t in block_scaled)
+    fp8 = [t for t in checkpoint.tensors if t.dtype in FP8_DTYPES and not is_scale_name(t.name)]
+    block_scaled = [t for t in fp8 if t.name + SCALE_SUFFIX in names]
+    scale_dtypes = Counter(checkpoint.tensor(t.name + SCALE_SUFFIX).dtype for t in block_scaled)
     if not fp8:
         scheme = "none"
     elif len(block_scaled) == len(fp8):
@@ -111,13 +111,16 @@ class VerifyReport:
 
 def verify_checkpoint(path: str | os.PathLike) -> VerifyReport:
     """Checks headers, index ↔ shard consistency, ``total_size``, stray or missing tensors, and
-    for FP8 checkpoints the scale tensors and ``quantization_config``."""
+    MTP layers against ``config.json``, and for FP8 checkpoints the scale tensors, ``quantization_config``
+    and that vLLM loads them at TP 1."""
     directory = Path(path)
     try:
         checkpoint = Checkpoint.open(directory)
     except NormalizeError as e:
         return VerifyReport(directory, ok=False, findings=[("error", str(e))])
     findings = list(checkpoint.problems())
-    findings += fp8_findings(checkpoint, read_config(directory))
+    config = read_config(directory)
+    findings += fp8_findings(checkpoint, config)
+    findings += engine_findings(checkpoint.tensors, config)
     ok = not any(severity == "error" for severity, _ in findings)
     return VerifyReport(directory, ok, len(checkpoint), len(checkpoint.files), findings)

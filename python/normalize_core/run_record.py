@@ -17,7 +17,6 @@ without its size, header or modification time changing is not noticed.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -31,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from normalize_core._core import Checkpoint, OutputPlan, ShardPlan, __version__
+from normalize_core._core import Checkpoint, OutputPlan, ShardPlan, __version__, sync_dir, write_atomically
 from normalize_core.errors import normalize_error
 
 RECORD_FILE = ".normalize-run.json"
@@ -274,54 +273,5 @@ def _holds_planned_shard(path: Path, planned: dict[str, Any]) -> bool:
             and info.st_size == planned["size"]
             and _header_digest(fd, info.st_size) == planned["header_sha256"]
         )
-    finally:
-        os.close(fd)
-
-
-def is_temporary(name: str) -> bool:
-    """Whether ``name`` is a temporary file of this tool (``.<name>.partial-<pid>``)."""
-    return name.startswith(".") and ".partial-" in name
-
-
-def remove_temporaries(output: Path) -> list[str]:
-    """Removes temporary files left anywhere below ``output`` by killed runs (symlinks are not
-    followed). Returns their paths relative to ``output``."""
-    removed = []
-    for root, _dirs, files in os.walk(output):
-        for name in files:
-            if is_temporary(name):
-                path = Path(root) / name
-                path.unlink(missing_ok=True)
-                removed.append(str(path.relative_to(output)))
-    return sorted(removed)
-
-
-# Stand-ins for the binding's write_atomically / sync_dir (being exposed on another branch).
-def write_atomically(dest: Path, data: bytes) -> None:
-    """Writes ``dest`` through a temporary file in its directory: fsynced, then renamed."""
-    temporary = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        temporary.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(temporary, dest)
-
-
-def sync_dir(directory: Path) -> None:
-    """Makes the renames inside ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        # Some file systems cannot sync a directory; their renames are as durable as they get.
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise
     finally:
         os.close(fd)

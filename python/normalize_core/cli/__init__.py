@@ -2,7 +2,7 @@
 
 import warnings
 
-from normalize_core.cli import checkpoint_commands, fp8_command, merge_commands  # noqa: F401  (registers the commands)
+from normalize_core.cli import check_command, checkpoint_commands, fp8_command, merge_commands  # noqa: F401  (registers)
 from normalize_core.cli.app import app, print_warning
 
 

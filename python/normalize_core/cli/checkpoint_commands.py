@@ -33,7 +33,7 @@ from normalize_core.cli.app import (
 )
 from normalize_core.distributed import joined, run_everywhere
 from normalize_core.place import check_place_option, offer_placement
-from normalize_core.progress import byte_progress
+from normalize_core.progress import byte_progress, stderr
 from normalize_core.repack import DEFAULT_JOBS, plan_repack, write_repack
 from normalize_core.report import inspect_checkpoint, verify_checkpoint
 from normalize_core.sample import write_sample_checkpoint
@@ -119,6 +119,7 @@ def repack(
     print_reused(result.reused)
     if result.aux_files:
         stdout.print(f"Copied {len(result.aux_files)} other files: {', '.join(result.aux_files)}")
+    print_skipped_aux(result.skipped_aux)
     if result.removed_stale:
         stdout.print(f"Removed stale shards of an earlier run: {', '.join(result.removed_stale)}")
     if result.ignored_files:
@@ -133,6 +134,12 @@ def print_reused(reused: list[str]) -> None:
     """The summary line of a resumed run."""
     if reused:
         stdout.print(f"Kept {len(reused)} shards an interrupted run had finished: {', '.join(reused)}")
+
+
+def print_skipped_aux(skipped: list[tuple[str, str]]) -> None:
+    """One warning per source symlink the aux copy left out."""
+    for path, reason in skipped:
+        stderr.print(finding("warning", f"not copied: {path} ({reason})"), soft_wrap=True)
 
 
 def placement_asks(group) -> bool | None:

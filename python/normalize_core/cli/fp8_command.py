@@ -30,7 +30,8 @@ from normalize_core.cli.app import (
     shard_limit,
     stdout,
 )
-from normalize_core.cli.checkpoint_commands import placement_asks, print_reused
+from normalize_core.cli.check_command import parse_tp_sizes, print_layer_reasons
+from normalize_core.cli.checkpoint_commands import placement_asks, print_reused, print_skipped_aux
 from normalize_core.distributed import device_for_rank, joined, run_everywhere
 from normalize_core.place import check_place_option, offer_placement
 from normalize_core.progress import byte_progress
@@ -40,14 +41,12 @@ from normalize_core.sizes import format_bytes
 def print_decisions(fp8) -> None:
     from normalize_core.fp8.rules import summarize
 
-    entries = fp8.entries
-    sizes = {t.name: t.nbytes for t in entries}
-    shapes = {t.name: t.shape for t in entries}
+    sizes = {t.name: t.nbytes for t in fp8.entries}
     table = Table(title="FP8 decisions by name pattern")
     table.add_column("pattern", overflow="fold", ratio=3)
     for column in ("decision", "reason", "tensors", "bytes", "saved"):
         table.add_column(column, justify="right" if column in ("tensors", "bytes", "saved") else "left")
-    for row in summarize(fp8.decisions, sizes, shapes):
+    for row in summarize(fp8.decisions, sizes, fp8.layouts):
         table.add_row(
             row["pattern"],
             Text("FP8", style="green") if row["quantize"] else "keep",
@@ -62,6 +61,24 @@ def print_decisions(fp8) -> None:
         f"{format_bytes(fp8.checkpoint.total_size)} → {format_bytes(fp8.output_bytes)} "
         f"({'bin-packed into model-i-of-n shards' if fp8.repacked else 'source shard layout kept'})"
     )
+
+
+def kept_to_load(decisions) -> dict[str, str]:
+    """Engine layer → why it stays unquantized so that vLLM loads the output."""
+    from normalize_core.engines.loadability import kept_layers
+
+    return {layer: f"TP {d.tp}: {d.problem}" for layer, d in kept_layers(decisions).items()}
+
+
+def print_kept_to_load(decisions) -> None:
+    kept = kept_to_load(decisions)
+    if kept:
+        stdout.print(
+            f"Kept {len(kept)} {'layer' if len(kept) == 1 else 'layers'} unquantized so vLLM can load the output "
+            "(--allow-unloadable quantizes them anyway):",
+            soft_wrap=True,
+        )
+        print_layer_reasons(kept)
 
 
 @app.command("to-fp8")
@@ -111,11 +128,31 @@ def to_fp8_command(
         typer.Option("--scale-dtype", help="float32 or bfloat16 (default: the reference's, else float32)."),
     ] = None,
     block_size: Annotated[int, typer.Option("--block-size", min=1, help="Tile edge of the per-block scales.")] = 128,
+    tp: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tp",
+            metavar="N[,N...]",
+            help="Also keep unquantized what vLLM could not load as FP8 at these TP sizes (repeatable or a "
+            "comma list; TP 1 is always included).",
+        ),
+    ] = None,
+    allow_unloadable: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unloadable",
+            help="Quantize by the rules alone, even layers vLLM refuses as FP8 (merged partitions or MoE "
+            "intermediate sizes that are not whole blocks).",
+        ),
+    ] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the decisions (headers only); write nothing.")
     ] = False,
     as_json: Annotated[
-        bool, typer.Option("--json", help="With --dry-run: one JSON object {quantize: [...], keep: [...]}.")
+        bool,
+        typer.Option(
+            "--json", help="With --dry-run: one JSON object {quantize: [...], keep: [...], kept_to_load: {layer: why}}."
+        ),
     ] = False,
     jobs: Annotated[
         int,
@@ -136,6 +173,8 @@ def to_fp8_command(
     vision towers, biases and linear-attention control tensors stay as they are (or follow
     --reference / --quantize-pattern / --skip-pattern). 3-D fused experts are quantized per
     expert. config.json gets a quantization_config that vLLM, SGLang and transformers read.
+    A layer vLLM would refuse as FP8 at TP 1 (or at a --tp size) stays unquantized and is listed in
+    modules_to_not_convert; --allow-unloadable quantizes it anyway.
     Engine-named shards are bin-packed into standard shards in the same pass unless --no-repack.
 
     --output is a staging area: afterwards you choose (on a terminal, or with --place) whether
@@ -154,6 +193,9 @@ def to_fp8_command(
     if overwrite and resume:
         raise typer.BadParameter("give --overwrite or --resume, not both")
     limit = shard_limit(shard_size_gb, max_shard_size)
+    if tp and allow_unloadable:
+        raise fail("give --tp or --allow-unloadable, not both")
+    loadable_at = parse_tp_sizes(["1", *tp] if tp else None, (1,))
     from normalize_core.fp8.convert import plan_fp8, write_fp8
     from normalize_core.fp8.quantizers import quantizer_for
 
@@ -169,6 +211,8 @@ def to_fp8_command(
             scale_dtype=scale_dtype,
             block_size=block_size,
             build_plan=not dry_run,
+            loadable_at=loadable_at,
+            allow_unloadable=allow_unloadable,
         )
 
     try:
@@ -183,9 +227,11 @@ def to_fp8_command(
                 if not lead:
                     return
                 if as_json:
-                    print(json.dumps({"quantize": sorted(fp8.quantized), "keep": sorted(fp8.kept)}))
+                    decisions = {"quantize": sorted(fp8.quantized), "keep": sorted(fp8.kept)}
+                    print(json.dumps(decisions | {"kept_to_load": kept_to_load(fp8.decisions)}))
                 else:
                     print_decisions(fp8)
+                    print_kept_to_load(fp8.decisions)
                 return
             target = run_everywhere(group, lambda: quantizer_for(device_for_rank(device, group), fp8).device)
             progress = byte_progress(
@@ -217,7 +263,9 @@ def to_fp8_command(
         f"{result.quantized} tensors to FP8, {result.kept} kept, "
         f"{format_bytes(result.bytes_before)} → {format_bytes(result.bytes_after)}."
     )
+    print_kept_to_load(fp8.decisions)
     print_reused(result.reused)
+    print_skipped_aux(result.skipped_aux)
     if not result.config_written:
         stdout.print(finding("warning", "the source has no config.json, so no quantization_config was written"))
     try:

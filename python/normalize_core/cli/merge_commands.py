@@ -22,7 +22,7 @@ from normalize_core.cli.app import (
     failed,
     shard_limit,
 )
-from normalize_core.cli.checkpoint_commands import print_plan
+from normalize_core.cli.checkpoint_commands import print_plan, print_skipped_aux
 from normalize_core.diff import CheckpointDiff, diff
 from normalize_core.distributed import joined, run_everywhere
 from normalize_core.merge import MergePlan, MergeResult, plan_merge, write_merge
@@ -122,6 +122,7 @@ def print_merge_result(result: MergeResult) -> None:
         )
     if written.aux_files:
         say(f"Copied base's other files: {', '.join(written.aux_files)}")
+    print_skipped_aux(written.skipped_aux)
     if result.extra_aux_left_out:
         say(f"Not copied from extra (listed above): {', '.join(result.extra_aux_left_out)}")
 

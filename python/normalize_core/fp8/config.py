@@ -8,13 +8,14 @@ whose weight is FP8 (vLLM matches these names exactly and would read FP8 bytes a
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from normalize_core._core import write_atomically
 from normalize_core.errors import normalize_error
 from normalize_core.fp8.groups import module_of, split_fused_groups
+from normalize_core.kinds import ScaleFormat
 
 FLOATING_DTYPES = frozenset({"BF16", "F16", "F32", "F64"})
 
@@ -37,7 +38,9 @@ def check_fused_groups(fp8_modules: set[str], kept_modules: set[str]) -> None:
         )
 
 
-def fp8_quantization_config(modules_to_not_convert: list[str], *, block_size: int, scale_fmt: str) -> dict[str, Any]:
+def fp8_quantization_config(
+    modules_to_not_convert: list[str], *, block_size: int, scale_fmt: ScaleFormat
+) -> dict[str, Any]:
     """The block written to ``config.json``. ``scale_fmt`` appears only for ue8m0 (power-of-two
     scales); ``ignored_layers`` mirrors the skip list for older vLLM."""
     config: dict[str, Any] = {
@@ -46,16 +49,16 @@ def fp8_quantization_config(modules_to_not_convert: list[str], *, block_size: in
         "fmt": "e4m3",
         "weight_block_size": [block_size, block_size],
     }
-    if scale_fmt == "ue8m0":
-        config["scale_fmt"] = "ue8m0"
+    if scale_fmt == ScaleFormat.UE8M0:
+        config["scale_fmt"] = ScaleFormat.UE8M0.value
     config["modules_to_not_convert"] = list(modules_to_not_convert)
     config["ignored_layers"] = list(modules_to_not_convert)
     return config
 
 
 def write_quantized_config(source_config: Path, output_config: Path, quantization_config: dict[str, Any]) -> bool:
-    """Writes ``output_config`` as ``source_config`` plus ``quantization_config`` (every other key
-    and its order kept). Returns False, writing nothing, when the source has no config.json."""
+    """Writes ``output_config`` (atomically) as ``source_config`` plus ``quantization_config``, every
+    other key and its order kept. Returns False, writing nothing, when the source has no config.json."""
     try:
         text = source_config.read_text()
     except FileNotFoundError:
@@ -69,10 +72,5 @@ def write_quantized_config(source_config: Path, output_config: Path, quantizatio
     if not isinstance(config, dict):
         raise normalize_error("invalid_config", f"{source_config}: not a JSON object", file=str(source_config))
     config["quantization_config"] = quantization_config
-    temporary = output_config.with_name(f".{output_config.name}.partial-{os.getpid()}")
-    with open(temporary, "w") as f:
-        f.write(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, output_config)
+    write_atomically(output_config, (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode())
     return True

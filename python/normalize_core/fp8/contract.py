@@ -11,22 +11,28 @@ from __future__ import annotations
 
 import math
 from array import array
+from collections.abc import Sequence
 from typing import Any
 
-from normalize_core._core import Checkpoint
+from normalize_core._core import Checkpoint, TensorEntry
+from normalize_core.engines.verdicts import block_size_of
 from normalize_core.fp8.config import FLOATING_DTYPES
 from normalize_core.fp8.groups import module_of, split_fused_groups
-from normalize_core.fp8.layout import SCALE_SUFFIX
+from normalize_core.fp8.layout import (
+    FP8_WEIGHT_DTYPE,
+    SCALE_SUFFIX,
+    SCALE_TENSOR_DTYPES,
+    halves_need_splitting,
+    tiling,
+)
 
 
 def block_scale_shapes(shape: list[int], block: tuple[int, int]) -> list[list[int]]:
     """Scale shapes an engine accepts for a weight: per-block over the last two dims, and for a
     fused ``[E, 2I, H]`` projection whose halves are not whole blocks, per half."""
-    *batch, n, k = shape
-    bn, bk = block
-    shapes = [[*batch, math.ceil(n / bn), math.ceil(k / bk)]]
-    if len(shape) == 3 and n % 2 == 0 and (n // 2) % bn:
-        shapes.append([*batch, 2 * math.ceil(n // 2 / bn), math.ceil(k / bk)])
+    shapes = [list(tiling(shape, block).scale_shape)]
+    if halves_need_splitting(shape, block):
+        shapes.append(list(tiling(shape, block, split_halves=True).scale_shape))
     return shapes
 
 
@@ -54,20 +60,115 @@ def _scale_values_ok(checkpoint: Checkpoint, name: str, dtype: str) -> bool:
     return all(v > 0 and math.isfinite(v) for v in values)
 
 
-def fp8_findings(checkpoint: Checkpoint, config: dict[str, Any] | None) -> list[tuple[str, str]]:
-    """``(severity, message)`` for every way this checkpoint breaks the block-FP8 contract.
-    Empty for checkpoints without FP8 weights and without an FP8 ``quantization_config``."""
-    qconfig = (config or {}).get("quantization_config") or {}
-    is_fp8_config = qconfig.get("quant_method") == "fp8"
-    tensors = {t.name: t for t in checkpoint.tensors}
-    fp8 = [t for t in tensors.values() if t.dtype == "F8_E4M3"]
-    if not fp8 and not is_fp8_config:
+def orphan_scale_findings(tensors: dict[str, Any]) -> list[tuple[str, str]]:
+    """Errors for ``<name>_scale_inv`` tensors whose ``<name>`` is missing or not FP8: the engine builds that
+    layer unquantized, has no scale parameter to load them into and fails (or, with the tensor missing,
+    loads nothing for it)."""
+    missing, not_fp8 = [], []
+    for name, scale in tensors.items():
+        if name.endswith(SCALE_SUFFIX):
+            weight = tensors.get(name[: -len(SCALE_SUFFIX)])
+            if weight is None:
+                missing.append(scale.name)
+            elif weight.dtype != FP8_WEIGHT_DTYPE:
+                not_fp8.append((scale.name, weight))
+    findings = []
+    if missing:
+        findings.append(
+            (
+                "error",
+                f"orphan scales: {_count(missing, 'scale tensor')} for weights absent from this checkpoint, "
+                f"e.g. {missing[0]}",
+            )
+        )
+    if not_fp8:
+        scale, weight = not_fp8[0]
+        findings.append(
+            (
+                "error",
+                f"orphan scales: {_count(not_fp8, 'scale tensor')} for weights that are not FP8, e.g. {scale} for "
+                f"{weight.name} ({weight.dtype}); engines have no parameter to load them into",
+            )
+        )
+    return findings
+
+
+def _count(items: list, noun: str, plural: str | None = None) -> str:
+    return f"1 {noun}" if len(items) == 1 else f"{len(items)} {plural or noun + 's'}"
+
+
+def unknown_skip_entries(skip: list[str], tensors: dict[str, Any]) -> list[str]:
+    """``modules_to_not_convert`` entries that name nothing in the checkpoint: not a tensor, not a module
+    (a tensor name's dotted prefix) and not the trailing name of one (``gate`` for every router, as
+    MiniMax-M2 writes it; transformers matches entries as substrings)."""
+    # Most entries name a module with a weight, or a tensor: settled without listing every module.
+    unsettled = [e for e in skip if e not in tensors and f"{e}.weight" not in tensors and f"{e}.bias" not in tensors]
+    if not unsettled:
         return []
-    findings: list[tuple[str, str]] = []
-    block_size = qconfig.get("weight_block_size") or [128, 128]
-    block = (int(block_size[0]), int(block_size[1]))
+    modules = set(tensors)
+    level = {name.rpartition(".")[0] for name in tensors}
+    while level:
+        modules |= level
+        level = {module.rpartition(".")[0] for module in level} - modules - {""}
+    unknown = {entry for entry in unsettled if entry not in modules}
+    if unknown:
+        unknown -= {module.rpartition(".")[2] for module in modules}
+    if unknown:
+        # Trailing names of several segments (``mlp.gate``): every suffix of every module, looked up.
+        for module in modules:
+            at = module.find(".")
+            while at >= 0 and unknown:
+                unknown.discard(module[at + 1 :])
+                at = module.find(".", at + 1)
+    return [entry for entry in skip if entry in unknown]
+
+
+def fp8_findings(
+    checkpoint: Checkpoint,
+    config: dict[str, Any] | None,
+    *,
+    read_scales: bool = True,
+    entries: Sequence[TensorEntry] | None = None,
+) -> list[tuple[str, str]]:
+    """``(severity, message)`` for every way this checkpoint breaks the block-FP8 contract.
+    Empty for checkpoints without FP8 weights, scale tensors and an FP8 ``quantization_config``.
+    With ``read_scales=False`` only headers are read (scale values are not checked); ``entries`` are
+    ``checkpoint.tensors`` when the caller already has them."""
+    qconfig = config.get("quantization_config") if isinstance(config, dict) else None
+    qconfig = qconfig if isinstance(qconfig, dict) else {}
+    is_fp8_config = qconfig.get("quant_method") == "fp8"
+    tensors = {t.name: t for t in (checkpoint.tensors if entries is None else entries)}
+    fp8 = [t for t in tensors.values() if t.dtype == FP8_WEIGHT_DTYPE]
+    findings = orphan_scale_findings(tensors)
+    if not fp8 and not is_fp8_config:
+        return findings
+    if not fp8:
+        findings.append(
+            (
+                "error",
+                "config.json has an FP8 quantization_config but no weight is FP8: engines would read the "
+                "unquantized weights as FP8 (a stale quantization_config)",
+            )
+        )
+        return findings
+    block = block_size_of(config)
+    if qconfig.get("weight_block_size") not in (None, list(block)):
+        findings.append(("error", f"weight_block_size {qconfig['weight_block_size']!r} is not [block_n, block_k]"))
     block_scheme = bool(qconfig.get("weight_block_size")) or any(f"{t.name}{SCALE_SUFFIX}" in tensors for t in fp8)
     ue8m0 = qconfig.get("scale_fmt") == "ue8m0"
+    if block_scheme and is_fp8_config and not qconfig.get("weight_block_size"):
+        findings.append(
+            (
+                "error",
+                "quantization_config has no weight_block_size, but the FP8 weights have block scales "
+                f"(*{SCALE_SUFFIX}): engines would load them as per-tensor FP8",
+            )
+        )
+    elif not block_scheme:
+        # Per-tensor and per-channel FP8 name the scale <name>_scale (``….weight_scale``).
+        unscaled = [t.name for t in fp8 if f"{t.name}_scale" not in tensors]
+        if unscaled:
+            findings.append(("error", f"{_count(unscaled, 'FP8 weight')} without any scale tensor, e.g. {unscaled[0]}"))
 
     if block_scheme:
         for weight in fp8:
@@ -79,7 +180,7 @@ def fp8_findings(checkpoint: Checkpoint, config: dict[str, Any] | None) -> list[
                 hint = f"; it has {other}, which block-FP8 loaders ignore" if other else ""
                 findings.append(("error", f"{weight.name} is FP8 but has no {weight.name}{SCALE_SUFFIX}{hint}"))
                 continue
-            if scale.dtype not in ("F32", "BF16"):
+            if scale.dtype not in SCALE_TENSOR_DTYPES.values():
                 findings.append(("error", f"{scale.name} is {scale.dtype}; engines expect F32 or BF16 scales"))
                 continue
             if scale.shape not in block_scale_shapes(weight.shape, block):
@@ -90,6 +191,8 @@ def fp8_findings(checkpoint: Checkpoint, config: dict[str, Any] | None) -> list[
                         f"for {weight.shape} in {block[0]}x{block[1]} blocks",
                     )
                 )
+                continue
+            if not read_scales:
                 continue
             if not _scale_values_ok(checkpoint, scale.name, scale.dtype):
                 findings.append(("error", f"{scale.name} holds a zero, negative, NaN or infinite scale"))
@@ -123,6 +226,14 @@ def fp8_findings(checkpoint: Checkpoint, config: dict[str, Any] | None) -> list[
         skip = qconfig.get("ignored_layers") or []
     for module in sorted(set(skip) & fp8_modules):
         findings.append(("error", f"{module} is listed in modules_to_not_convert but its weight is FP8"))
+    if unknown := unknown_skip_entries(list(skip), tensors):
+        findings.append(
+            (
+                "error",
+                f"modules_to_not_convert: {_count(unknown, 'entry', 'entries')} naming no module of this checkpoint, "
+                f"e.g. {unknown[0]!r} (written for another layout? the modules meant are then not skipped)",
+            )
+        )
     unlisted = sorted(
         m
         for m in kept_modules - set(skip)

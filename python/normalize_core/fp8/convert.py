@@ -13,6 +13,7 @@ imported; on a GPU, torch does (see ``quantize.py``), with the same bytes as res
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -30,6 +31,7 @@ from normalize_core._core import (
     TensorEntry,
 )
 from normalize_core.distributed import SOLO, Group, device_for_rank, joined, kernel_threads, run_everywhere
+from normalize_core.engines.loadability import keep_unloadable
 from normalize_core.errors import normalize_error
 from normalize_core.fp8.config import (
     check_fused_groups,
@@ -37,7 +39,15 @@ from normalize_core.fp8.config import (
     module_sets,
     write_quantized_config,
 )
-from normalize_core.fp8.layout import SCALE_SUFFIX, QuantizedLayout, quantized_bytes, quantized_layout
+from normalize_core.fp8.layout import (
+    DEFAULT_BLOCK_SIZE,
+    FP8_DTYPES,
+    FP8_WEIGHT_DTYPE,
+    QuantizedLayout,
+    is_scale_name,
+    quantized_layout,
+    scale_dtype_of,
+)
 from normalize_core.fp8.quantizers import quantizer_for
 from normalize_core.fp8.rules import (
     Decision,
@@ -47,11 +57,10 @@ from normalize_core.fp8.rules import (
     decide_all,
     with_skip_patterns,
 )
+from normalize_core.kinds import Layout, Naming, ScaleDtype, ScaleFormat
 from normalize_core.output import RunSpec, write_output
+from normalize_core.report import read_config
 from normalize_core.sizes import GIB
-
-SCALE_DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16"}
-FP8_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0"})
 
 
 @dataclass
@@ -65,8 +74,8 @@ class Fp8Plan:
     #: None when planned with ``build_plan=False``.
     plan: OutputPlan | None
     repacked: bool
-    scale_dtype: str
-    scale_fmt: str
+    scale_dtype: ScaleDtype
+    scale_fmt: ScaleFormat
     block_size: int
     quantization_config: dict
     #: With ``--reference``: (weights only in the source, weights only in the reference).
@@ -83,16 +92,13 @@ class Fp8Plan:
     @functools.cached_property
     def layouts(self) -> dict[str, QuantizedLayout]:
         """The output layout of every quantized tensor."""
-        return quantized_layouts(self.decisions, self.entries, self.block_size)
+        return quantized_layouts(self.decisions, self.entries, self.block_size, self.scale_dtype)
 
     @property
     def output_bytes(self) -> int:
         """Tensor bytes of the output (what its ``total_size`` will be)."""
-        scale_size = 2 if self.scale_dtype == "bfloat16" else 4
-        return sum(
-            quantized_bytes(entry.name, entry.shape, self.block_size, scale_size) if d.quantize else entry.nbytes
-            for d, entry in zip(self.decisions, self.entries, strict=True)
-        )
+        layouts = self.layouts
+        return sum(layouts[entry.name].nbytes if entry.name in layouts else entry.nbytes for entry in self.entries)
 
 
 @dataclass
@@ -109,6 +115,8 @@ class Fp8Result:
     seconds: float
     config_written: bool
     aux_files: list[str] = field(default_factory=list)
+    #: ``(path, reason)`` of source symlinks not copied (they lead outside the source, or nowhere).
+    skipped_aux: list[tuple[str, str]] = field(default_factory=list)
     removed_stale: list[str] = field(default_factory=list)
     #: Shards an interrupted earlier run had finished, kept by ``resume``.
     reused: list[str] = field(default_factory=list)
@@ -117,7 +125,7 @@ class Fp8Result:
 def refuse_quantized_source(checkpoint: Checkpoint, entries: list[TensorEntry]) -> None:
     """An FP8 (or otherwise scaled) source cannot be quantized again."""
     for entry in entries:
-        if entry.dtype in FP8_DTYPES or entry.name.endswith((SCALE_SUFFIX, "weight_scale", "input_scale")):
+        if entry.dtype in FP8_DTYPES or is_scale_name(entry.name):
             raise normalize_error(
                 "already_quantized",
                 f"{checkpoint.dir}: tensor '{entry.name}' ({entry.dtype}) shows the checkpoint is already quantized; "
@@ -140,10 +148,20 @@ def choose_rules(reference, quantize_patterns: Sequence[str], skip_patterns: Seq
     return with_skip_patterns(rules, skip_patterns) if skip_patterns else rules, rules
 
 
-def decide(entries: list[TensorEntry], rules) -> tuple[list[Decision], set[str]]:
+def decide(
+    entries: list[TensorEntry],
+    rules,
+    *,
+    loadable_at: Sequence[int] = (1,),
+    config: dict | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> tuple[list[Decision], set[str]]:
     """A decision per source tensor, in checkpoint order, and the modules whose weight stays
-    unquantized; split fused groups are an error."""
+    unquantized; split fused groups are an error. Layers an engine could not load as FP8 at a TP
+    size in ``loadable_at`` stay unquantized (``engines.loadability``); ``()`` turns that off."""
     decisions = decide_all(((t.name, t.dtype, t.shape) for t in entries), rules)
+    if loadable_at:
+        decisions = keep_unloadable(entries, decisions, config, loadable_at, block_size=block_size)
     dtypes = {t.name: t.dtype for t in entries}
     fp8, kept = module_sets(
         (d.name for d in decisions if d.quantize), (d.name for d in decisions if not d.quantize), dtypes
@@ -160,34 +178,45 @@ def plan_fp8(
     skip_patterns: Sequence[str] = (),
     repack: bool | None = None,
     max_shard_bytes: int = 4 * GIB,
-    scale_fmt: str = "float",
-    scale_dtype: str | None = None,
-    block_size: int = 128,
+    scale_fmt: ScaleFormat | str = ScaleFormat.FLOAT,
+    scale_dtype: ScaleDtype | str | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     build_plan: bool = True,
+    loadable_at: Sequence[int] = (1,),
+    allow_unloadable: bool = False,
 ) -> Fp8Plan:
     """Decides and plans a conversion from headers alone.
 
     With ``build_plan=False`` (dry runs) only the decisions are made: ``plan`` is None.
     ``repack=None`` keeps a standard or single-file source's shard layout and bin-packs other
     (engine-named) layouts into ``model-{i:05d}-of-{n:05d}`` shards; ``True`` always bin-packs,
-    ``False`` always keeps the source's files. ``scale_dtype`` ("float32"/"bfloat16") defaults to
-    the reference's, else float32.
+    ``False`` always keeps the source's files. ``scale_fmt`` is a ``ScaleFormat`` ("float" or
+    "ue8m0"); ``scale_dtype`` a ``ScaleDtype`` ("float32" or "bfloat16"), by default the
+    reference's, else float32. A value outside those raises ``ValueError`` naming the allowed ones.
+    Layers vLLM could not load as FP8 at a TP size in ``loadable_at`` stay unquantized unless
+    ``allow_unloadable``.
     """
+    scale_fmt = ScaleFormat(scale_fmt)
+    if scale_dtype is not None:
+        scale_dtype = ScaleDtype(scale_dtype)
+    if block_size <= 0:
+        raise ValueError("block size must be positive")
     checkpoint = Checkpoint.open(Path(source))
     entries = checkpoint.tensors
     refuse_quantized_source(checkpoint, entries)
     rules, base_rules = choose_rules(reference, quantize_patterns, skip_patterns)
-    decisions, kept_modules = decide(entries, rules)
+    decisions, kept_modules = decide(
+        entries,
+        rules,
+        loadable_at=() if allow_unloadable else loadable_at,
+        config=read_config(checkpoint.dir),
+        block_size=block_size,
+    )
     if scale_dtype is None:
-        reference_dtype = getattr(base_rules, "scale_dtype", None)
-        scale_dtype = {"BF16": "bfloat16"}.get(reference_dtype, "float32")
-    if scale_dtype not in SCALE_DTYPE_NAMES:
-        raise ValueError(f"scale dtype must be float32 or bfloat16, not {scale_dtype!r}")
-    if block_size <= 0:
-        raise ValueError("block size must be positive")
+        scale_dtype = scale_dtype_of(getattr(base_rules, "scale_dtype", None)) or ScaleDtype.FLOAT32
 
     if repack is None:
-        repack = not (checkpoint.has_standard_names or checkpoint.layout == "single_file")
+        repack = not (checkpoint.has_standard_names or checkpoint.layout == Layout.SINGLE_FILE)
     names = (t.name for t in entries)
     mismatch = base_rules.compare(names) if isinstance(base_rules, ReferenceRules) else None
     fp8 = Fp8Plan(
@@ -203,16 +232,16 @@ def plan_fp8(
         reference_mismatch=mismatch,
     )
     if build_plan:
-        fp8.plan = build_output_plan(checkpoint, decisions, fp8.layouts, scale_dtype, repack, max_shard_bytes)
+        fp8.plan = build_output_plan(checkpoint, decisions, fp8.layouts, repack, max_shard_bytes)
     return fp8
 
 
 def quantized_layouts(
-    decisions: list[Decision], entries: list[TensorEntry], block_size: int
+    decisions: list[Decision], entries: list[TensorEntry], block_size: int, scale_dtype: ScaleDtype
 ) -> dict[str, QuantizedLayout]:
     """The output layout of every tensor decided to be quantized."""
     return {
-        d.name: quantized_layout(d.name, entry.shape, block_size)
+        d.name: quantized_layout(d.name, entry.shape, block_size, scale_dtype)
         for d, entry in zip(decisions, entries, strict=True)
         if d.quantize
     }
@@ -222,7 +251,6 @@ def build_output_plan(
     checkpoint: Checkpoint,
     decisions: list[Decision],
     layouts: dict[str, QuantizedLayout],
-    scale_dtype: str,
     repack: bool,
     max_shard_bytes: int,
 ) -> OutputPlan:
@@ -234,14 +262,14 @@ def build_output_plan(
         if layout is None:
             groups.append(builder.group([builder.copied(decision.name)]))
             continue
-        weight = builder.provided(layout.name, "F8_E4M3", list(layout.shape))
-        scale = builder.provided(layout.scale_name, SCALE_DTYPE_NAMES[scale_dtype], list(layout.scale_shape))
+        weight = builder.provided(layout.name, FP8_WEIGHT_DTYPE, list(layout.shape))
+        scale = builder.provided(layout.scale_name, layout.scale_tensor_dtype, list(layout.scale_shape))
         groups.append(builder.group([weight, scale], home=decision.name))
     if repack:
         builder.pack_greedy(groups, max_shard_bytes)
     else:
         builder.pack_by_source_file(groups)
-    return builder.finish("standard" if repack else "source")
+    return builder.finish(Naming.STANDARD if repack else Naming.SOURCE)
 
 
 def to_fp8(
@@ -319,6 +347,7 @@ def write_fp8(
         seconds=written.seconds,
         config_written=source_config.is_file(),
         aux_files=written.aux_files,
+        skipped_aux=written.skipped_aux,
         removed_stale=written.removed_stale,
         reused=written.reused,
     )
@@ -331,8 +360,8 @@ def run_options(fp8: Fp8Plan) -> dict[str, object]:
     quantized = sorted(fp8.layouts)
     digest = hashlib.sha256("\n".join(quantized).encode()).hexdigest()[:16]
     return {
-        "scale_fmt": fp8.scale_fmt,
-        "scale_dtype": fp8.scale_dtype,
+        "scale_fmt": str(fp8.scale_fmt),
+        "scale_dtype": str(fp8.scale_dtype),
         "block_size": fp8.block_size,
         "repack": fp8.repacked,
         "tensors_to_fp8": f"{len(quantized)} tensors (sha256 {digest})",
@@ -357,13 +386,16 @@ class Fp8ShardFiller:
     def __call__(self, writer: ShardWriter, shard: int, advance: Callable[..., None]) -> None:
         quantizer = self._take()
         try:
-            for name, source in read_ahead(self.quantized[shard], quantizer.load):
-                layout = self.fp8.layouts[name]
-                fp8_bytes, scale_bytes = quantizer.quantize(source, layout)
-                del source
-                writer.write(name, fp8_bytes)
-                writer.write(layout.scale_name, scale_bytes)
-                advance(self.fp8.checkpoint.tensor(name).nbytes, 1)
+            # Closed at once on a failure too: its pending load must end before the quantizer
+            # (whose buffers it fills) serves another job.
+            with contextlib.closing(read_ahead(self.quantized[shard], quantizer.load)) as sources:
+                for name, source in sources:
+                    layout = self.fp8.layouts[name]
+                    fp8_bytes, scale_bytes = quantizer.quantize(source, layout)
+                    del source
+                    writer.write(name, fp8_bytes)
+                    writer.write(layout.scale_name, scale_bytes)
+                    advance(self.fp8.checkpoint.tensor(name).nbytes, 1)
         finally:
             with self.lock:
                 self.idle.append(quantizer)

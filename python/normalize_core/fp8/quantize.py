@@ -1,6 +1,6 @@
 """Per-block FP8 quantization of torch tensors.
 
-The arithmetic (DESIGN §2, bit-exact with vLLM/DeepGEMM ``per_block_cast_to_fp8``), per
+The arithmetic (bit-exact with vLLM/DeepGEMM ``per_block_cast_to_fp8``), per
 ``block × block`` tile, edge tiles covering what is left:
 
     amax = max(max|x|, 1e-4)  (float32)       s = amax / 448
@@ -16,19 +16,23 @@ other devices (CUDA) use the torch formulation below, which produces the same by
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 
 from normalize_core._core import quantize_fp8_blocks
 from normalize_core.errors import normalize_error
+from normalize_core.fp8.layout import DEFAULT_BLOCK_SIZE, tiling
+from normalize_core.kinds import Dtype, ScaleDtype, ScaleFormat
 
 E4M3_MAX = 448.0
 AMAX_FLOOR = 1e-4
-SCALE_FORMATS = ("float", "ue8m0")
-SCALE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_KERNEL_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+#: The torch dtype of each quantizable safetensors dtype.
+TORCH_SOURCE_DTYPES = {Dtype.BF16: torch.bfloat16, Dtype.F16: torch.float16, Dtype.F32: torch.float32}
+#: The torch dtype of each way of storing scales.
+TORCH_SCALE_DTYPES = {ScaleDtype.FLOAT32: torch.float32, ScaleDtype.BFLOAT16: torch.bfloat16}
+_DTYPE_OF_TORCH = {torch_dtype: dtype for dtype, torch_dtype in TORCH_SOURCE_DTYPES.items()}
+_SCALE_DTYPE_OF_TORCH = {torch_dtype: scale for scale, torch_dtype in TORCH_SCALE_DTYPES.items()}
 
 #: Elements per torch step on non-CPU devices: bounds the float32 temporaries to ~1 GiB.
 _TORCH_CHUNK_ELEMENTS = 1 << 26
@@ -37,8 +41,8 @@ _TORCH_CHUNK_ELEMENTS = 1 << 26
 def quantize_block_fp8(
     tensor: torch.Tensor,
     *,
-    block_size: int = 128,
-    scale_fmt: str = "float",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    scale_fmt: ScaleFormat | str = ScaleFormat.FLOAT,
     scale_dtype: torch.dtype = torch.float32,
     split_halves: bool = False,
     name: str = "tensor",
@@ -54,21 +58,17 @@ def quantize_block_fp8(
     ``backend``: ``"auto"`` (the Rust kernel for CPU tensors, torch otherwise), ``"kernel"`` or
     ``"torch"``; both give the same bytes.
     """
-    if tensor.dtype not in _KERNEL_DTYPES:
+    if tensor.dtype not in _DTYPE_OF_TORCH:
         raise ValueError(f"{name}: cannot quantize {tensor.dtype}; expected bfloat16, float16 or float32")
     if tensor.dim() < 2:
         raise ValueError(f"{name}: only tensors of 2 or more dimensions are quantized, got {list(tensor.shape)}")
-    if scale_fmt not in SCALE_FORMATS:
-        raise ValueError(f"scale_fmt must be one of {SCALE_FORMATS}, not {scale_fmt!r}")
-    if scale_dtype not in SCALE_DTYPES.values():
+    scale_fmt = ScaleFormat(scale_fmt)
+    if scale_dtype not in _SCALE_DTYPE_OF_TORCH:
         raise ValueError(f"scale_dtype must be torch.float32 or torch.bfloat16, not {scale_dtype}")
-    *leading, rows, cols = tensor.shape
-    batch = math.prod(leading)
-    if split_halves:
-        if rows % 2:
-            raise ValueError(f"{name}: cannot split {rows} rows into halves")
-        batch, rows = 2 * batch, rows // 2
-    tiles_r, tiles_c = math.ceil(rows / block_size), math.ceil(cols / block_size)
+    try:
+        batch, rows, cols, scale_shape = tiling(tensor.shape, block_size, split_halves=split_halves)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
     matrices = tensor.reshape(batch, rows, cols)
     if backend not in ("auto", "kernel", "torch"):
         raise ValueError(f"backend must be auto, kernel or torch, not {backend!r}")
@@ -79,29 +79,28 @@ def quantize_block_fp8(
         fp8, scale = _quantize_with_kernel(matrices, block_size, scale_fmt, scale_dtype, name)
     else:
         fp8, scale = _quantize_with_torch(matrices, block_size, scale_fmt, scale_dtype, name)
-    scale_shape = (*leading, (2 if split_halves else 1) * tiles_r, tiles_c)
     return fp8.view(tensor.shape), scale.view(scale_shape)
 
 
 def _quantize_with_kernel(
-    matrices: torch.Tensor, block: int, scale_fmt: str, scale_dtype: torch.dtype, name: str
+    matrices: torch.Tensor, block: int, scale_fmt: ScaleFormat, scale_dtype: torch.dtype, name: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, rows, cols = matrices.shape
     source = matrices.contiguous()
     fp8 = torch.empty((batch, rows, cols), dtype=torch.float8_e4m3fn)
-    scale = torch.empty((batch, math.ceil(rows / block), math.ceil(cols / block)), dtype=scale_dtype)
+    scale = torch.empty(tiling(matrices.shape, block).scale_shape, dtype=scale_dtype)
     quantize_fp8_blocks(
         name,
         as_byte_array(source),
-        _KERNEL_DTYPES[source.dtype],
+        _DTYPE_OF_TORCH[source.dtype],
         batch,
         rows,
         cols,
         as_byte_array(fp8),
         as_byte_array(scale),
         block=block,
-        ue8m0=scale_fmt == "ue8m0",
-        scale_bf16=scale_dtype == torch.bfloat16,
+        scale_fmt=scale_fmt,
+        scale_dtype=_SCALE_DTYPE_OF_TORCH[scale_dtype],
         threads=os.cpu_count() or 1,
     )
     return fp8, scale
@@ -113,10 +112,10 @@ def as_byte_array(tensor: torch.Tensor):
 
 
 def _quantize_with_torch(
-    matrices: torch.Tensor, block: int, scale_fmt: str, scale_dtype: torch.dtype, name: str
+    matrices: torch.Tensor, block: int, scale_fmt: ScaleFormat, scale_dtype: torch.dtype, name: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, rows, cols = matrices.shape
-    tiles_r, tiles_c = math.ceil(rows / block), math.ceil(cols / block)
+    _, tiles_r, tiles_c = tiling(matrices.shape, block).scale_shape
     fp8 = torch.empty((batch, rows, cols), dtype=torch.float8_e4m3fn, device=matrices.device)
     scale = torch.empty((batch, tiles_r, tiles_c), dtype=torch.float32, device=matrices.device)
     stripe_elements = block * tiles_c * block
@@ -137,10 +136,10 @@ def _quantize_with_torch(
     return fp8, scale.to(scale_dtype)
 
 
-def _quantize_rows(x: torch.Tensor, block: int, scale_fmt: str, scale_dtype: torch.dtype):
+def _quantize_rows(x: torch.Tensor, block: int, scale_fmt: ScaleFormat, scale_dtype: torch.dtype):
     """One horizontal slab of whole tile rows (the last may be partial): ``(q, s, any non-finite)``."""
     rows, cols = x.shape
-    tiles_r, tiles_c = math.ceil(rows / block), math.ceil(cols / block)
+    tiles_r, tiles_c = tiling(x.shape, block).scale_shape
     padded = x
     if rows % block or cols % block:
         padded = x.new_zeros((tiles_r * block, tiles_c * block))
@@ -149,7 +148,7 @@ def _quantize_rows(x: torch.Tensor, block: int, scale_fmt: str, scale_dtype: tor
     amax = tiles.abs().amax(dim=(1, 3)).float()
     nonfinite = ~torch.isfinite(amax).all()
     s = amax.clamp(min=AMAX_FLOOR) / E4M3_MAX
-    if scale_fmt == "ue8m0":
+    if scale_fmt == ScaleFormat.UE8M0:
         s = round_up_to_power_of_two(s)
     if scale_dtype == torch.bfloat16:
         s = round_up_to_bfloat16(s)

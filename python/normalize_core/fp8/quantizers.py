@@ -7,12 +7,12 @@ it into ``(fp8 bytes, scale bytes)`` buffers for the shard writer (``quantize(so
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 from pathlib import Path
 
 from normalize_core._core import Checkpoint, quantize_fp8_blocks
 from normalize_core.fp8.layout import QuantizedLayout
+from normalize_core.kinds import ScaleFormat
 
 #: ``--device`` spellings that mean "no GPU".
 CPU = "cpu"
@@ -34,42 +34,47 @@ def quantizer_for(device: str, fp8, threads: int | None = None) -> KernelQuantiz
     if device == "auto":
         device = "cuda" if gpu_present() else CPU
     if device == CPU:
-        return KernelQuantizer(fp8.checkpoint, fp8.block_size, fp8.scale_fmt, fp8.scale_dtype, threads)
-    return TorchQuantizer(fp8.checkpoint, fp8.block_size, fp8.scale_fmt, fp8.scale_dtype, device)
+        return KernelQuantizer(fp8.checkpoint, fp8.scale_fmt, threads)
+    return TorchQuantizer(fp8.checkpoint, fp8.scale_fmt, device)
 
 
 class KernelQuantizer:
-    """Quantizes on the CPU with the Rust kernel, reading the source's mapped pages directly."""
+    """Quantizes on the CPU with the Rust kernel. Tiles and scale dtype come from each tensor's
+    ``QuantizedLayout``."""
 
     device = CPU
 
-    def __init__(
-        self, checkpoint: Checkpoint, block_size: int, scale_fmt: str, scale_dtype: str, threads: int | None = None
-    ):
+    def __init__(self, checkpoint: Checkpoint, scale_fmt: ScaleFormat, threads: int | None = None):
         self.checkpoint = checkpoint
-        self.block_size = block_size
-        self.ue8m0 = scale_fmt == "ue8m0"
-        self.scale_bf16 = scale_dtype == "bfloat16"
+        self.scale_fmt = scale_fmt
         self.threads = threads or os.cpu_count() or 1
         # Output buffers are reused from tensor to tensor (grown when needed): fresh ones would
         # cost a page fault and a zeroing per page of every output byte.
         self._fp8 = bytearray()
         self._scale = bytearray()
+        # Sources too, two in turn: ``load`` runs one tensor ahead, so it fills one while the
+        # other is being quantized, and a tensor is done with before the next-but-one is loaded.
+        self._sources = [bytearray(), bytearray()]
+        self._next_source = 0
 
-    def load(self, name: str):
-        """A zero-copy view of the tensor's bytes, its pages read in now."""
-        return self.checkpoint.view(name, populate=True)
+    def load(self, name: str) -> memoryview:
+        """The tensor's bytes, read now into the next of the two source buffers."""
+        nbytes = self.checkpoint.tensor(name).nbytes
+        slot, self._next_source = self._next_source, 1 - self._next_source
+        if len(self._sources[slot]) < nbytes:
+            self._sources[slot] = bytearray(nbytes)
+        source = memoryview(self._sources[slot])[:nbytes]
+        self.checkpoint.read_into(name, source)
+        return source
 
     def quantize(self, source, layout: QuantizedLayout) -> tuple[memoryview, memoryview]:
         """``(fp8 bytes, scale bytes)``, valid until the next call (the buffers are reused)."""
-        elements = layout.batch * layout.rows * layout.cols
-        scale_bytes = math.prod(layout.scale_shape) * (2 if self.scale_bf16 else 4)
-        if len(self._fp8) < elements:
-            self._fp8 = bytearray(elements)
-        if len(self._scale) < scale_bytes:
-            self._scale = bytearray(scale_bytes)
-        fp8 = memoryview(self._fp8)[:elements]
-        scale = memoryview(self._scale)[:scale_bytes]
+        if len(self._fp8) < layout.elements:
+            self._fp8 = bytearray(layout.elements)
+        if len(self._scale) < layout.scale_nbytes:
+            self._scale = bytearray(layout.scale_nbytes)
+        fp8 = memoryview(self._fp8)[: layout.elements]
+        scale = memoryview(self._scale)[: layout.scale_nbytes]
         quantize_fp8_blocks(
             layout.name,
             source,
@@ -79,23 +84,21 @@ class KernelQuantizer:
             layout.cols,
             fp8,
             scale,
-            block=self.block_size,
-            ue8m0=self.ue8m0,
-            scale_bf16=self.scale_bf16,
+            block=layout.block,
+            scale_fmt=self.scale_fmt,
+            scale_dtype=layout.scale_dtype,
             threads=self.threads,
         )
         return fp8, scale
 
 
 class TorchQuantizer:
-    """Quantizes with torch's arithmetic on ``device`` (meant for GPUs): the source is copied to
+    """Quantizes with torch's arithmetic on ``device`` (meant for GPUs): the source is read into
     page-locked memory on the read-ahead thread and moved to the device without blocking;
     results come back as host bytes."""
 
-    def __init__(self, checkpoint: Checkpoint, block_size: int, scale_fmt: str, scale_dtype: str, device: str):
+    def __init__(self, checkpoint: Checkpoint, scale_fmt: ScaleFormat, device: str):
         import torch
-
-        from normalize_core.fp8.quantize import SCALE_DTYPES
 
         self.torch = torch
         resolved = torch.device(device)
@@ -107,33 +110,27 @@ class TorchQuantizer:
         self.target = resolved
         self.device = str(resolved)
         self.checkpoint = checkpoint
-        self.block_size = block_size
         self.scale_fmt = scale_fmt
-        self.scale_dtype = SCALE_DTYPES[scale_dtype]
-        self.dtypes = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
     def load(self, name: str):
-        import numpy
-
-        from normalize_core.fp8.quantize import as_byte_array
+        from normalize_core.fp8.quantize import TORCH_SOURCE_DTYPES, as_byte_array
 
         entry = self.checkpoint.tensor(name)
-        dtype = self.dtypes[entry.dtype]
+        dtype = TORCH_SOURCE_DTYPES[entry.dtype]
         # Page-locked host memory lets the copy to the GPU run without blocking this thread.
         pinned = self.torch.empty(entry.shape, dtype=dtype, pin_memory=self.target.type == "cuda")
         if entry.nbytes:
-            source = numpy.frombuffer(self.checkpoint.view(name, populate=True), dtype=numpy.uint8)
-            as_byte_array(pinned)[:] = source
+            self.checkpoint.read_into(name, as_byte_array(pinned))
         return pinned.to(self.target, non_blocking=True)
 
     def quantize(self, source, layout: QuantizedLayout):
-        from normalize_core.fp8.quantize import as_byte_array, quantize_block_fp8
+        from normalize_core.fp8.quantize import TORCH_SCALE_DTYPES, as_byte_array, quantize_block_fp8
 
         q, s = quantize_block_fp8(
             source,
-            block_size=self.block_size,
+            block_size=layout.block,
             scale_fmt=self.scale_fmt,
-            scale_dtype=self.scale_dtype,
+            scale_dtype=TORCH_SCALE_DTYPES[layout.scale_dtype],
             split_halves=layout.split_halves,
             name=layout.name,
             backend="torch",

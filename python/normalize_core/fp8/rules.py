@@ -14,22 +14,15 @@ ever quantized when ``ineligible_reason`` has nothing against it. No torch: torc
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from normalize_core._core import TensorEntry, read_header
+from normalize_core._core import INDEX_FILE, TensorEntry, read_header, read_index
 from normalize_core.fp8.groups import is_fused_expert_param
-from normalize_core.fp8.layout import SCALE_SUFFIX, quantized_bytes
-
-#: The safetensors dtypes a tensor must have to be quantized.
-QUANTIZABLE_DTYPES = frozenset({"BF16", "F16", "F32"})
-
-#: Block edge of the FP8 scheme, for the size estimate of a scale tensor.
-BLOCK = 128
+from normalize_core.fp8.layout import FP8_DTYPES, QUANTIZABLE_DTYPES, SCALE_SUFFIX, QuantizedLayout
 
 _NOT_FLOATING = frozenset({"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64"})
 
@@ -56,7 +49,7 @@ def ineligible_reason(name: str, dtype: str, shape: Sequence[int]) -> str | None
     """Why this tensor can never be quantized, or None when it can: a 2-D BF16/F16/F32 tensor named
     ``*.weight`` (a Linear's weight), or a 3-D fused-expert parameter (``...experts.gate_up_proj`` /
     ``...experts.down_proj``). No rule, pattern or reference overrides this."""
-    if dtype.startswith("F8_"):
+    if dtype in FP8_DTYPES:
         return "already FP8"
     if dtype in _NOT_FLOATING:
         return "not floating"
@@ -185,15 +178,16 @@ class ReferenceRules:
     def from_dir(cls, path: str | Path) -> ReferenceRules:
         """Reads the names from ``model.safetensors.index.json`` when present (its shards need not exist; those
         that do are read for ``scale_dtype``), otherwise from the headers of ``*.safetensors``. Reads no tensor
-        data. Raises ``ValueError`` for a directory without either, a malformed index, a reference without any
-        ``*_scale_inv`` tensor, or scale tensors of two dtypes; ``NormalizeError`` for a bad header."""
+        data. Raises ``ValueError`` for a directory without either, a reference without any ``*_scale_inv``
+        tensor, or scale tensors of two dtypes; ``NormalizeError`` for a malformed index (checked as every index
+        is: tensors listed once, shards plain file names) or a bad header."""
         root = Path(path)
         if not root.is_dir():
             raise ValueError(f"--reference {root}: not a directory")
-        index_path = root / "model.safetensors.index.json"
+        index_path = root / INDEX_FILE
         scale_dtypes: set[str] = set()
         if index_path.is_file():
-            weight_map = _read_weight_map(index_path)
+            weight_map, _ = read_index(index_path)
             names: Iterable[str] = weight_map
             shards_with_scales = sorted({shard for name, shard in weight_map.items() if name.endswith(SCALE_SUFFIX)})
             for shard in shards_with_scales:
@@ -202,7 +196,7 @@ class ReferenceRules:
         else:
             shard_paths = sorted(root.glob("*.safetensors"))
             if not shard_paths:
-                raise ValueError(f"--reference {root}: no model.safetensors.index.json and no *.safetensors")
+                raise ValueError(f"--reference {root}: no {INDEX_FILE} and no *.safetensors")
             seen: dict[str, str] = {}
             for shard_path in shard_paths:
                 tensors = read_header(shard_path).tensors
@@ -220,7 +214,7 @@ class ReferenceRules:
                 "(per-channel FP8 stores *.weight_scale, which this scheme does not use)"
             )
         if len(scale_dtypes) > 1:
-            raise ValueError(f"--reference {root}: scale tensors of several dtypes: {sorted(scale_dtypes)}")
+            raise ValueError(f"--reference {root}: scale tensors of several dtypes: {sorted(map(str, scale_dtypes))}")
         return cls(names, next(iter(scale_dtypes), None))
 
     def decide(self, name: str, dtype: str, shape: Sequence[int]) -> Decision:
@@ -238,20 +232,6 @@ class ReferenceRules:
         source = {name for name in source_names if _is_weight_name(name)}
         reference = {name for name in self.names if _is_weight_name(name)}
         return sorted(source - reference), sorted(reference - source)
-
-
-def _read_weight_map(index_path: Path) -> dict[str, str]:
-    try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{index_path}: not a safetensors index ({e})") from None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise ValueError(f"{index_path}: weight_map must map tensor names to shard file names")
-    for shard in set(weight_map.values()):
-        # Only plain file names inside the reference directory are ever opened.
-        if not shard or "/" in shard or "\\" in shard or shard in (".", ".."):
-            raise ValueError(f"{index_path}: shard name {shard!r} is not a plain file name")
-    return weight_map
 
 
 def _scale_dtypes(tensors: Iterable[TensorEntry]) -> set[str]:
@@ -301,12 +281,12 @@ def name_pattern(name: str) -> str:
 
 
 def summarize(
-    decisions: Iterable[Decision], sizes: Mapping[str, int], shapes: Mapping[str, Sequence[int]]
+    decisions: Iterable[Decision], sizes: Mapping[str, int], layouts: Mapping[str, QuantizedLayout]
 ) -> list[dict]:
     """Decisions grouped by name pattern (digit runs → ``N``) and outcome, in order of first appearance:
-    ``{"pattern", "quantize", "reason", "count", "bytes", "bytes_saved"}``. ``sizes`` are source bytes and
-    ``shapes`` source shapes per name. An FP8 weight saves ``bytes * (1 - 1/itemsize)`` less its scale, the
-    scale counted as float32 (bfloat16 scales, as some references have, save a little more)."""
+    ``{"pattern", "quantize", "reason", "count", "bytes", "bytes_saved"}``. ``sizes`` are source bytes per
+    name, ``layouts`` the layout of each quantized tensor (``Fp8Plan.layouts``): a quantized tensor saves its
+    source bytes less its FP8 weight and scale, so the rows add up to the plan's ``output_bytes``."""
     rows: dict[tuple[str, bool, str], dict] = {}
     for decision in decisions:
         key = (name_pattern(decision.name), decision.quantize, decision.reason)
@@ -318,6 +298,5 @@ def summarize(
         row["count"] += 1
         row["bytes"] += size
         if decision.quantize:
-            # One byte per element after quantization, whatever the source itemsize was.
-            row["bytes_saved"] += size - quantized_bytes(decision.name, shapes[decision.name], BLOCK, 4)
+            row["bytes_saved"] += size - layouts[decision.name].nbytes
     return list(rows.values())

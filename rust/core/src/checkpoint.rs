@@ -5,13 +5,18 @@
 //! header in offset order. No tensor data is read.
 
 use std::cmp::Ordering;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use crate::dtype::{element_count, Dtype};
 use crate::error::{Error, Result};
-use crate::header::{read_header, ShardHeader};
-use crate::index::{read_index, ShardIndex, INDEX_FILE};
+use crate::format::{INDEX_FILE, SINGLE_FILE};
+use crate::header::{read_header_of, ShardHeader};
+use crate::index::{read_index, ShardIndex};
+use crate::regular_file::{open_regular, read_exact_at_parallel, regular_metadata, FileIdentity};
+
+/// Kept at its first home for callers; it lives in [`crate::format`].
+pub use crate::format::standard_shard_name;
 
 /// How the checkpoint's tensors were found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +36,8 @@ pub struct SourceFile {
     pub name: String,
     pub path: PathBuf,
     pub header: ShardHeader,
+    /// The file as it was when its header was read.
+    pub identity: FileIdentity,
 }
 
 /// One tensor of the checkpoint and where its bytes are.
@@ -75,7 +82,9 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Opens `dir`, reading and cross-checking every header (and the index, if present).
+    /// Opens `dir`, reading and cross-checking every header (and the index, if present). Every
+    /// shard must be (a symlink to) a regular file; anything else named `*.safetensors` is an
+    /// error, never silently skipped.
     pub fn open(dir: &Path) -> Result<Checkpoint> {
         let meta = std::fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
         if !meta.is_dir() {
@@ -83,14 +92,16 @@ impl Checkpoint {
         }
         let scanned = scan_safetensors(dir)?;
         let index_path = dir.join(INDEX_FILE);
-        if index_path.exists() {
+        // Present in any form (a dangling link too): an index that cannot be read is an error,
+        // not a reason to fall back to scanning.
+        if std::fs::symlink_metadata(&index_path).is_ok() {
             let index = read_index(&index_path)?;
             return open_indexed(dir, index, scanned);
         }
         if scanned.is_empty() {
             return Err(Error::NoSafetensors { dir: dir.into() });
         }
-        let layout = if scanned.len() == 1 && scanned[0] == "model.safetensors" {
+        let layout = if scanned.len() == 1 && scanned[0] == SINGLE_FILE {
             Layout::SingleFile
         } else {
             Layout::Unindexed
@@ -118,6 +129,30 @@ impl Checkpoint {
     /// Looks a tensor up by name.
     pub fn tensor(&self, name: &str) -> Option<&TensorEntry> {
         self.by_name.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// Reads tensor `entry`'s bytes into `buf` (exactly `entry.nbytes()` long) with positional
+    /// reads, never a mapping: a source truncated meanwhile is an error, not a SIGBUS. The file
+    /// must still be what it was when the checkpoint was opened, before and after the read.
+    pub fn read_tensor(&self, entry: &TensorEntry, buf: &mut [u8]) -> Result<()> {
+        let source = &self.files[entry.file];
+        if buf.len() as u64 != entry.nbytes() {
+            let detail = format!(
+                "a buffer of {} bytes for tensor '{}' of {} bytes",
+                buf.len(),
+                entry.name,
+                entry.nbytes()
+            );
+            let invalid = std::io::Error::new(std::io::ErrorKind::InvalidInput, detail);
+            return Err(Error::io(&source.path, invalid));
+        }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let (file, _) = open_regular(&source.path)?;
+        source.identity.verify(&source.path, &file)?;
+        read_exact_at_parallel(&file, &source.path, entry.file_offset, buf)?;
+        source.identity.verify(&source.path, &file)
     }
 
     /// Sum of tensor bytes (what `metadata.total_size` should say).
@@ -177,43 +212,10 @@ impl Checkpoint {
     }
 }
 
-/// HF's shard file name for shard `i` of `n` (1-based).
-pub fn standard_shard_name(i: usize, n: usize) -> String {
-    format!("model-{i:05}-of-{n:05}.safetensors")
-}
-
 fn open_indexed(dir: &Path, index: ShardIndex, scanned: Vec<String>) -> Result<Checkpoint> {
-    let mut file_of_name: HashMap<&str, usize> = HashMap::new();
-    let mut file_names: Vec<&str> = Vec::new();
-    for (tensor, shard) in &index.weight_map {
-        if !file_of_name.contains_key(shard.as_str()) {
-            if !dir.join(shard).is_file() {
-                return Err(Error::MissingShard {
-                    file: index.path.clone(),
-                    tensor: tensor.clone(),
-                    shard: shard.clone(),
-                });
-            }
-            file_of_name.insert(shard, file_names.len());
-            file_names.push(shard);
-        }
-    }
-    let files = load_files(dir, file_names.iter().map(|n| n.to_string()).collect())?;
-
-    // Where each header says each tensor is; a name in two headers is an error.
-    let mut located: HashMap<&str, (usize, usize)> = HashMap::new();
-    for (f, file) in files.iter().enumerate() {
-        for (t, info) in file.header.tensors.iter().enumerate() {
-            if let Some(&(first, _)) = located.get(info.name.as_str()) {
-                return Err(Error::DuplicateTensor {
-                    tensor: info.name.clone(),
-                    first: files[first].path.clone(),
-                    second: file.path.clone(),
-                });
-            }
-            located.insert(&info.name, (f, t));
-        }
-    }
+    let (file_of_name, file_names) = indexed_files(dir, &index)?;
+    let files = load_files(dir, file_names)?;
+    let located = locate_tensors(&files)?;
     let mut order = Vec::with_capacity(index.weight_map.len());
     for (tensor, shard) in &index.weight_map {
         let listed_in = file_of_name[shard.as_str()];
@@ -228,21 +230,7 @@ fn open_indexed(dir: &Path, index: ShardIndex, scanned: Vec<String>) -> Result<C
         }
     }
     if order.len() != located.len() {
-        let listed: std::collections::HashSet<&str> =
-            index.weight_map.iter().map(|(t, _)| t.as_str()).collect();
-        for file in &files {
-            if let Some(info) = file
-                .header
-                .tensors
-                .iter()
-                .find(|t| !listed.contains(t.name.as_str()))
-            {
-                return Err(Error::NotInIndex {
-                    file: file.path.clone(),
-                    tensor: info.name.clone(),
-                });
-            }
-        }
+        return Err(first_unindexed(&index, &files));
     }
     let unreferenced_files = scanned
         .into_iter()
@@ -261,13 +249,81 @@ fn open_indexed(dir: &Path, index: ShardIndex, scanned: Vec<String>) -> Result<C
     Ok(checkpoint)
 }
 
+/// The shard files the index names, in order of first mention, and each one's position. A
+/// shard that is absent is `MissingShard`; one that is not a regular file says what it is.
+fn indexed_files(dir: &Path, index: &ShardIndex) -> Result<(HashMap<String, usize>, Vec<String>)> {
+    let mut file_of_name: HashMap<String, usize> = HashMap::new();
+    let mut file_names: Vec<String> = Vec::new();
+    for (tensor, shard) in &index.weight_map {
+        if file_of_name.contains_key(shard) {
+            continue;
+        }
+        let path = dir.join(shard);
+        if std::fs::symlink_metadata(&path).is_err() {
+            return Err(Error::MissingShard {
+                file: index.path.clone(),
+                tensor: tensor.clone(),
+                shard: shard.clone(),
+            });
+        }
+        regular_metadata(&path)?;
+        file_of_name.insert(shard.clone(), file_names.len());
+        file_names.push(shard.clone());
+    }
+    Ok((file_of_name, file_names))
+}
+
+/// Where each header says each tensor is, as (file, position in header); a name in two headers
+/// is an error.
+fn locate_tensors(files: &[SourceFile]) -> Result<HashMap<&str, (usize, usize)>> {
+    let mut located: HashMap<&str, (usize, usize)> = HashMap::new();
+    for (f, file) in files.iter().enumerate() {
+        for (t, info) in file.header.tensors.iter().enumerate() {
+            if let Some(&(first, _)) = located.get(info.name.as_str()) {
+                return Err(Error::DuplicateTensor {
+                    tensor: info.name.clone(),
+                    first: files[first].path.clone(),
+                    second: file.path.clone(),
+                });
+            }
+            located.insert(&info.name, (f, t));
+        }
+    }
+    Ok(located)
+}
+
+/// The error for the first tensor (in file order) that a shard holds but the index does not list.
+fn first_unindexed(index: &ShardIndex, files: &[SourceFile]) -> Error {
+    let listed: HashSet<&str> = index.weight_map.iter().map(|(t, _)| t.as_str()).collect();
+    files
+        .iter()
+        .find_map(|file| {
+            let info = file
+                .header
+                .tensors
+                .iter()
+                .find(|t| !listed.contains(t.name.as_str()))?;
+            Some(Error::NotInIndex {
+                file: file.path.clone(),
+                tensor: info.name.clone(),
+            })
+        })
+        .expect("more tensors located than listed means one is unlisted")
+}
+
 /// Reads the headers of `names` (in `dir`) on all cores; the first failing file, in `names`
 /// order, is the error reported.
 fn load_files(dir: &Path, names: Vec<String>) -> Result<Vec<SourceFile>> {
     let load = |name: String| -> Result<SourceFile> {
         let path = dir.join(&name);
-        let header = read_header(&path)?;
-        Ok(SourceFile { name, path, header })
+        let (file, identity) = open_regular(&path)?;
+        let header = read_header_of(&file, &path, identity.size)?;
+        Ok(SourceFile {
+            name,
+            path,
+            header,
+            identity,
+        })
     };
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
@@ -294,8 +350,9 @@ fn load_files(dir: &Path, names: Vec<String>) -> Result<Vec<SourceFile>> {
     loaded.into_iter().flatten().collect()
 }
 
-/// Names of the regular `*.safetensors` files directly in `dir` (symlinks followed), dotfiles
-/// skipped, in natural order.
+/// Names of the `*.safetensors` files directly in `dir`, dotfiles skipped, in natural order.
+/// Each must be (a symlink to) a regular file: a FIFO, a directory, a device or a dangling
+/// symlink of that name is an error naming it.
 fn scan_safetensors(dir: &Path) -> Result<Vec<String>> {
     let mut names = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
@@ -306,9 +363,8 @@ fn scan_safetensors(dir: &Path) -> Result<Vec<String>> {
         if name.starts_with('.') || !name.ends_with(".safetensors") {
             continue;
         }
-        if entry.path().is_file() {
-            names.push(name);
-        }
+        regular_metadata(&entry.path())?;
+        names.push(name);
     }
     names.sort_by(|a, b| natural_cmp(a, b));
     Ok(names)
@@ -346,6 +402,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_index_that_is_not_a_regular_file_is_an_error_not_a_reason_to_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let header = br#"{"t":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#;
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(header);
+        file.push(7);
+        std::fs::write(dir.path().join("a.safetensors"), &file).unwrap();
+        let index = dir.path().join(INDEX_FILE);
+        std::os::unix::fs::symlink("gone.json", &index).unwrap();
+        let err = Checkpoint::open(dir.path()).unwrap_err();
+        assert_eq!(err.kind(), "not_a_regular_file");
+        assert!(err.to_string().contains("is a dangling symlink"), "{err}");
+
+        std::fs::remove_file(&index).unwrap();
+        rustix::fs::mkfifoat(rustix::fs::CWD, &index, rustix::fs::Mode::RUSR).unwrap();
+        let err = Checkpoint::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("is a FIFO"), "{err}");
+
+        std::fs::remove_file(&index).unwrap();
+        let checkpoint = Checkpoint::open(dir.path()).unwrap();
+        let mut byte = [0u8];
+        checkpoint
+            .read_tensor(&checkpoint.tensors[0], &mut byte)
+            .unwrap();
+        assert_eq!(byte, [7]);
+    }
+
+    #[test]
     fn natural_order_compares_numbers() {
         let mut names = vec![
             "model-rank10.safetensors",
@@ -364,14 +448,6 @@ mod tests {
                 "model-rank2.safetensors",
                 "model-rank10.safetensors"
             ]
-        );
-    }
-
-    #[test]
-    fn standard_names() {
-        assert_eq!(
-            standard_shard_name(3, 12),
-            "model-00003-of-00012.safetensors"
         );
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! `copy_file_range` at explicit offsets, looping on short copies; when the kernel or the file
 //! systems cannot do it (cross-device, unsupported, or a 0-byte return), the rest of the range
-//! goes through one bounded buffer with positional reads and writes.
+//! goes through one bounded buffer with positional reads and writes. A source that ends early
+//! (it shrank after it was opened: `copy_file_range` returns 0, then the read hits the end) is a
+//! `source_changed` error naming it.
 
 use std::fs::File;
 use std::io;
@@ -12,6 +14,7 @@ use std::path::Path;
 use rustix::io::Errno;
 
 use crate::error::{Error, Result};
+use crate::regular_file::read_exact_at;
 
 /// Bytes moved per system call; also the granularity of progress reports.
 const COPY_CHUNK: u64 = 64 << 20;
@@ -114,9 +117,7 @@ fn buffered_copy(
     while done < len {
         let want = (len - done).min(buffer.len() as u64) as usize;
         let piece = &mut buffer[..want];
-        src.file
-            .read_exact_at(piece, src_offset + done)
-            .map_err(|e| Error::io(src.path, e))?;
+        read_exact_at(src.file, src.path, src_offset + done, piece)?;
         dst.file
             .write_all_at(piece, dst_offset + done)
             .map_err(|e| Error::io(dst.path, e))?;
@@ -223,6 +224,7 @@ mod tests {
         assert_eq!(buffered_copy(s, 2, d, 0, 7, &mut buffer).unwrap(), 7);
         assert_eq!(std::fs::read(&dst_path).unwrap(), b"2345678");
         let err = copy_range(s, 5, d, 0, 20, &|_| true).unwrap_err();
+        assert_eq!(err.kind(), "source_changed");
         assert_eq!(err.file(), Some(src_path.as_path()));
     }
 

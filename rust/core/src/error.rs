@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use safetensors::Dtype;
 
+use crate::format::MAX_HEADER_LEN;
+
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -19,12 +21,22 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A path that must be a regular file (a shard, an index, an aux file) is something else:
+    /// a directory, a FIFO, a device, a socket, or a symlink that leads nowhere.
+    #[error("{}: is {what}, not a regular file; only regular files (or symlinks to them) are read", file.display())]
+    NotARegularFile { file: PathBuf, what: &'static str },
+
+    /// A source file differs from what it was when the checkpoint was opened (rewritten,
+    /// truncated or replaced while this run read it).
+    #[error("{}: changed while being read ({detail}); rerun once nothing writes to it", file.display())]
+    SourceChanged { file: PathBuf, detail: String },
+
     /// The file cannot even hold the 8-byte header length.
     #[error("{}: file is {len} bytes, too short to hold a safetensors header", file.display())]
     FileTooShort { file: PathBuf, len: u64 },
 
     /// The declared header length is above the reference reader's cap.
-    #[error("{}: header length {header_len} exceeds the limit of 100000000 bytes", file.display())]
+    #[error("{}: header length {header_len} exceeds the limit of {MAX_HEADER_LEN} bytes", file.display())]
     HeaderTooLarge { file: PathBuf, header_len: u64 },
 
     /// The declared header length points past the end of the file (truncated file).
@@ -206,94 +218,78 @@ impl Error {
 
     /// A short stable identifier of the variant, for scripts and tests.
     pub fn kind(&self) -> &'static str {
-        match self {
-            Error::Io { .. } => "io",
-            Error::FileTooShort { .. } => "file_too_short",
-            Error::HeaderTooLarge { .. } => "header_too_large",
-            Error::HeaderPastEof { .. } => "header_past_eof",
-            Error::HeaderNotJson { .. } => "header_not_json",
-            Error::DuplicateInHeader { .. } => "duplicate_in_header",
-            Error::UnknownDtype { .. } => "unknown_dtype",
-            Error::InvalidTensorEntry { .. } => "invalid_tensor_entry",
-            Error::SizeMismatch { .. } => "size_mismatch",
-            Error::OverlappingTensors { .. } => "overlapping_tensors",
-            Error::GapBeforeTensor { .. } => "gap_before_tensor",
-            Error::OffsetsOutOfRange { .. } => "offsets_out_of_range",
-            Error::TrailingBytes { .. } => "trailing_bytes",
-            Error::InvalidIndex { .. } => "invalid_index",
-            Error::UnsafeShardName { .. } => "unsafe_shard_name",
-            Error::MissingShard { .. } => "missing_shard",
-            Error::DuplicateTensor { .. } => "duplicate_tensor",
-            Error::MissingFromShard { .. } => "missing_from_shard",
-            Error::NotInIndex { .. } => "not_in_index",
-            Error::NoSafetensors { .. } => "no_safetensors",
-            Error::EmptyCheckpoint { .. } => "empty_checkpoint",
-            Error::NotADirectory { .. } => "not_a_directory",
-            Error::OutputIsSource { .. } => "output_is_source",
-            Error::OutputInsideSource { .. } => "output_inside_source",
-            Error::SourceInsideOutput { .. } => "source_inside_output",
-            Error::InvalidPlan { .. } => "invalid_plan",
-            Error::WriteRejected { .. } => "write_rejected",
-            Error::TensorNotWritten { .. } => "tensor_not_written",
-            Error::InvalidQuantizeInput { .. } => "invalid_quantize_input",
-            Error::Cancelled => "cancelled",
-        }
+        self.subject().kind
     }
 
     /// The file the error is about, when there is one.
     pub fn file(&self) -> Option<&Path> {
-        match self {
-            Error::Io { path, .. } | Error::NotADirectory { path } => Some(path),
-            Error::FileTooShort { file, .. }
-            | Error::HeaderTooLarge { file, .. }
-            | Error::HeaderPastEof { file, .. }
-            | Error::HeaderNotJson { file, .. }
-            | Error::DuplicateInHeader { file, .. }
-            | Error::UnknownDtype { file, .. }
-            | Error::InvalidTensorEntry { file, .. }
-            | Error::SizeMismatch { file, .. }
-            | Error::OverlappingTensors { file, .. }
-            | Error::GapBeforeTensor { file, .. }
-            | Error::OffsetsOutOfRange { file, .. }
-            | Error::TrailingBytes { file, .. }
-            | Error::InvalidIndex { file, .. }
-            | Error::UnsafeShardName { file, .. }
-            | Error::MissingShard { file, .. }
-            | Error::MissingFromShard { file, .. }
-            | Error::NotInIndex { file, .. }
-            | Error::WriteRejected { file, .. }
-            | Error::TensorNotWritten { file, .. } => Some(file),
-            Error::DuplicateTensor { second, .. } => Some(second),
-            Error::NoSafetensors { dir } | Error::EmptyCheckpoint { dir } => Some(dir),
-            Error::OutputIsSource { output }
-            | Error::OutputInsideSource { output, .. }
-            | Error::SourceInsideOutput { output, .. } => Some(output),
-            Error::InvalidPlan { .. } | Error::InvalidQuantizeInput { .. } | Error::Cancelled => {
-                None
-            }
-        }
+        self.subject().file
     }
 
     /// The tensor the error is about, when there is one.
     pub fn tensor(&self) -> Option<&str> {
-        match self {
-            Error::DuplicateInHeader { tensor, .. }
-            | Error::UnknownDtype { tensor, .. }
-            | Error::InvalidTensorEntry { tensor, .. }
-            | Error::SizeMismatch { tensor, .. }
-            | Error::OverlappingTensors { tensor, .. }
-            | Error::GapBeforeTensor { tensor, .. }
-            | Error::OffsetsOutOfRange { tensor, .. }
-            | Error::UnsafeShardName { tensor, .. }
-            | Error::MissingShard { tensor, .. }
-            | Error::DuplicateTensor { tensor, .. }
-            | Error::MissingFromShard { tensor, .. }
-            | Error::NotInIndex { tensor, .. }
-            | Error::InvalidPlan { tensor, .. }
-            | Error::WriteRejected { tensor, .. }
-            | Error::TensorNotWritten { tensor, .. }
-            | Error::InvalidQuantizeInput { tensor, .. } => Some(tensor),
-            _ => None,
+        self.subject().tensor
+    }
+
+    /// Kind, file and tensor of every variant, in one exhaustive match: a new variant does not
+    /// compile until it says all three.
+    pub fn subject(&self) -> Subject<'_> {
+        use Error::*;
+        let (kind, file, tensor): (_, Option<&PathBuf>, Option<&String>) = match self {
+            Io { path, .. } => ("io", Some(path), None),
+            NotARegularFile { file, .. } => ("not_a_regular_file", Some(file), None),
+            SourceChanged { file, .. } => ("source_changed", Some(file), None),
+            FileTooShort { file, .. } => ("file_too_short", Some(file), None),
+            HeaderTooLarge { file, .. } => ("header_too_large", Some(file), None),
+            HeaderPastEof { file, .. } => ("header_past_eof", Some(file), None),
+            HeaderNotJson { file, .. } => ("header_not_json", Some(file), None),
+            DuplicateInHeader { file, tensor } => ("duplicate_in_header", Some(file), Some(tensor)),
+            UnknownDtype { file, tensor, .. } => ("unknown_dtype", Some(file), Some(tensor)),
+            InvalidTensorEntry { file, tensor, .. } => {
+                ("invalid_tensor_entry", Some(file), Some(tensor))
+            }
+            SizeMismatch { file, tensor, .. } => ("size_mismatch", Some(file), Some(tensor)),
+            OverlappingTensors { file, tensor, .. } => {
+                ("overlapping_tensors", Some(file), Some(tensor))
+            }
+            GapBeforeTensor { file, tensor, .. } => ("gap_before_tensor", Some(file), Some(tensor)),
+            OffsetsOutOfRange { file, tensor, .. } => {
+                ("offsets_out_of_range", Some(file), Some(tensor))
+            }
+            TrailingBytes { file, .. } => ("trailing_bytes", Some(file), None),
+            InvalidIndex { file, .. } => ("invalid_index", Some(file), None),
+            UnsafeShardName { file, tensor, .. } => ("unsafe_shard_name", Some(file), Some(tensor)),
+            MissingShard { file, tensor, .. } => ("missing_shard", Some(file), Some(tensor)),
+            DuplicateTensor { tensor, second, .. } => {
+                ("duplicate_tensor", Some(second), Some(tensor))
+            }
+            MissingFromShard { file, tensor } => ("missing_from_shard", Some(file), Some(tensor)),
+            NotInIndex { file, tensor } => ("not_in_index", Some(file), Some(tensor)),
+            NoSafetensors { dir } => ("no_safetensors", Some(dir), None),
+            EmptyCheckpoint { dir } => ("empty_checkpoint", Some(dir), None),
+            NotADirectory { path } => ("not_a_directory", Some(path), None),
+            OutputIsSource { output } => ("output_is_source", Some(output), None),
+            OutputInsideSource { output, .. } => ("output_inside_source", Some(output), None),
+            SourceInsideOutput { output, .. } => ("source_inside_output", Some(output), None),
+            InvalidPlan { tensor, .. } => ("invalid_plan", None, Some(tensor)),
+            WriteRejected { file, tensor, .. } => ("write_rejected", Some(file), Some(tensor)),
+            TensorNotWritten { file, tensor } => ("tensor_not_written", Some(file), Some(tensor)),
+            InvalidQuantizeInput { tensor, .. } => ("invalid_quantize_input", None, Some(tensor)),
+            Cancelled => ("cancelled", None, None),
+        };
+        Subject {
+            kind,
+            file: file.map(PathBuf::as_path),
+            tensor: tensor.map(String::as_str),
         }
     }
+}
+
+/// What an [`Error`] is about: a stable kind, and the file and tensor it names (where it names
+/// one). The binding turns these into `NormalizeError.kind`, `.file` and `.tensor`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subject<'a> {
+    pub kind: &'static str,
+    pub file: Option<&'a Path>,
+    pub tensor: Option<&'a str>,
 }

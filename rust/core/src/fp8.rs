@@ -208,112 +208,161 @@ pub fn quantize_blocks(
     output: BlockOutput<'_>,
     threads: usize,
 ) -> Result<()> {
-    let BlockInput {
-        tensor,
-        bytes: input,
-        source,
-        layout,
-    } = input;
-    let BlockOutput {
-        fp8: fp8_out,
-        scales: scale_out,
-    } = output;
-    let invalid = |detail: String| Error::InvalidQuantizeInput {
-        tensor: tensor.into(),
-        detail,
-    };
-    if layout.block == 0 {
-        return Err(invalid("block size must be positive".into()));
-    }
-    if input.len() != layout.elements() * source.size() {
-        return Err(invalid(format!(
-            "input has {} bytes, {layout:?} of {source:?} needs {}",
-            input.len(),
-            layout.elements() * source.size()
-        )));
-    }
-    if fp8_out.len() != layout.elements() {
-        return Err(invalid(format!(
-            "fp8 output has {} bytes, needs {}",
-            fp8_out.len(),
-            layout.elements()
-        )));
-    }
-    if scale_out.len() != layout.scales() * format.size() {
-        return Err(invalid(format!(
-            "scale output has {} bytes, needs {}",
-            scale_out.len(),
-            layout.scales() * format.size()
-        )));
-    }
-    if layout.elements() == 0 {
+    check_sizes(&input, format, &output)?;
+    if input.layout.elements() == 0 {
         return Ok(());
     }
+    let layout = input.layout;
+    if let Some(stripe) = quantize_stripes(&input, format, output, threads) {
+        let stripes_per_matrix = layout.block_rows();
+        let matrix = stripe / stripes_per_matrix;
+        let row = (stripe % stripes_per_matrix) * layout.block;
+        return Err(Error::InvalidQuantizeInput {
+            tensor: input.tensor.into(),
+            detail: format!(
+                "contains NaN or Inf (matrix {matrix}, rows {row}..{}); refusing to quantize it",
+                (row + layout.block).min(layout.rows)
+            ),
+        });
+    }
+    Ok(())
+}
 
-    // Work unit: one stripe of `block` rows of one matrix. Stripes are independent, so they
-    // are split into contiguous ranges, one per thread.
-    let stripe_rows = layout.block;
-    let stripes_per_matrix = layout.block_rows();
-    let stripes = layout.batch * stripes_per_matrix;
+/// Checks the block size and that input and outputs have exactly the bytes `layout` needs.
+fn check_sizes(
+    input: &BlockInput<'_>,
+    format: ScaleFormat,
+    output: &BlockOutput<'_>,
+) -> Result<()> {
+    let BlockInput {
+        tensor,
+        bytes,
+        source,
+        layout,
+    } = *input;
+    let invalid = |detail: String| {
+        Err(Error::InvalidQuantizeInput {
+            tensor: tensor.into(),
+            detail,
+        })
+    };
+    if layout.block == 0 {
+        return invalid("block size must be positive".into());
+    }
+    let input_bytes = layout.elements() * source.size();
+    if bytes.len() != input_bytes {
+        return invalid(format!(
+            "input has {} bytes, {layout:?} of {source:?} needs {input_bytes}",
+            bytes.len(),
+        ));
+    }
+    if output.fp8.len() != layout.elements() {
+        return invalid(format!(
+            "fp8 output has {} bytes, needs {}",
+            output.fp8.len(),
+            layout.elements()
+        ));
+    }
+    let scale_bytes = layout.scales() * format.size();
+    if output.scales.len() != scale_bytes {
+        return invalid(format!(
+            "scale output has {} bytes, needs {scale_bytes}",
+            output.scales.len(),
+        ));
+    }
+    Ok(())
+}
+
+/// Quantizes every stripe (one stripe: `block` rows of one matrix; stripes are independent)
+/// with contiguous ranges of stripes on up to `threads` threads. Returns the first stripe found
+/// holding a non-finite value, if any.
+fn quantize_stripes(
+    input: &BlockInput<'_>,
+    format: ScaleFormat,
+    output: BlockOutput<'_>,
+    threads: usize,
+) -> Option<usize> {
+    let layout = input.layout;
+    let stripes = layout.batch * layout.block_rows();
     let threads = threads.clamp(1, stripes);
     let per_thread = stripes.div_ceil(threads);
     let scale_row = layout.block_cols() * format.size();
 
     let bad_stripe = std::sync::Mutex::new(None::<usize>);
     std::thread::scope(|scope| {
-        let mut fp8_rest = &mut fp8_out[..];
-        let mut scale_rest = &mut scale_out[..];
+        let mut fp8_rest = &mut output.fp8[..];
+        let mut scale_rest = &mut output.scales[..];
         let mut first = 0;
         while first < stripes {
             let last = (first + per_thread).min(stripes);
-            let rows_in =
-                |s: usize| (layout.rows - (s % stripes_per_matrix) * stripe_rows).min(stripe_rows);
-            let elems: usize = (first..last).map(|s| rows_in(s) * layout.cols).sum();
-            let (fp8_part, fp8_tail) = fp8_rest.split_at_mut(elems);
-            let (scale_part, scale_tail) = scale_rest.split_at_mut((last - first) * scale_row);
+            let elems: usize = (first..last)
+                .map(|s| stripe_rows(layout, s) * layout.cols)
+                .sum();
+            let (fp8_part, fp8_tail) = std::mem::take(&mut fp8_rest).split_at_mut(elems);
+            let (scale_part, scale_tail) =
+                std::mem::take(&mut scale_rest).split_at_mut((last - first) * scale_row);
             fp8_rest = fp8_tail;
             scale_rest = scale_tail;
             let bad_stripe = &bad_stripe;
-            let start_elem = first_element(first, layout);
             scope.spawn(move || {
-                let mut fp8_part = fp8_part;
-                let mut scale_part = scale_part;
-                let mut elem = start_elem;
-                for stripe in first..last {
-                    let rows = rows_in(stripe);
-                    let n = rows * layout.cols;
-                    let (q, q_tail) = fp8_part.split_at_mut(n);
-                    let (s, s_tail) = scale_part.split_at_mut(scale_row);
-                    let src = &input[elem * source.size()..(elem + n) * source.size()];
-                    let work = Stripe {
-                        src,
-                        rows,
-                        cols: layout.cols,
-                        block: layout.block,
-                        q,
-                        scales: s,
-                    };
-                    if !quantize_stripe(source, work, format) {
-                        bad_stripe.lock().unwrap().get_or_insert(stripe);
-                        return;
-                    }
-                    fp8_part = q_tail;
-                    scale_part = s_tail;
-                    elem += n;
+                let outputs = BlockOutput {
+                    fp8: fp8_part,
+                    scales: scale_part,
+                };
+                if let Some(stripe) = quantize_range(input, format, first..last, outputs) {
+                    bad_stripe.lock().unwrap().get_or_insert(stripe);
                 }
             });
             first = last;
         }
     });
-    if let Some(stripe) = bad_stripe.into_inner().unwrap() {
-        let matrix = stripe / stripes_per_matrix;
-        let row = (stripe % stripes_per_matrix) * stripe_rows;
-        return Err(invalid(format!(
-            "contains NaN or Inf (matrix {matrix}, rows {row}..{}); refusing to quantize it",
-            (row + stripe_rows).min(layout.rows)
-        )));
+    bad_stripe.into_inner().unwrap()
+}
+
+/// Quantizes stripes `range` into `output` (their part of the outputs). Returns the first
+/// stripe holding a non-finite value, where it stopped.
+fn quantize_range(
+    input: &BlockInput<'_>,
+    format: ScaleFormat,
+    range: std::ops::Range<usize>,
+    output: BlockOutput<'_>,
+) -> Option<usize> {
+    let BlockInput {
+        bytes,
+        source,
+        layout,
+        ..
+    } = *input;
+    let scale_row = layout.block_cols() * format.size();
+    let (mut fp8_rest, mut scale_rest) = (output.fp8, output.scales);
+    let mut elem = first_element(range.start, layout);
+    for stripe in range {
+        let rows = stripe_rows(layout, stripe);
+        let n = rows * layout.cols;
+        let (q, q_tail) = fp8_rest.split_at_mut(n);
+        let (scales, s_tail) = scale_rest.split_at_mut(scale_row);
+        let work = Stripe {
+            src: &bytes[elem * source.size()..(elem + n) * source.size()],
+            rows,
+            cols: layout.cols,
+            block: layout.block,
+            q,
+            scales,
+        };
+        if !quantize_stripe(source, work, format) {
+            return Some(stripe);
+        }
+        fp8_rest = q_tail;
+        scale_rest = s_tail;
+        elem += n;
     }
-    Ok(())
+    None
+}
+
+/// Rows in stripe `stripe`: `block`, fewer in a matrix's last stripe.
+fn stripe_rows(layout: BlockLayout, stripe: usize) -> usize {
+    let row = (stripe % layout.block_rows()) * layout.block;
+    (layout.rows - row).min(layout.block)
 }
 
 fn first_element(stripe: usize, layout: BlockLayout) -> usize {

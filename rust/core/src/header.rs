@@ -5,7 +5,6 @@
 //! shape's byte size, tensors contiguous from 0 and covering the buffer exactly.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -13,13 +12,12 @@ use serde_json::Value;
 
 use crate::dtype::{byte_size, parse_dtype, Dtype};
 use crate::error::{Error, Result};
+use crate::format::{HEADER_ALIGN, PAGE_SIZE};
 use crate::json_object::OrderedObject;
+use crate::regular_file::{open_regular, read_exact_at};
 
-/// The reference reader refuses headers longer than this.
-pub const MAX_HEADER_LEN: u64 = 100_000_000;
-
-/// Size of the little-endian header length prefix.
-pub const LEN_PREFIX: u64 = 8;
+/// Kept at their first home for callers; they live in [`crate::format`].
+pub use crate::format::{LEN_PREFIX, MAX_HEADER_LEN};
 
 /// One tensor as a header describes it; offsets are relative to the data buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,10 +60,15 @@ impl ShardHeader {
     }
 }
 
-/// Reads and validates the header of the safetensors file at `path`. Reads no tensor data.
+/// Reads and validates the header of the safetensors file at `path` (which must be, or link to,
+/// a regular file). Reads no tensor data.
 pub fn read_header(path: &Path) -> Result<ShardHeader> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let (file, identity) = open_regular(path)?;
+    read_header_of(&file, path, identity.size)
+}
+
+/// Reads and validates the header of `file`, open at `path` and `file_len` bytes long.
+pub fn read_header_of(file: &File, path: &Path, file_len: u64) -> Result<ShardHeader> {
     if file_len < LEN_PREFIX {
         return Err(Error::FileTooShort {
             file: path.into(),
@@ -73,8 +76,7 @@ pub fn read_header(path: &Path) -> Result<ShardHeader> {
         });
     }
     let mut prefix = [0u8; LEN_PREFIX as usize];
-    file.read_exact_at(&mut prefix, 0)
-        .map_err(|e| Error::io(path, e))?;
+    read_exact_at(file, path, 0, &mut prefix)?;
     let header_len = u64::from_le_bytes(prefix);
     if header_len > MAX_HEADER_LEN {
         return Err(Error::HeaderTooLarge {
@@ -90,8 +92,7 @@ pub fn read_header(path: &Path) -> Result<ShardHeader> {
         });
     }
     let mut json = vec![0u8; header_len as usize];
-    file.read_exact_at(&mut json, LEN_PREFIX)
-        .map_err(|e| Error::io(path, e))?;
+    read_exact_at(file, path, LEN_PREFIX, &mut json)?;
     parse_header(path, &json, file_len)
 }
 
@@ -335,8 +336,8 @@ pub struct HeaderEntry<'a> {
 
 /// Encodes the length prefix and header JSON for entries already in data order.
 ///
-/// The JSON is padded with spaces so the data buffer starts on a multiple of 8; with
-/// `data_start_residue = Some(r)` (a multiple of 8 below [`crate::plan::PAGE_SIZE`]), padding
+/// The JSON is padded with spaces so the data buffer starts on a multiple of [`HEADER_ALIGN`];
+/// with `data_start_residue = Some(r)` (a multiple of it below [`PAGE_SIZE`]), padding
 /// continues until the data start is congruent to `r` modulo the page size, which lets the
 /// kernel copy a run of source pages without shifting them.
 pub fn encode_header(
@@ -367,10 +368,9 @@ pub fn encode_header(
     json.push('}');
 
     let unpadded = LEN_PREFIX + json.len() as u64;
-    let mut data_start = unpadded.next_multiple_of(8);
+    let mut data_start = unpadded.next_multiple_of(HEADER_ALIGN);
     if let Some(residue) = data_start_residue {
-        let page = crate::plan::PAGE_SIZE;
-        data_start += (residue + page - data_start % page) % page;
+        data_start += (residue + PAGE_SIZE - data_start % PAGE_SIZE) % PAGE_SIZE;
     }
     let header_len = data_start - LEN_PREFIX;
     let mut out = Vec::with_capacity(data_start as usize);
@@ -511,15 +511,15 @@ mod tests {
         let meta = vec![("format".to_string(), "pt".to_string())];
         for residue in [None, Some(0), Some(8), Some(4088)] {
             let mut bytes = encode_header(&entries, &meta, residue);
-            assert_eq!(bytes.len() % 8, 0);
+            assert_eq!(bytes.len() as u64 % HEADER_ALIGN, 0);
             if let Some(r) = residue {
-                assert_eq!(bytes.len() as u64 % crate::plan::PAGE_SIZE, r);
+                assert_eq!(bytes.len() as u64 % PAGE_SIZE, r);
             }
             let n = bytes.len() as u64 - LEN_PREFIX;
             bytes.extend_from_slice(&[0u8; 28]);
             let h = parse_header(
                 Path::new("x"),
-                &bytes[8..8 + n as usize],
+                &bytes[LEN_PREFIX as usize..(LEN_PREFIX + n) as usize],
                 bytes.len() as u64,
             )
             .unwrap();
@@ -527,21 +527,5 @@ mod tests {
             assert_eq!(h.tensors[1].shape, vec![2]);
             assert_eq!(h.metadata, meta);
         }
-    }
-
-    #[test]
-    fn size_bound_covers_any_offsets() {
-        let bound = entry_size_bound("model.layers.0.w", Dtype::BF16, &[4096, 4096]);
-        let mut json = String::new();
-        push_entry(
-            &mut json,
-            &HeaderEntry {
-                name: "model.layers.0.w",
-                dtype: Dtype::BF16,
-                shape: &[4096, 4096],
-                data_offsets: (123456789, 987654321012),
-            },
-        );
-        assert!((json.len() as u64) < bound);
     }
 }

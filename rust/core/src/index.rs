@@ -9,9 +9,10 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::json_object::OrderedObject;
+use crate::regular_file::{open_regular, read_exact_at};
 
-/// The index file name of the HF sharded layout.
-pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// Kept at its first home for callers; it lives in [`crate::format`].
+pub use crate::format::INDEX_FILE;
 
 /// Indexes larger than this are refused before being read (a 150k-tensor index is ~15 MB).
 const MAX_INDEX_LEN: u64 = 1 << 30;
@@ -48,15 +49,15 @@ pub fn read_index(path: &Path) -> Result<ShardIndex> {
         file: path.into(),
         detail,
     };
-    let len = std::fs::metadata(path)
-        .map_err(|e| Error::io(path, e))?
-        .len();
+    let (file, identity) = open_regular(path)?;
+    let len = identity.size;
     if len > MAX_INDEX_LEN {
         return Err(invalid(format!(
             "{len} bytes is larger than any real index"
         )));
     }
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let mut bytes = vec![0u8; len as usize];
+    read_exact_at(&file, path, 0, &mut bytes)?;
     let raw: RawIndex = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
     if let Some(tensor) = raw.weight_map.first_duplicate() {
         return Err(invalid(format!(

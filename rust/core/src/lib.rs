@@ -11,10 +11,11 @@
 //!            ─► writer (copy_file_range / provided bytes, fsync, rename) ─► index last
 //! ```
 //!
-//! Support modules: [`header`] and [`index`] parse and encode the on-disk formats, [`copy`]
-//! moves byte ranges, [`atomic_file`] makes files appear only when complete, [`output_dir`]
-//! guards the destination, [`aux_files`] copies non-tensor files, [`verify`] reports problems,
-//! and (soon) more.
+//! Support modules: [`format`] holds the file-format constants and naming rules (a leaf every
+//! other module may use), [`header`] and [`index`] parse and encode the on-disk formats,
+//! [`regular_file`] opens sources safely and notices when they change, [`copy`] moves byte
+//! ranges, [`atomic_file`] makes files appear only when complete, [`output_dir`] guards the
+//! destination, [`aux_files`] copies non-tensor files, [`verify`] reports problems.
 
 pub mod atomic_file;
 pub mod aux_files;
@@ -22,12 +23,14 @@ pub mod checkpoint;
 pub mod copy;
 pub mod dtype;
 pub mod error;
+pub mod format;
 pub mod fp8;
 pub mod header;
 pub mod index;
 mod json_object;
 pub mod output_dir;
 pub mod plan;
+pub mod regular_file;
 pub mod verify;
 pub mod writer;
 

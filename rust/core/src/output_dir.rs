@@ -5,6 +5,10 @@ use std::collections::HashSet;
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::format::is_temporary_name;
+
+/// Kept at its first home for callers; it lives in [`crate::format`].
+pub use crate::format::is_tool_shard_name;
 
 /// Refuses an output that is a source, lies inside one, or contains one.
 pub fn check_separate(sources: &[&Path], output: &Path) -> Result<()> {
@@ -32,24 +36,6 @@ pub fn check_separate(sources: &[&Path], output: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Whether `name` is a shard name this tool writes.
-pub fn is_tool_shard_name(name: &str) -> bool {
-    if name == "model.safetensors" {
-        return true;
-    }
-    let Some(rest) = name
-        .strip_prefix("model-")
-        .and_then(|r| r.strip_suffix(".safetensors"))
-    else {
-        return false;
-    };
-    let bytes = rest.as_bytes();
-    bytes.len() == 14
-        && bytes[..5].iter().all(u8::is_ascii_digit)
-        && &bytes[5..9] == b"-of-"
-        && bytes[9..].iter().all(u8::is_ascii_digit)
-}
-
 /// Removes shard files of this tool's naming that the new index does not reference (left by an
 /// earlier run into the same directory). Returns their names.
 pub fn remove_stale_shards(output: &Path, keep: &HashSet<&str>) -> Result<Vec<String>> {
@@ -60,6 +46,29 @@ pub fn remove_stale_shards(output: &Path, keep: &HashSet<&str>) -> Result<Vec<St
         if is_tool_shard_name(&name) && !keep.contains(name.as_str()) {
             std::fs::remove_file(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
             removed.push(name);
+        }
+    }
+    removed.sort();
+    Ok(removed)
+}
+
+/// Removes this tool's temporary files (`.<name>.partial-<pid>`) anywhere below `output`, left by
+/// killed runs, without following symlinks. Returns their paths relative to `output`, sorted.
+pub fn remove_temporaries(output: &Path) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let mut pending = vec![output.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
+            let entry = entry.map_err(|e| Error::io(&dir, e))?;
+            let kind = entry.file_type().map_err(|e| Error::io(entry.path(), e))?;
+            let path = entry.path();
+            if kind.is_dir() {
+                pending.push(path);
+            } else if is_temporary_name(&entry.file_name().to_string_lossy()) {
+                std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                let relative = path.strip_prefix(output).unwrap_or(&path);
+                removed.push(relative.to_string_lossy().into_owned());
+            }
         }
     }
     removed.sort();
@@ -120,10 +129,30 @@ mod tests {
     }
 
     #[test]
-    fn recognises_tool_shard_names() {
-        assert!(is_tool_shard_name("model-00001-of-00002.safetensors"));
-        assert!(is_tool_shard_name("model.safetensors"));
-        assert!(!is_tool_shard_name("model-1-of-2.safetensors"));
-        assert!(!is_tool_shard_name("weights.safetensors"));
+    fn removes_temporaries_at_any_depth_but_not_through_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(out.join("assets/deeper")).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        for path in [
+            out.join(".model-00001-of-00002.safetensors.partial-12"),
+            out.join("assets/deeper/.vocab.txt.partial-7"),
+            outside.join(".x.partial-1"),
+            out.join("notes.partial-1"),
+        ] {
+            std::fs::write(path, "x").unwrap();
+        }
+        std::os::unix::fs::symlink(&outside, out.join("linked")).unwrap();
+        let removed = remove_temporaries(&out).unwrap();
+        assert_eq!(
+            removed,
+            [
+                ".model-00001-of-00002.safetensors.partial-12",
+                "assets/deeper/.vocab.txt.partial-7"
+            ]
+        );
+        assert!(outside.join(".x.partial-1").exists());
+        assert!(out.join("notes.partial-1").exists());
     }
 }

@@ -6,13 +6,15 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
-use crate::checkpoint::{standard_shard_name, Checkpoint, TensorEntry};
+use crate::checkpoint::{Checkpoint, TensorEntry};
 use crate::dtype::{alignment, byte_size, element_count, Dtype};
 use crate::error::{Error, Result};
-use crate::header::{encode_header, entry_size_bound, HeaderEntry, LEN_PREFIX};
+use crate::format::{standard_shard_name, HEADER_ALIGN, LEN_PREFIX};
+use crate::header::{encode_header, entry_size_bound, HeaderEntry};
+use crate::regular_file::FileIdentity;
 
-/// Page size that `copy_file_range` wants source and destination offsets congruent modulo.
-pub const PAGE_SIZE: u64 = 4096;
+/// Kept at its first home for callers; it lives in [`crate::format`].
+pub use crate::format::PAGE_SIZE;
 
 /// Runs shorter than this are not worth padding a header for.
 const MIN_ALIGNED_RUN: u64 = 1 << 20;
@@ -124,6 +126,9 @@ impl ShardPlan {
 #[derive(Debug, Clone)]
 pub struct OutputPlan {
     pub sources: Vec<PathBuf>,
+    /// What each of `sources` was when its checkpoint was opened; writers refuse to commit a
+    /// shard once a source it read from no longer matches.
+    pub source_identities: Vec<FileIdentity>,
     pub shards: Vec<ShardPlan>,
 }
 
@@ -187,6 +192,7 @@ struct PendingShard {
 /// Builds an [`OutputPlan`] from segments: whole files, greedy packs, one-shard-per-source-file.
 pub struct PlanBuilder {
     sources: Vec<PathBuf>,
+    source_identities: Vec<FileIdentity>,
     source_names: Vec<String>,
     metadata: Vec<(String, String)>,
     pending: Vec<PendingShard>,
@@ -198,6 +204,7 @@ impl PlanBuilder {
     pub fn new(checkpoints: &[&Checkpoint]) -> (PlanBuilder, Vec<usize>) {
         let mut builder = PlanBuilder {
             sources: Vec::new(),
+            source_identities: Vec::new(),
             source_names: Vec::new(),
             metadata: vec![("format".to_string(), "pt".to_string())],
             pending: Vec::new(),
@@ -207,6 +214,7 @@ impl PlanBuilder {
             bases.push(builder.sources.len());
             for file in &checkpoint.files {
                 builder.sources.push(file.path.clone());
+                builder.source_identities.push(file.identity);
                 builder.source_names.push(file.name.clone());
             }
         }
@@ -300,7 +308,12 @@ impl PlanBuilder {
                 }
             }
             shards.push(match pending.whole_file {
-                Some(file) => whole_file_shard(file_name, file, pending.tensors, &self.sources)?,
+                Some(file) => whole_file_shard(
+                    file_name,
+                    file,
+                    pending.tensors,
+                    &self.source_identities[file],
+                ),
                 None => assembled_shard(
                     file_name,
                     pending.tensors,
@@ -311,6 +324,7 @@ impl PlanBuilder {
         }
         Ok(OutputPlan {
             sources: self.sources,
+            source_identities: self.source_identities,
             shards,
         })
     }
@@ -318,19 +332,16 @@ impl PlanBuilder {
 
 /// Bytes a shard's header costs before any tensor entry: prefix, braces, metadata, padding.
 fn shard_overhead_bound(metadata: &[(String, String)]) -> u64 {
-    encode_header(&[], metadata, None).len() as u64 + 8
+    encode_header(&[], metadata, None).len() as u64 + HEADER_ALIGN
 }
 
 fn whole_file_shard(
     file_name: String,
     file: usize,
     tensors: Vec<OutputTensor>,
-    sources: &[PathBuf],
-) -> Result<ShardPlan> {
-    let path = &sources[file];
-    let file_len = std::fs::metadata(path)
-        .map_err(|e| Error::io(path, e))?
-        .len();
+    identity: &FileIdentity,
+) -> ShardPlan {
+    let file_len = identity.size;
     let data_len: u64 = tensors.iter().map(|t| t.nbytes).sum();
     let data_start = file_len - data_len;
     let tensors = tensors
@@ -347,12 +358,12 @@ fn whole_file_shard(
             }
         })
         .collect();
-    Ok(ShardPlan {
+    ShardPlan {
         file_name,
         kind: ShardKind::WholeFile { file },
         tensors,
         file_len,
-    })
+    }
 }
 
 fn assembled_shard(
@@ -441,7 +452,7 @@ fn longest_run_residue(placed: &[PlacedTensor]) -> Option<u64> {
     }
     let (bytes, source_offset, shard_offset) = best?;
     let residue = (source_offset + PAGE_SIZE - shard_offset % PAGE_SIZE) % PAGE_SIZE;
-    (bytes >= MIN_ALIGNED_RUN && residue % 8 == 0).then_some(residue)
+    (bytes >= MIN_ALIGNED_RUN && residue % HEADER_ALIGN == 0).then_some(residue)
 }
 
 #[cfg(test)]
@@ -462,6 +473,16 @@ mod tests {
     fn builder(files: usize) -> PlanBuilder {
         PlanBuilder {
             sources: (0..files).map(|i| PathBuf::from(format!("s{i}"))).collect(),
+            source_identities: vec![
+                FileIdentity {
+                    dev: 0,
+                    ino: 0,
+                    size: 0,
+                    mtime_ns: 0,
+                    ctime_ns: 0
+                };
+                files
+            ],
             source_names: (0..files).map(|i| format!("s{i}.safetensors")).collect(),
             metadata: vec![("format".into(), "pt".into())],
             pending: Vec::new(),
@@ -519,7 +540,7 @@ mod tests {
             .map(|t| t.tensor.name.as_str())
             .collect();
         assert_eq!(order, ["dbl", "word", "half", "byte"]);
-        assert_eq!(shard.data_start() % 8, 0);
+        assert_eq!(shard.data_start() % HEADER_ALIGN, 0);
         for t in &shard.tensors {
             assert_eq!(t.data_offsets.0 % alignment(t.tensor.dtype), 0);
         }

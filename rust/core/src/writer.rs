@@ -13,12 +13,15 @@ use crate::copy::{copy_range, preallocate, start_writeback, FileAt, Progress};
 use crate::error::{Error, Result};
 use crate::index::{encode_index, INDEX_FILE};
 use crate::plan::{OutputPlan, ShardKind, TensorSource};
+use crate::regular_file::open_regular;
 
 /// One output shard being written.
 ///
 /// Copies and provided writes may run concurrently from several threads (they write disjoint
 /// ranges at explicit offsets); [`ShardWriter::finish`] then checks every planned tensor was
-/// written before the file gets its final name.
+/// written before the file gets its final name. Every source file the shard copies from must
+/// still be what it was when its checkpoint was opened: that is checked when the writer opens
+/// it, after copying from it and again before the shard is committed (`source_changed`).
 pub struct ShardWriter {
     plan: Arc<OutputPlan>,
     shard: usize,
@@ -59,7 +62,9 @@ impl ShardWriter {
         for file in needed {
             if let std::collections::hash_map::Entry::Vacant(slot) = sources.entry(file) {
                 let path = &plan.sources[file];
-                slot.insert(File::open(path).map_err(|e| Error::io(path, e))?);
+                let (opened, _) = open_regular(path)?;
+                plan.source_identities[file].verify(path, &opened)?;
+                slot.insert(opened);
             }
         }
         let provided_slots = spec
@@ -109,6 +114,7 @@ impl ShardWriter {
         };
         if let ShardKind::WholeFile { file } = spec.kind {
             copy_range(self.source_at(file), 0, dst, 0, spec.file_len, progress)?;
+            self.verify_sources()?;
             self.written
                 .iter()
                 .for_each(|w| w.store(true, Ordering::Release));
@@ -140,7 +146,7 @@ impl ShardWriter {
             }
             i = j;
         }
-        Ok(())
+        self.verify_sources()
     }
 
     /// Writes the bytes of a provided tensor at its planned offset.
@@ -179,7 +185,8 @@ impl ShardWriter {
         Ok(())
     }
 
-    /// Checks every tensor was written, flushes, and renames the shard into place.
+    /// Checks every tensor was written and every source is unchanged, flushes, and renames the
+    /// shard into place.
     pub fn finish(self) -> Result<PathBuf> {
         let spec = &self.plan.shards[self.shard];
         if let Some(missing) = self.written.iter().position(|w| !w.load(Ordering::Acquire)) {
@@ -188,9 +195,19 @@ impl ShardWriter {
                 tensor: spec.tensors[missing].tensor.name.clone(),
             });
         }
+        self.verify_sources()?;
         let dest = self.out.dest().to_path_buf();
         self.out.commit()?;
         Ok(dest)
+    }
+
+    /// Fails with `source_changed` when a source this shard reads from differs from what it was
+    /// when its checkpoint was opened.
+    fn verify_sources(&self) -> Result<()> {
+        for (&file, opened) in &self.sources {
+            self.plan.source_identities[file].verify(&self.plan.sources[file], opened)?;
+        }
+        Ok(())
     }
 
     fn source_at(&self, file: usize) -> FileAt<'_> {

@@ -8,7 +8,10 @@ use std::sync::Arc;
 
 use normalize_core::checkpoint::standard_shard_name;
 use normalize_core::dtype::{alignment, byte_size, ALL_DTYPES};
-use normalize_core::header::{encode_header, parse_header, HeaderEntry, LEN_PREFIX};
+use normalize_core::format::HEADER_ALIGN;
+use normalize_core::header::{
+    encode_header, entry_size_bound, parse_header, HeaderEntry, LEN_PREFIX,
+};
 use normalize_core::plan::{ShardKind, TensorSource, PAGE_SIZE};
 use normalize_core::{execute_plan, plan_repack, write_index, Checkpoint, ExecuteOptions};
 use proptest::prelude::*;
@@ -84,6 +87,27 @@ proptest! {
             let (begin, end) = entry.data_offsets;
             prop_assert_eq!(view.data(), &file[(data_start + begin) as usize..(data_start + end) as usize]);
         }
+    }
+
+    /// The planner sizes a shard's header before its offsets are known, from a bound per entry:
+    /// whatever the offsets (any `u64`s, 20 digits at most), the encoded header never exceeds
+    /// the empty header plus its padding plus the entries' bounds.
+    #[test]
+    fn entry_bounds_cover_headers_with_any_offsets(
+        specs in tensor_specs(12),
+        offsets in proptest::collection::vec((any::<u64>(), any::<u64>()), 12),
+        metadata in proptest::collection::btree_map("[a-z_]{1,6}", "[ -~]{0,10}", 0..3),
+    ) {
+        let metadata: Vec<(String, String)> = metadata.into_iter().collect();
+        let entries: Vec<HeaderEntry<'_>> = specs
+            .iter()
+            .zip(&offsets)
+            .map(|((name, dtype, shape), &data_offsets)| HeaderEntry { name, dtype: *dtype, shape, data_offsets })
+            .collect();
+        let bounds: u64 = entries.iter().map(|e| entry_size_bound(e.name, e.dtype, e.shape)).sum();
+        let empty = encode_header(&[], &metadata, None).len() as u64;
+        let encoded = encode_header(&entries, &metadata, None).len() as u64;
+        prop_assert!(encoded <= empty + HEADER_ALIGN + bounds, "{} > {} + {} + {}", encoded, empty, HEADER_ALIGN, bounds);
     }
 
     #[test]

@@ -2,27 +2,28 @@
 
 use std::collections::BTreeMap;
 use std::ffi::c_int;
-use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use normalize_core::checkpoint::Layout;
 use normalize_core::header::{read_header as core_read_header, ShardHeader};
-use normalize_core::verify::{find_problems, Severity};
-use normalize_core::{Checkpoint, Error, TensorEntry};
-use pyo3::exceptions::{PyBufferError, PyKeyError};
+use normalize_core::verify::find_problems;
+use normalize_core::{Checkpoint, TensorEntry};
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::{PyBufferError, PyKeyError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 use crate::errors::OrRaise;
+use crate::kinds;
 
-/// One tensor: name, dtype (safetensors name such as "BF16"), shape, the file holding it,
+/// One tensor: name, dtype (a `Dtype` member such as `Dtype.BF16`), shape, the file holding it,
 /// offsets relative to that file's data buffer, and its absolute offset in the file.
 #[pyclass(name = "TensorEntry", module = "normalize_core._core", frozen, get_all)]
 #[derive(Clone)]
 pub struct PyTensorEntry {
     pub name: String,
-    pub dtype: String,
+    pub dtype: kinds::Dtype,
     pub shape: Vec<u64>,
     pub file: String,
     pub data_offsets: (u64, u64),
@@ -40,11 +41,19 @@ impl PyTensorEntry {
     }
 }
 
+impl PyCheckpoint {
+    fn entry(&self, name: &str) -> PyResult<&TensorEntry> {
+        self.inner
+            .tensor(name)
+            .ok_or_else(|| PyKeyError::new_err(name.to_string()))
+    }
+}
+
 impl PyTensorEntry {
     fn from_entry(entry: &TensorEntry, checkpoint: &Checkpoint) -> Self {
         PyTensorEntry {
             name: entry.name.clone(),
-            dtype: entry.dtype.to_string(),
+            dtype: kinds::Dtype(entry.dtype),
             shape: entry.shape.clone(),
             file: checkpoint.files[entry.file].name.clone(),
             data_offsets: entry.data_offsets,
@@ -80,14 +89,10 @@ impl PyCheckpoint {
         self.inner.dir.clone()
     }
 
-    /// How tensors were found: "indexed", "single_file" or "unindexed".
+    /// How tensors were found: a `Layout` member ("indexed", "single_file" or "unindexed").
     #[getter]
-    fn layout(&self) -> &'static str {
-        match self.inner.layout {
-            Layout::Indexed => "indexed",
-            Layout::SingleFile => "single_file",
-            Layout::Unindexed => "unindexed",
-        }
+    fn layout(&self) -> kinds::Layout {
+        self.inner.layout.into()
     }
 
     /// Shard file names in checkpoint order.
@@ -113,10 +118,8 @@ impl PyCheckpoint {
 
     /// The tensor of that name; KeyError when absent.
     fn tensor(&self, name: &str) -> PyResult<PyTensorEntry> {
-        self.inner
-            .tensor(name)
+        self.entry(name)
             .map(|t| PyTensorEntry::from_entry(t, &self.inner))
-            .ok_or_else(|| PyKeyError::new_err(name.to_string()))
     }
 
     fn __len__(&self) -> usize {
@@ -139,14 +142,21 @@ impl PyCheckpoint {
         self.inner.total_parameters()
     }
 
-    /// Tensor bytes per dtype.
+    /// Tensor bytes per dtype (`Dtype` members, in name order).
     #[getter]
-    fn dtypes(&self) -> BTreeMap<String, u64> {
-        let mut totals = BTreeMap::new();
+    fn dtypes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let mut totals: BTreeMap<String, (kinds::Dtype, u64)> = BTreeMap::new();
         for t in &self.inner.tensors {
-            *totals.entry(t.dtype.to_string()).or_insert(0) += t.nbytes();
+            let total = totals
+                .entry(t.dtype.to_string())
+                .or_insert((kinds::Dtype(t.dtype), 0));
+            total.1 += t.nbytes();
         }
-        totals
+        let dict = PyDict::new(py);
+        for (dtype, bytes) in totals.into_values() {
+            dict.set_item(dtype, bytes)?;
+        }
+        Ok(dict)
     }
 
     /// Whether the shards are named `model-{i:05d}-of-{n:05d}.safetensors` with an index.
@@ -174,40 +184,65 @@ impl PyCheckpoint {
         Ok(file.header.metadata.iter().cloned().collect())
     }
 
-    /// Problems a loader would trip over (severity "error") or that look unclean ("warning"),
-    /// as `(severity, message)` pairs.
-    fn problems(&self) -> Vec<(&'static str, String)> {
+    /// Problems a loader would trip over (`Severity.ERROR`) or that look unclean
+    /// (`Severity.WARNING`), as `(severity, message)` pairs.
+    fn problems(&self) -> Vec<(kinds::Severity, String)> {
         find_problems(&self.inner)
             .into_iter()
-            .map(|f| {
-                let severity = match f.severity {
-                    Severity::Error => "error",
-                    Severity::Warning => "warning",
-                };
-                (severity, f.message)
-            })
+            .map(|f| (f.severity.into(), f.message))
             .collect()
     }
 
-    /// A zero-copy, read-only view of one tensor's bytes (buffer protocol). With `populate`,
-    /// the pages are read in now (useful from a read-ahead thread).
-    #[pyo3(signature = (name, populate = false))]
-    fn view(&self, py: Python<'_>, name: &str, populate: bool) -> PyResult<PyTensorView> {
-        let entry = self
-            .inner
-            .tensor(name)
-            .ok_or_else(|| PyKeyError::new_err(name.to_string()))?
-            .clone();
-        let path = self.inner.files[entry.file].path.clone();
-        py.detach(|| PyTensorView::map(&path, &entry, populate))
-            .or_raise()
+    /// One tensor's bytes, read now into memory the view owns (read-only buffer protocol).
+    /// Reading is by positional reads, never a mapping: a source truncated meanwhile raises
+    /// `NormalizeError` (kind "source_changed"), it cannot kill the process.
+    fn view(&self, py: Python<'_>, name: &str) -> PyResult<PyTensorView> {
+        let entry = self.entry(name)?;
+        let mut bytes = vec![0u8; entry.nbytes() as usize];
+        py.detach(|| self.inner.read_tensor(entry, &mut bytes))
+            .or_raise()?;
+        Ok(PyTensorView {
+            bytes,
+            name: entry.name.clone(),
+            dtype: entry.dtype.to_string(),
+            shape: entry.shape.clone(),
+            nbytes: entry.nbytes(),
+        })
+    }
+
+    /// Reads one tensor's bytes into `buffer`, any writable C-contiguous buffer of exactly
+    /// `nbytes` bytes (a reused `bytearray`, pinned memory seen as a numpy array), with no
+    /// second copy. Checked like `view`.
+    fn read_into(&self, py: Python<'_>, name: &str, buffer: PyBuffer<u8>) -> PyResult<()> {
+        let entry = self.entry(name)?;
+        if buffer.readonly() || !buffer.is_c_contiguous() {
+            return Err(PyValueError::new_err(format!(
+                "the buffer for '{name}' must be writable and C-contiguous"
+            )));
+        }
+        if buffer.len_bytes() as u64 != entry.nbytes() {
+            return Err(PyValueError::new_err(format!(
+                "the buffer for '{name}' has {} bytes; the tensor has {}",
+                buffer.len_bytes(),
+                entry.nbytes()
+            )));
+        }
+        let (address, len) = (buffer.buf_ptr() as usize, buffer.len_bytes());
+        py.detach(|| {
+            // SAFETY: `buffer` keeps the exporter's memory alive and unmoved (an exported
+            // bytearray or array cannot be resized) until this method returns; it was checked
+            // writable and `len` bytes long.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(address as *mut u8, len) };
+            self.inner.read_tensor(entry, bytes)
+        })
+        .or_raise()
     }
 
     fn __repr__(&self) -> String {
         format!(
             "Checkpoint({:?}, layout={}, files={}, tensors={}, total_size={})",
             self.inner.dir,
-            self.layout(),
+            kinds::Layout::from(self.inner.layout),
             self.inner.files.len(),
             self.inner.tensors.len(),
             self.inner.total_size()
@@ -215,12 +250,10 @@ impl PyCheckpoint {
     }
 }
 
-/// Bytes of one tensor, mapped read-only from its file: reading costs page faults only, and
-/// nothing can write through it.
+/// Bytes of one tensor, read from its file into memory the view owns; exported read-only.
 #[pyclass(name = "TensorView", module = "normalize_core._core", frozen)]
 pub struct PyTensorView {
-    /// None for a zero-byte tensor (nothing to map).
-    map: Option<memmap2::Mmap>,
+    bytes: Vec<u8>,
     #[pyo3(get)]
     name: String,
     #[pyo3(get)]
@@ -229,40 +262,6 @@ pub struct PyTensorView {
     shape: Vec<u64>,
     #[pyo3(get)]
     nbytes: u64,
-}
-
-impl PyTensorView {
-    fn map(
-        path: &std::path::Path,
-        entry: &TensorEntry,
-        populate: bool,
-    ) -> normalize_core::Result<Self> {
-        let len = entry.nbytes() as usize;
-        let map = if len == 0 {
-            None
-        } else {
-            let file = File::open(path).map_err(|e| Error::io(path, e))?;
-            let mut options = memmap2::MmapOptions::new();
-            options.offset(entry.file_offset).len(len);
-            if populate {
-                options.populate();
-            }
-            // SAFETY: a read-only mapping; another process truncating or rewriting the source
-            // while it is read is the one hazard, as for every reader of mapped checkpoints.
-            Some(unsafe { options.map(&file) }.map_err(|e| Error::io(path, e))?)
-        };
-        Ok(PyTensorView {
-            map,
-            name: entry.name.clone(),
-            dtype: entry.dtype.to_string(),
-            shape: entry.shape.clone(),
-            nbytes: entry.nbytes(),
-        })
-    }
-
-    fn bytes(&self) -> &[u8] {
-        self.map.as_deref().unwrap_or(&[])
-    }
 }
 
 #[pymethods]
@@ -274,10 +273,11 @@ impl PyTensorView {
         view: *mut ffi::Py_buffer,
         flags: c_int,
     ) -> PyResult<()> {
-        let bytes = slf.get().bytes();
+        let bytes = &slf.get().bytes;
         let (ptr, len) = (bytes.as_ptr().cast_mut(), bytes.len() as ffi::Py_ssize_t);
-        // SAFETY: `view` comes from CPython; the mapping lives as long as `slf`, which the view
-        // keeps a reference to; the buffer is exported read-only (a request to write fails).
+        // SAFETY: `view` comes from CPython; the bytes live (never moved: the view is frozen) as
+        // long as `slf`, which the view keeps a reference to; the buffer is exported read-only
+        // (a request to write fails).
         let status =
             unsafe { ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr.cast(), len, 1, flags) };
         if status == -1 {
@@ -288,7 +288,7 @@ impl PyTensorView {
     }
 
     fn __len__(&self) -> usize {
-        self.bytes().len()
+        self.bytes.len()
     }
 
     fn __repr__(&self) -> String {
@@ -323,7 +323,7 @@ impl PyShardHeader {
             .iter()
             .map(|t| PyTensorEntry {
                 name: t.name.clone(),
-                dtype: t.dtype.to_string(),
+                dtype: kinds::Dtype(t.dtype),
                 shape: t.shape.clone(),
                 file: name.clone(),
                 data_offsets: t.data_offsets,

@@ -23,11 +23,12 @@ pub fn to_py_err(error: Error) -> PyErr {
     Python::attach(|py| {
         let err = NormalizeError::new_err(error.to_string());
         let value = err.value(py);
-        let file = error.file().map(|p| p.display().to_string());
+        let subject = error.subject();
+        let file = subject.file.map(|p| p.display().to_string());
         let attributes = value
-            .setattr("kind", error.kind())
+            .setattr("kind", subject.kind)
             .and_then(|_| value.setattr("file", file))
-            .and_then(|_| value.setattr("tensor", error.tensor()));
+            .and_then(|_| value.setattr("tensor", subject.tensor));
         match attributes {
             Ok(()) => err,
             Err(setattr_failure) => setattr_failure,

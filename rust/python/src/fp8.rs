@@ -1,5 +1,6 @@
 //! `quantize_fp8_blocks`: the CPU per-block FP8 kernel over Python buffers.
 
+use normalize_core::dtype::Dtype;
 use normalize_core::fp8::{
     quantize_blocks, BlockInput, BlockLayout, BlockOutput, ScaleFormat, SourceFloat,
 };
@@ -8,6 +9,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::errors::OrRaise;
+use crate::kinds;
 
 fn writable_region(buffer: &PyBuffer<u8>, what: &str) -> PyResult<(usize, usize)> {
     if buffer.readonly() {
@@ -21,37 +23,37 @@ fn writable_region(buffer: &PyBuffer<u8>, what: &str) -> PyResult<(usize, usize)
     Ok((buffer.buf_ptr() as usize, buffer.len_bytes()))
 }
 
-/// Quantizes `input` (little-endian `dtype` elements: "BF16", "F16" or "F32", laid out as
-/// `batch` matrices of `rows × cols`) per `block × block` tile into `fp8_out` (one
-/// float8_e4m3fn byte per element) and `scale_out` (`[batch, ceil(rows/block),
-/// ceil(cols/block)]` scales, float32, or bfloat16 with `scale_bf16`). With `ue8m0`, scales are
-/// powers of two. Uses up to `threads` threads with the GIL released. Raises NormalizeError
-/// naming `tensor` on NaN/Inf input.
+/// Quantizes `input` (little-endian `dtype` elements: BF16, F16 or F32, laid out as `batch`
+/// matrices of `rows × cols`) per `block × block` tile into `fp8_out` (one float8_e4m3fn byte
+/// per element) and `scale_out` (`[batch, ceil(rows/block), ceil(cols/block)]` scales stored as
+/// `scale_dtype`, a `ScaleDtype`). With `scale_fmt` `ScaleFormat.UE8M0`, scales are powers of
+/// two. Uses up to `threads` threads with the GIL released. Raises NormalizeError naming
+/// `tensor` on NaN/Inf input.
 #[pyfunction]
-#[pyo3(signature = (tensor, input, dtype, batch, rows, cols, fp8_out, scale_out, block = 128, ue8m0 = false, scale_bf16 = false, threads = 1))]
+#[pyo3(signature = (tensor, input, dtype, batch, rows, cols, fp8_out, scale_out, block = 128, scale_fmt = kinds::ScaleFormat::Float, scale_dtype = kinds::ScaleDtype::Float32, threads = 1))]
 #[allow(clippy::too_many_arguments)]
 pub fn quantize_fp8_blocks(
     py: Python<'_>,
     tensor: &str,
     input: PyBuffer<u8>,
-    dtype: &str,
+    dtype: kinds::Dtype,
     batch: usize,
     rows: usize,
     cols: usize,
     fp8_out: PyBuffer<u8>,
     scale_out: PyBuffer<u8>,
     block: usize,
-    ue8m0: bool,
-    scale_bf16: bool,
+    scale_fmt: kinds::ScaleFormat,
+    scale_dtype: kinds::ScaleDtype,
     threads: usize,
 ) -> PyResult<()> {
-    let source = match dtype {
-        "BF16" => SourceFloat::BF16,
-        "F16" => SourceFloat::F16,
-        "F32" => SourceFloat::F32,
+    let source = match dtype.0 {
+        Dtype::BF16 => SourceFloat::BF16,
+        Dtype::F16 => SourceFloat::F16,
+        Dtype::F32 => SourceFloat::F32,
         other => {
             return Err(PyValueError::new_err(format!(
-                "cannot quantize dtype {other:?}; expected BF16, F16 or F32"
+                "cannot quantize dtype {other}; expected BF16, F16 or F32"
             )))
         }
     };
@@ -76,8 +78,8 @@ pub fn quantize_fp8_blocks(
         block,
     };
     let format = ScaleFormat {
-        ue8m0,
-        bf16: scale_bf16,
+        ue8m0: scale_fmt == kinds::ScaleFormat::Ue8m0,
+        bf16: scale_dtype == kinds::ScaleDtype::Bfloat16,
     };
     py.detach(|| {
         // SAFETY: the three PyBuffers keep their exporters' memory alive and unmoved until this

@@ -1,10 +1,13 @@
 //! The `normalize_core._core` extension: a thin PyO3 layer over the `normalize-core` crate.
 //! Heavy work runs with the GIL released; every core error becomes `NormalizeError`.
 
+mod atomic_file;
 mod checkpoint;
 mod errors;
 mod files;
 mod fp8;
+mod index;
+mod kinds;
 mod plan;
 mod writer;
 
@@ -27,6 +30,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<plan::PyOutputPlan>()?;
     m.add_class::<plan::PyShardPlan>()?;
     m.add_class::<writer::PyShardWriter>()?;
+    m.add_class::<files::PyAuxCopy>()?;
     m.add_function(wrap_pyfunction!(checkpoint::read_header, m)?)?;
     m.add_function(wrap_pyfunction!(plan::plan_shards, m)?)?;
     m.add_function(wrap_pyfunction!(fp8::quantize_fp8_blocks, m)?)?;
@@ -34,7 +38,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(files::list_aux_files, m)?)?;
     m.add_function(wrap_pyfunction!(files::copy_aux_files, m)?)?;
     m.add_function(wrap_pyfunction!(files::remove_stale_shards, m)?)?;
-    m.add_function(wrap_pyfunction!(files::is_tool_shard_name, m)?)?;
+    m.add_function(wrap_pyfunction!(files::remove_temporaries, m)?)?;
     m.add_function(wrap_pyfunction!(files::copy_file, m)?)?;
+    m.add("INDEX_FILE", index::INDEX_FILE)?;
+    m.add_function(wrap_pyfunction!(index::read_index, m)?)?;
+    m.add_function(wrap_pyfunction!(atomic_file::write_atomically, m)?)?;
+    m.add_function(wrap_pyfunction!(atomic_file::sync_dir, m)?)?;
+    m.add_function(wrap_pyfunction!(atomic_file::temp_path_for, m)?)?;
     Ok(())
 }

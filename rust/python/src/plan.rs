@@ -3,16 +3,16 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use normalize_core::dtype::parse_dtype;
-use normalize_core::plan::{plan_repack, ShardKind, TensorSource};
+use normalize_core::plan::{plan_repack, TensorSource};
 use normalize_core::writer::{execute_plan, planned_header, write_index, ExecuteOptions};
-use normalize_core::{Checkpoint, OutputPlan, OutputTensor, PlanBuilder, ShardNaming, TensorGroup};
+use normalize_core::{Checkpoint, OutputPlan, OutputTensor, PlanBuilder, TensorGroup};
 use pyo3::exceptions::{PyIndexError, PyKeyError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 use crate::checkpoint::PyCheckpoint;
 use crate::errors::{run_cancellable_with, OrRaise};
+use crate::kinds;
 use crate::writer::PyShardWriter;
 
 /// The repack plan for a checkpoint: every tensor copied, in checkpoint order, greedily packed
@@ -47,9 +47,10 @@ impl PyOutputTensor {
         &self.inner.name
     }
 
+    /// A `Dtype` member.
     #[getter]
-    fn dtype(&self) -> String {
-        self.inner.dtype.to_string()
+    fn dtype(&self) -> kinds::Dtype {
+        kinds::Dtype(self.inner.dtype)
     }
 
     #[getter]
@@ -142,13 +143,16 @@ impl PyPlanBuilder {
         })
     }
 
-    /// A tensor of the given dtype ("F8_E4M3", "F32", ...) and shape whose bytes the caller
-    /// writes with `ShardWriter.write`.
-    fn provided(&self, name: String, dtype: &str, shape: Vec<u64>) -> PyResult<PyOutputTensor> {
-        let dtype = parse_dtype(dtype)
-            .ok_or_else(|| PyValueError::new_err(format!("unknown dtype {dtype:?}")))?;
+    /// A tensor of the given dtype (a `Dtype` member or its name: "F8_E4M3", "F32", ...) and
+    /// shape whose bytes the caller writes with `ShardWriter.write`.
+    fn provided(
+        &self,
+        name: String,
+        dtype: kinds::Dtype,
+        shape: Vec<u64>,
+    ) -> PyResult<PyOutputTensor> {
         Ok(PyOutputTensor {
-            inner: OutputTensor::provided(name, dtype, shape).or_raise()?,
+            inner: OutputTensor::provided(name, dtype.0, shape).or_raise()?,
             home_file: None,
         })
     }
@@ -219,26 +223,17 @@ impl PyPlanBuilder {
         self.with_builder(|b| b.whole_file(base + position, tensors))
     }
 
-    /// Completes the plan. `naming="standard"` names shards `model-{i:05d}-of-{n:05d}`;
-    /// `naming="source"` keeps each shard's source file name where it has one.
-    #[pyo3(signature = (naming = "standard"))]
-    fn finish(&self, py: Python<'_>, naming: &str) -> PyResult<PyOutputPlan> {
-        let naming = match naming {
-            "standard" => ShardNaming::Standard,
-            "source" => ShardNaming::SourceNames,
-            other => {
-                return Err(PyValueError::new_err(format!(
-                    "naming must be 'standard' or 'source', not {other:?}"
-                )))
-            }
-        };
+    /// Completes the plan. `naming` (a `Naming` member or its value): "standard" names shards
+    /// `model-{i:05d}-of-{n:05d}`; "source" keeps each shard's source file name where it has one.
+    #[pyo3(signature = (naming = kinds::Naming::Standard))]
+    fn finish(&self, py: Python<'_>, naming: kinds::Naming) -> PyResult<PyOutputPlan> {
         let builder = self
             .builder
             .lock()
             .unwrap()
             .take()
             .ok_or_else(|| PyRuntimeError::new_err("this PlanBuilder is already finished"))?;
-        let plan = py.detach(|| builder.finish(naming)).or_raise()?;
+        let plan = py.detach(|| builder.finish(naming.into())).or_raise()?;
         Ok(PyOutputPlan {
             inner: Arc::new(plan),
         })
@@ -250,8 +245,9 @@ impl PyPlanBuilder {
 pub struct PyShardPlan {
     /// Output file name.
     pub file_name: String,
-    /// "assembled" (new header and tensors) or "whole_file" (a source file re-emitted as is).
-    pub kind: &'static str,
+    /// A `ShardKind` member: "assembled" (new header and tensors) or "whole_file" (a source
+    /// file re-emitted as is).
+    pub kind: kinds::ShardKind,
     /// Final file size in bytes.
     pub file_len: u64,
     /// Tensor bytes.
@@ -317,10 +313,7 @@ impl PyOutputPlan {
             .iter()
             .map(|s| PyShardPlan {
                 file_name: s.file_name.clone(),
-                kind: match s.kind {
-                    ShardKind::Assembled { .. } => "assembled",
-                    ShardKind::WholeFile { .. } => "whole_file",
-                },
+                kind: (&s.kind).into(),
                 file_len: s.file_len,
                 data_len: s.data_len(),
                 tensor_names: s.tensors.iter().map(|t| t.tensor.name.clone()).collect(),

@@ -1,0 +1,123 @@
+"""``check``: the TP sizes at which vLLM or SGLang load a checkpoint, and why the others fail. No torch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.text import Text
+
+from normalize_core._core import NormalizeError
+from normalize_core.cli.app import app, fail, finding, labelled, stdout
+
+
+def parse_tp_sizes(values: list[str] | None, default: tuple[int, ...]) -> tuple[int, ...]:
+    """``--tp 1,2 --tp 8`` → ``(1, 2, 8)``; ``typer.Exit`` after one error line for anything else."""
+    if not values:
+        return default
+    sizes = []
+    for value in values:
+        for part in value.split(","):
+            part = part.strip()
+            if not part.isdigit() or int(part) < 1:
+                raise fail(f"--tp {value!r}: TP sizes are positive integers, e.g. --tp 1,2,4,8")
+            sizes.append(int(part))
+    return tuple(dict.fromkeys(sizes))
+
+
+def print_layer_reasons(reasons: dict[str, str], indent: str = "  ") -> None:
+    """``{layer: why}`` as one line per name pattern and reason (``model.layers.N.mlp.experts (94 layers)``)."""
+    from normalize_core.fp8.rules import name_pattern
+
+    patterns: dict[tuple[str, str], list[str]] = {}
+    for layer, why in reasons.items():
+        patterns.setdefault((name_pattern(layer), why), []).append(layer)
+    for (pattern, why), layers in patterns.items():
+        label = layers[0] if len(layers) == 1 else f"{pattern} ({len(layers)} layers)"
+        stdout.print(f"{indent}{label}: {why}", soft_wrap=True)
+
+
+def _summary(report) -> str:
+    loads = [str(v.tp) for v in report.verdicts if v.loads]
+    fails = [str(v.tp) for v in report.verdicts if not v.loads]
+    parts = []
+    if loads:
+        parts.append(f"loads at TP {', '.join(loads)}")
+    if fails:
+        parts.append(f"fails at TP {', '.join(fails)}")
+    errors = sum(1 for severity, _ in report.findings if severity == "error")
+    if errors:
+        parts.append(f"{errors} format {'error' if errors == 1 else 'errors'} fail every TP size")
+    return "; ".join(parts)
+
+
+@app.command("check")
+def check_command(
+    directory: Annotated[Path, typer.Argument(help="Checkpoint directory (block-FP8, or unquantized).")],
+    tp: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tp", metavar="N[,N...]", help="TP sizes to check (repeatable or a comma list; default 1,2,4,8)."
+        ),
+    ] = None,
+    ep: Annotated[
+        bool, typer.Option("--ep", help="Expert parallelism: MoE experts spread over the ranks, not split.")
+    ] = False,
+    engine: Annotated[
+        str, typer.Option("--engine", metavar="vllm|sglang", help="Engine whose loader to model.")
+    ] = "vllm",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Predict whether vLLM or SGLang loads a checkpoint at each tensor-parallel size, from headers only.
+
+    Every linear layer is classified as the engine builds it (merged q/k/v and gate/up, column-, row-
+    parallel, replicated, fused MoE) and checked against the engine's load-time rules: FP8 block sizes
+    per partition (validate_fp8_block_shape, the fused-MoE intermediate size), even splits of heads.
+    Format checks: every FP8 weight has a <name>_scale_inv of ceil(N/128) x ceil(K/128), no orphan
+    scales, weight_block_size present, modules_to_not_convert naming real, unquantized modules, fused
+    groups of one precision, MTP layers as config.json declares, no stale quantization_config.
+    An unquantized checkpoint is checked as `normalize to-fp8` would write it.
+
+    Exit status: 0 when every requested TP size loads, 1 when one does not (or a format check fails),
+    2 for a checkpoint that cannot be read or bad options.
+    """
+    from normalize_core.check import DEFAULT_TP, check
+
+    sizes = parse_tp_sizes(tp, DEFAULT_TP)
+    if engine not in ("vllm", "sglang"):
+        raise fail(f"--engine {engine!r}: give vllm or sglang")
+    try:
+        report = check(directory, tp=sizes, engine=engine, expert_parallel=ep)
+    except (NormalizeError, ValueError) as e:
+        raise fail(str(e)) from None
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        engine_label = "SGLang" if report.engine == "sglang" else "vLLM"
+        what = "block FP8" if report.checked == "fp8" else "unquantized, as to-fp8 would write it"
+        family = report.family or "not modeled"
+        parallel = f"{engine_label} with EP" if report.expert_parallel else engine_label
+        stdout.print(
+            Text.assemble((str(report.path), "bold"), f"  ({report.architecture}: {family}; {what}; {parallel})"),
+            soft_wrap=True,
+        )
+        for verdict in report.verdicts:
+            if verdict.loads:
+                stdout.print(labelled(f"TP {verdict.tp}", "loads", "green"), soft_wrap=True)
+                continue
+            stdout.print(labelled(f"TP {verdict.tp}", "fails", "bold red"), soft_wrap=True)
+            for failure in verdict.failures:
+                stdout.print(f"  {failure.line()}", soft_wrap=True)
+        for severity, message in report.findings:
+            stdout.print(finding(severity, message), soft_wrap=True)
+        if report.kept_to_load:
+            stdout.print("to-fp8 keeps these layers unquantized so the output loads at TP 1:", soft_wrap=True)
+            print_layer_reasons(report.kept_to_load)
+        for note in report.notes:
+            stdout.print(labelled("note", note, "dim"), soft_wrap=True)
+        verdict_text = Text("OK", style="green") if report.ok else Text("FAILED", style="red")
+        stdout.print(Text.assemble(verdict_text, f" {_summary(report)}"), soft_wrap=True)
+    if not report.ok:
+        raise typer.Exit(1)

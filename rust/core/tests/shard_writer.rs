@@ -1,0 +1,256 @@
+//! `ShardWriter` on real files: what it refuses (a tensor written twice, the wrong byte count, an
+//! unknown name, a shard finished with a tensor missing, a source that changed), that a refused or
+//! dropped shard leaves no file behind, and that a finished one reads back with the reference crate.
+
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use normalize_core::dtype::Dtype;
+use normalize_core::{
+    execute_plan, Checkpoint, ExecuteOptions, OutputPlan, OutputTensor, PlanBuilder, ShardNaming,
+    ShardWriter, TensorGroup,
+};
+use safetensors::tensor::TensorView;
+use safetensors::SafeTensors;
+
+/// A source checkpoint of two files: `a.safetensors` holds `norm` (F32 [4]), `b.safetensors`
+/// holds `bias` (BF16 [8]).
+fn source(dir: &Path) -> PathBuf {
+    let src = dir.join("src");
+    std::fs::create_dir(&src).unwrap();
+    let norm: Vec<u8> = (0..16).collect();
+    let bias: Vec<u8> = (100..116).collect();
+    for (file, name, dtype, shape, data) in [
+        ("a.safetensors", "norm", Dtype::F32, vec![4], &norm),
+        ("b.safetensors", "bias", Dtype::BF16, vec![8], &bias),
+    ] {
+        let view = TensorView::new(dtype, shape, data).unwrap();
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        safetensors::serialize_to_file([(name, view)], Some(meta), &src.join(file)).unwrap();
+    }
+    src
+}
+
+/// One shard: both source tensors copied, plus a provided `w` (F8_E4M3 [2, 3]) and its
+/// `w_scale_inv` (F32 [1, 1]).
+fn plan(checkpoint: &Checkpoint) -> Arc<OutputPlan> {
+    let (mut builder, bases) = PlanBuilder::new(&[checkpoint]);
+    let copied = |name: &str| OutputTensor::copied(checkpoint.tensor(name).unwrap(), bases[0]);
+    let group = TensorGroup {
+        tensors: vec![
+            copied("norm"),
+            copied("bias"),
+            OutputTensor::provided("w".into(), Dtype::F8_E4M3, vec![2, 3]).unwrap(),
+            OutputTensor::provided("w_scale_inv".into(), Dtype::F32, vec![1, 1]).unwrap(),
+        ],
+        home_file: bases[0],
+    };
+    builder.pack_greedy(vec![group], 1 << 30);
+    Arc::new(builder.finish(ShardNaming::Standard).unwrap())
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    src: PathBuf,
+    out: PathBuf,
+    plan: Arc<OutputPlan>,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let src = source(dir.path());
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let plan = plan(&Checkpoint::open(&src).unwrap());
+    Setup {
+        _dir: dir,
+        src,
+        out,
+        plan,
+    }
+}
+
+#[test]
+fn a_complete_shard_reads_back_with_the_reference_crate() {
+    let s = setup();
+    let writer = ShardWriter::create(Arc::clone(&s.plan), 0, &s.out).unwrap();
+    assert_eq!(writer.provided_tensors(), ["w_scale_inv", "w"]);
+    writer.copy_sources(&|_| true).unwrap();
+    writer.write_tensor("w", &[1, 2, 3, 4, 5, 6]).unwrap();
+    writer
+        .write_tensor("w_scale_inv", &[0, 0, 128, 63])
+        .unwrap();
+    let path = writer.finish().unwrap();
+
+    assert_eq!(entries(&s.out), ["model-00001-of-00001.safetensors"]);
+    let bytes = std::fs::read(path).unwrap();
+    let reference = SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(
+        reference.tensor("norm").unwrap().data(),
+        (0..16).collect::<Vec<u8>>()
+    );
+    assert_eq!(
+        reference.tensor("bias").unwrap().data(),
+        (100..116).collect::<Vec<u8>>()
+    );
+    assert_eq!(reference.tensor("w").unwrap().data(), [1, 2, 3, 4, 5, 6]);
+    assert_eq!(reference.tensor("w").unwrap().dtype(), Dtype::F8_E4M3);
+    assert_eq!(
+        reference.tensor("w_scale_inv").unwrap().data(),
+        1.0f32.to_le_bytes()
+    );
+}
+
+#[test]
+fn a_tensor_written_twice_is_refused() {
+    let s = setup();
+    let writer = ShardWriter::create(Arc::clone(&s.plan), 0, &s.out).unwrap();
+    writer.write_tensor("w", &[0; 6]).unwrap();
+    let err = writer.write_tensor("w", &[0; 6]).unwrap_err();
+    assert_eq!(err.kind(), "write_rejected");
+    assert_eq!(err.tensor(), Some("w"));
+    assert!(
+        err.to_string().ends_with("tensor 'w': written twice"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_wrong_byte_count_and_unknown_names_are_refused() {
+    let s = setup();
+    let writer = ShardWriter::create(Arc::clone(&s.plan), 0, &s.out).unwrap();
+    let err = writer.write_tensor("w", &[0; 5]).unwrap_err();
+    assert!(
+        err.to_string()
+            .ends_with("tensor 'w': got 5 bytes, planned 6 (F8_E4M3 [2, 3])"),
+        "{err}"
+    );
+    let err = writer.write_tensor("norm", &[0; 16]).unwrap_err();
+    assert!(
+        err.to_string()
+            .ends_with("tensor 'norm': this shard has no provided tensor of that name"),
+        "{err}"
+    );
+    // A refused write does not count as written: the right bytes are still accepted.
+    writer.write_tensor("w", &[0; 6]).unwrap();
+}
+
+#[test]
+fn finishing_with_a_tensor_missing_fails_and_leaves_no_file() {
+    let s = setup();
+    let writer = ShardWriter::create(Arc::clone(&s.plan), 0, &s.out).unwrap();
+    assert_eq!(
+        entries(&s.out).len(),
+        1,
+        "the temporary file exists while writing"
+    );
+    writer.copy_sources(&|_| true).unwrap();
+    writer.write_tensor("w", &[0; 6]).unwrap();
+    let err = writer.finish().unwrap_err();
+    assert_eq!(err.kind(), "tensor_not_written");
+    assert_eq!(err.tensor(), Some("w_scale_inv"));
+    assert!(entries(&s.out).is_empty(), "{:?}", entries(&s.out));
+}
+
+#[test]
+fn a_dropped_or_cancelled_writer_leaves_no_file() {
+    let s = setup();
+    drop(ShardWriter::create(Arc::clone(&s.plan), 0, &s.out).unwrap());
+    assert!(entries(&s.out).is_empty());
+
+    let writer = ShardWriter::create(Arc::clone(&s.plan), 0, &s.out).unwrap();
+    let err = writer.copy_sources(&|_| false).unwrap_err();
+    assert_eq!(err.kind(), "cancelled");
+    drop(writer);
+    assert!(entries(&s.out).is_empty());
+}
+
+#[test]
+fn a_source_rewritten_after_copying_is_not_committed() {
+    let s = setup();
+    let writer = ShardWriter::create(Arc::clone(&s.plan), 0, &s.out).unwrap();
+    writer.write_tensor("w", &[0; 6]).unwrap();
+    writer.write_tensor("w_scale_inv", &[0; 4]).unwrap();
+    writer.copy_sources(&|_| true).unwrap();
+    let victim = s.src.join("b.safetensors");
+    let len = std::fs::metadata(&victim).unwrap().len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&victim)
+        .unwrap();
+    file.write_all_at(&[0xEE], len - 1).unwrap();
+
+    let err = writer.finish().unwrap_err();
+
+    assert_eq!(err.kind(), "source_changed");
+    assert_eq!(err.file(), Some(victim.as_path()));
+    assert!(entries(&s.out).is_empty());
+}
+
+#[test]
+fn a_source_changed_before_the_writer_opens_it_is_refused() {
+    let s = setup();
+    let victim = s.src.join("a.safetensors");
+    let len = std::fs::metadata(&victim).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&victim)
+        .unwrap()
+        .set_len(len + 8)
+        .unwrap();
+    let err = ShardWriter::create(Arc::clone(&s.plan), 0, &s.out)
+        .err()
+        .unwrap();
+    assert_eq!(err.kind(), "source_changed");
+    assert_eq!(err.file(), Some(victim.as_path()));
+    assert!(entries(&s.out).is_empty());
+}
+
+#[test]
+fn execute_plan_notices_a_source_rewritten_during_the_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = source(dir.path());
+    let checkpoint = Checkpoint::open(&src).unwrap();
+    let plan = Arc::new(normalize_core::plan_repack(&checkpoint, 1 << 30).unwrap());
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let victim = src.join("a.safetensors");
+    let rewritten = AtomicBool::new(false);
+    // Progress is reported after each copied run: the first report rewrites a source in place,
+    // same size, as another process might.
+    let rewrite_once = |_: u64| {
+        if !rewritten.swap(true, Ordering::Relaxed) {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&victim)
+                .unwrap();
+            let len = file.metadata().unwrap().len();
+            file.write_all_at(&[0xAB], len - 1).unwrap();
+        }
+        true
+    };
+    let options = ExecuteOptions {
+        jobs: 1,
+        hardlink: false,
+    };
+
+    let all: Vec<usize> = (0..plan.shards.len()).collect();
+    let err = execute_plan(&plan, &out, &all, options, &rewrite_once, &|_| {}).unwrap_err();
+
+    assert!(rewritten.load(Ordering::Relaxed));
+    assert_eq!(err.kind(), "source_changed");
+    assert_eq!(err.file(), Some(victim.as_path()));
+    assert!(entries(&out).is_empty(), "{:?}", entries(&out));
+}
