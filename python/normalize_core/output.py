@@ -15,8 +15,8 @@
      new or empty output starts fresh, so a job script can always pass ``resume``.
 4. Writes the run record (``run_record``) before the first shard.
 5. Writes the shards: kernel copies in Rust, ``jobs`` at a time; for plans with provided tensors,
-   ``fill`` writes those while the kernel copies the rest. Each shard is marked done once it is
-   fsynced and renamed into place.
+   ``fill`` (see ``shard_filling``, e.g. ``ComputedTensors``) writes those while the kernel copies
+   the rest. Each shard is marked done once it is fsynced and renamed into place.
 6. Copies the non-tensor files, runs ``before_index`` (to-fp8 writes config.json there), removes
    stale shards of an earlier run, writes the index, and removes the record last.
 
@@ -39,14 +39,12 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from normalize_core._core import (
     INDEX_FILE,
     OutputPlan,
-    ShardWriter,
     check_separate,
     copy_aux_files,
     remove_stale_shards,
@@ -67,15 +65,9 @@ from normalize_core.run_record import (
     verified_done,
     write_record,
 )
+from normalize_core.shard_filling import Advance, ComputedTensors, ShardFiller, write_filled_shards
 
-#: ``advance(n_bytes, items=0)``: progress of a write (``items``: e.g. tensors quantized).
-Advance = Callable[..., None]
-#: ``fill(writer, shard, advance)``: writes every provided tensor of shard ``shard`` (an index
-#: into the plan) with ``writer.write``, reporting progress through ``advance``. Called on a worker
-#: thread while the kernel copies the shard's other tensors, up to ``jobs`` shards at a time.
-ShardFiller = Callable[[ShardWriter, int, Advance], None]
-
-__all__ = ["Advance", "RunSpec", "ShardFiller", "WriteResult", "write_output"]
+__all__ = ["Advance", "ComputedTensors", "RunSpec", "ShardFiller", "WriteResult", "write_output"]
 
 
 @dataclass
@@ -410,78 +402,3 @@ class SharedProgress:
             self.progress(n, items)
         else:
             self.progress(n)
-
-
-class _Stopped(Exception):
-    """A shard job stops because another one failed."""
-
-
-def write_filled_shards(
-    plan: OutputPlan,
-    output: Path,
-    shards: Sequence[int],
-    fill: ShardFiller,
-    jobs: int,
-    advance: Advance,
-    on_done: Callable[[int], None],
-) -> None:
-    """Writes shards with provided tensors, ``jobs`` at a time: for each, the kernel copies the
-    copied tensors on a helper thread while ``fill`` writes the provided ones; ``on_done(shard)``
-    once it is in place. The first failure stops the other jobs and is raised."""
-    stop = threading.Event()
-
-    def checked(n: int, items: int = 0) -> None:
-        if stop.is_set():
-            raise _Stopped
-        advance(n, items)
-
-    jobs = max(1, min(jobs, len(shards)))
-    with (
-        ThreadPoolExecutor(jobs, thread_name_prefix="normalize-copy") as copier,
-        ThreadPoolExecutor(jobs, thread_name_prefix="normalize-shard") as pool,
-    ):
-        futures = [pool.submit(write_filled_shard, plan, output, i, fill, copier, checked, on_done) for i in shards]
-        try:
-            for future in as_completed(futures):
-                future.result()
-        except BaseException:
-            stop.set()
-            for future in futures:
-                future.cancel()
-            raise
-
-
-def write_filled_shard(
-    plan: OutputPlan,
-    output: Path,
-    shard: int,
-    fill: ShardFiller,
-    copier: ThreadPoolExecutor,
-    advance: Advance,
-    on_done: Callable[[int], None],
-) -> None:
-    """One shard of ``write_filled_shards``. The copy is always over before the writer is
-    finished or discarded (a writer is never dropped while the kernel still writes into it)."""
-    writer = plan.open_shard(shard, output)
-    failed = threading.Event()
-
-    def copy_progress(n: int) -> None:
-        if failed.is_set():
-            raise _Stopped
-        advance(n)
-
-    try:
-        copying = copier.submit(writer.copy_sources, copy_progress)
-        try:
-            fill(writer, shard, advance)
-        except BaseException:
-            failed.set()
-            raise
-        finally:
-            wait([copying])
-        copying.result()
-        writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
-    on_done(shard)

@@ -133,7 +133,7 @@ def repack(
 def print_reused(reused: list[str]) -> None:
     """The summary line of a resumed run."""
     if reused:
-        stdout.print(f"Kept {len(reused)} shards an interrupted run had finished: {', '.join(reused)}")
+        stdout.print(f"Kept {len(reused)} shards an interrupted run had finished: {', '.join(sorted(reused))}")
 
 
 def print_skipped_aux(skipped: list[tuple[str, str]]) -> None:

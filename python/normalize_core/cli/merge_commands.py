@@ -22,7 +22,7 @@ from normalize_core.cli.app import (
     failed,
     shard_limit,
 )
-from normalize_core.cli.checkpoint_commands import print_plan, print_skipped_aux
+from normalize_core.cli.checkpoint_commands import print_plan, print_reused, print_skipped_aux
 from normalize_core.diff import CheckpointDiff, diff
 from normalize_core.distributed import joined, run_everywhere
 from normalize_core.merge import MergePlan, MergeResult, plan_merge, write_merge
@@ -110,8 +110,7 @@ def print_merge_result(result: MergeResult) -> None:
         f"{result.new_shards} new), {written.tensors} tensors, {format_bytes(written.total_size)} "
         f"in {written.seconds:.1f} s ({format_bytes(rate)}/s)."
     )
-    if written.reused:
-        say(f"Kept {len(written.reused)} shards an interrupted run had finished: {', '.join(written.reused)}")
+    print_reused(written.reused)
     if result.linked:
         say(f"Hard-linked {result.linked} base shards (they share their data with base's files).")
     if result.link_fallbacks:

@@ -2,24 +2,22 @@
 
 Planning reads headers only: the rules decide per tensor, each quantized weight becomes an FP8
 tensor of the same shape plus a ``_scale_inv`` whose size is known up front, so the Rust planner
-fixes every output shard, header and offset before any byte moves. Then, shard by shard, the
-Rust writer copies the untouched tensors inside the kernel (on a helper thread) while this
-thread quantizes the others: each source tensor is a zero-copy view of its file, read ahead by
-one tensor, quantized, and its bytes handed to the writer without a copy.
+fixes every output shard, header and offset before any byte moves. Then the output module writes
+the shards (``jobs`` at a time; resumable; split between ranks in a distributed run): the Rust
+writer copies a shard's untouched tensors inside the kernel (on a helper thread) while a job
+quantizes the others, each source tensor read one tensor ahead, its bytes handed to the writer
+without a copy.
 
-On the CPU the Rust kernel quantizes straight from the mapped file, and torch is not even
-imported; on a GPU, torch does (see ``quantize.py``), with the same bytes as result.
+On the CPU the Rust kernel quantizes, and torch is not even imported; on a GPU, torch does (see
+``quantize.py``), with the same bytes as result.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import os
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +25,6 @@ from normalize_core._core import (
     Checkpoint,
     OutputPlan,
     PlanBuilder,
-    ShardWriter,
     TensorEntry,
 )
 from normalize_core.distributed import SOLO, Group, device_for_rank, joined, kernel_threads, run_everywhere
@@ -60,6 +57,7 @@ from normalize_core.fp8.rules import (
 from normalize_core.kinds import Layout, Naming, ScaleDtype, ScaleFormat
 from normalize_core.output import RunSpec, write_output
 from normalize_core.report import read_config
+from normalize_core.shard_filling import ComputedTensors
 from normalize_core.sizes import GIB
 
 
@@ -314,9 +312,7 @@ def write_fp8(
     ``distributed.joined``) each rank quantizes its own shards on ``cuda:LOCAL_RANK`` where
     ``device`` is ``auto`` (with a GPU) or ``cuda``, else with the CPU kernel."""
     output = Path(output)
-    filler = run_everywhere(
-        group, lambda: Fp8ShardFiller(fp8, device_for_rank(device, group), kernel_threads(jobs, group))
-    )
+    filler = run_everywhere(group, lambda: fp8_filler(fp8, device_for_rank(device, group), kernel_threads(jobs, group)))
     checkpoint = fp8.checkpoint
     source_config = checkpoint.dir / "config.json"
 
@@ -334,7 +330,7 @@ def write_fp8(
         resume=resume,
         group=group,
         progress=progress,
-        shard_work=filler.shard_work(),
+        shard_work=filler.shard_work(fp8.plan.shards, checkpoint),
     )
     return Fp8Result(
         output=output,
@@ -368,63 +364,26 @@ def run_options(fp8: Fp8Plan) -> dict[str, object]:
     }
 
 
-class Fp8ShardFiller:
-    """Quantizes the tensors of one shard (an ``output.ShardFiller``): each job takes a quantizer
-    of its own (the kernel's reuses its output buffers), reads one source tensor ahead while it
-    quantizes the current one, and hands each FP8 weight and its scale to the shard writer."""
+class Fp8Converter:
+    """Quantizes one source weight into its FP8 bytes and scale (a ``shard_filling.Converter``)."""
 
-    def __init__(self, fp8: Fp8Plan, device: str, threads: int):
-        self.fp8 = fp8
-        self.threads = threads
-        first = quantizer_for(device, fp8, threads=threads)
-        self.device = first.device
-        self.idle = [first]
-        self.lock = threading.Lock()
-        #: Per shard, the source tensors it quantizes, in data order.
-        self.quantized = [[name for name in shard.provided if name in fp8.layouts] for shard in fp8.plan.shards]
+    def __init__(self, quantizer, layouts: dict[str, QuantizedLayout]):
+        self.quantizer = quantizer
+        self.layouts = layouts
+        self.device = quantizer.device
+        self.load = quantizer.load
 
-    def __call__(self, writer: ShardWriter, shard: int, advance: Callable[..., None]) -> None:
-        quantizer = self._take()
-        try:
-            # Closed at once on a failure too: its pending load must end before the quantizer
-            # (whose buffers it fills) serves another job.
-            with contextlib.closing(read_ahead(self.quantized[shard], quantizer.load)) as sources:
-                for name, source in sources:
-                    layout = self.fp8.layouts[name]
-                    fp8_bytes, scale_bytes = quantizer.quantize(source, layout)
-                    del source
-                    writer.write(name, fp8_bytes)
-                    writer.write(layout.scale_name, scale_bytes)
-                    advance(self.fp8.checkpoint.tensor(name).nbytes, 1)
-        finally:
-            with self.lock:
-                self.idle.append(quantizer)
-
-    def _take(self):
-        with self.lock:
-            if self.idle:
-                return self.idle.pop()
-        return quantizer_for(self.device, self.fp8, threads=self.threads)
-
-    def shard_work(self) -> list[tuple[int, int]]:
-        """Per shard, the source bytes it reports (copied and quantized tensors) and the tensors
-        it quantizes."""
-        checkpoint = self.fp8.checkpoint
-        work = []
-        for shard, quantized in zip(self.fp8.plan.shards, self.quantized, strict=True):
-            provided = set(shard.provided)
-            copied = [name for name in shard.tensor_names if name not in provided]
-            source_bytes = sum(checkpoint.tensor(name).nbytes for name in [*copied, *quantized])
-            work.append((source_bytes, len(quantized)))
-        return work
+    def convert(self, loaded, name: str) -> list[tuple[str, object]]:
+        layout = self.layouts[name]
+        fp8_bytes, scale_bytes = self.quantizer.quantize(loaded, layout)
+        return [(name, fp8_bytes), (layout.scale_name, scale_bytes)]
 
 
-def read_ahead(names: list[str], load: Callable[[str], object]) -> Iterator[tuple[str, object]]:
-    """Yields ``(name, load(name))`` in order, loading the next one on a helper thread while the
-    caller works on the current one."""
-    with ThreadPoolExecutor(1, thread_name_prefix="normalize-read") as reader:
-        pending = reader.submit(load, names[0]) if names else None
-        for i, name in enumerate(names):
-            current = pending.result()
-            pending = reader.submit(load, names[i + 1]) if i + 1 < len(names) else None
-            yield name, current
+def fp8_filler(fp8: Fp8Plan, device: str, threads: int) -> ComputedTensors:
+    """The filler that quantizes each shard's weights on ``device``, one quantizer per job."""
+    inputs = [[name for name in shard.provided if name in fp8.layouts] for shard in fp8.plan.shards]
+    return ComputedTensors(
+        inputs,
+        lambda: Fp8Converter(quantizer_for(device, fp8, threads=threads), fp8.layouts),
+        lambda name: fp8.checkpoint.tensor(name).nbytes,
+    )
