@@ -2,7 +2,7 @@
 
 Builds a base checkpoint of ``--base-gb`` GiB in ``--tensors`` tensors (standard shards plus
 index, sizes varying around the mean) and an engine-named extra checkpoint holding some of base's
-tensors (with other dtypes, so they conflict) plus ``--extra-tensors`` tensors base lacks, stored
+tensors (in float32, so they conflict) plus ``--extra-tensors`` tensors base lacks, stored
 in a file of their own. Then, for ``--rounds`` rounds, alternates:
 
 - ``cp``: ``cp -r base out`` plus ``cp`` of extra's extra-only file, then ``sync`` (the same bytes
@@ -40,7 +40,7 @@ INDEX = "model.safetensors.index.json"
 
 def write_shard(path: Path, tensors: list[tuple[str, str, int]]) -> None:
     """One safetensors file of ``(name, dtype, nbytes)`` tensors (1-D), contiguous, in order."""
-    itemsize = {"BF16": 2, "F32": 4, "F8_E4M3": 1}
+    itemsize = {"BF16": 2, "F32": 4}
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, dtype, nbytes in tensors:
@@ -87,8 +87,9 @@ def build(workdir: Path, base_gb: float, tensors: int, extra_tensors: int, shard
     index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
     (base / INDEX).write_text(json.dumps(index))
     (base / "config.json").write_text('{"model_type": "bench"}')
-    # Extra: a few of base's tensors re-quantized (conflicts, dropped by the merge) ...
-    overlap = [(name, "F8_E4M3", size // 2) for name, size in zip(names[:50], sizes[:50], strict=True)]
+    # Extra: a few of base's tensors in float32 (conflicts, dropped by the merge; not FP8, which
+    # merge refuses to mix with a bf16 base) ...
+    overlap = [(name, "F32", size) for name, size in zip(names[:50], sizes[:50], strict=True)]
     write_shard(extra / "model-extra-0001-fused-save_rank0.safetensors", overlap)
     # ... and the tensors base lacks (an MTP block), in a file of their own.
     extra_sizes = tensor_sizes(max(int(0.02 * base_gb * GIB), 4 * extra_tensors), extra_tensors, rng)

@@ -194,7 +194,7 @@ def test_a_killed_rank_leaves_a_run_that_resumes_on_another_number_of_ranks(engi
     resumed = torchrun(3, "-m", "normalize_core", *args[:-1], "--resume")
 
     assert resumed.returncode == 0, resumed.stderr
-    assert f"Kept {done} shards an interrupted run had finished" in resumed.stdout
+    assert f"Kept {done} shard{'s' if done > 1 else ''} an interrupted run had finished" in resumed.stdout
     assert tree_bytes(output) == tree_bytes(tmp_path / "single")
 
 

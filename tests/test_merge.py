@@ -63,8 +63,8 @@ def test_merge_reads_back_as_base_plus_extra_only(tmp_path: Path, base_layout: s
     result = merge(base, extra, out, max_shard_bytes=2500)
 
     assert read_output_bytes(out) == want
-    base_files = Checkpoint.open(base).files
-    # Base shards first, byte for byte, under standard names; then the new shards.
+    base_files = sorted(Checkpoint.open(base).files)
+    # Base shards first, in the order of their names, byte for byte, under standard names; then the new shards.
     n = len(result.written.shards)
     assert shard_names(out) == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     assert (result.base_shards, result.new_shards) == (len(base_files), n - len(base_files))
@@ -102,7 +102,7 @@ def test_hardlink_shares_inodes(tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = merge(base, extra, out, hardlink=True)
     assert (result.linked, result.link_fallbacks) == (3, [])
-    for i, source in enumerate(Checkpoint.open(base).files, start=1):
+    for i, source in enumerate(sorted(Checkpoint.open(base).files), start=1):
         name = f"model-{i:05d}-of-{len(result.written.shards):05d}.safetensors"
         assert (out / name).stat().st_ino == (base / source).stat().st_ino
     assert read_output_bytes(out) == want
@@ -167,6 +167,94 @@ def test_plan_is_linear_in_tensor_count(tmp_path: Path) -> None:
     assert planned.diff.extra_only == ["new"]
 
 
+def test_base_shards_keep_their_order_whatever_the_index_lists_first(tmp_path: Path) -> None:
+    """transformers writes the weight_map sorted by tensor name; here the first name lives in the
+    last shard, which merge once re-emitted as model-00001."""
+    spec = {f"model.layers.{i}.mlp.weight": (torch.bfloat16, (16, 16)) for i in range(3)}
+    spec |= {f"model.layers.{i}.norm.weight": (torch.float32, (16,)) for i in range(4)}
+    spec |= {"lm_head.weight": (torch.bfloat16, (16, 16))}  # the last shard holds it
+    base = write_checkpoint(tmp_path / "base", make_tensors(spec, 1), files=4)
+    assert Checkpoint.open(base).files[0] == "model-00004-of-00004.safetensors", "the index lists shard 4 first"
+    extra = write_checkpoint(tmp_path / "extra", make_tensors({"mtp.weight": (torch.bfloat16, (8, 8))}, 2), files=1)
+    out = tmp_path / "out"
+    merge(base, extra, out)
+    for i in range(1, 5):
+        assert filecmp.cmp(base / f"model-{i:05d}-of-00004.safetensors", out / f"model-{i:05d}-of-00005.safetensors")
+    engine = write_checkpoint(tmp_path / "engine", make_tensors(spec, 1), layout="engine", files=2)
+    renamed = {"model-language-0001-fused-save_rank0.safetensors": "rank2.safetensors"}
+    renamed["model-language-0002-fused-save_rank1.safetensors"] = "rank10.safetensors"
+    for old, new in renamed.items():
+        (engine / old).rename(engine / new)
+    merge(engine, extra, tmp_path / "out-engine")
+    assert filecmp.cmp(engine / "rank2.safetensors", tmp_path / "out-engine" / "model-00001-of-00003.safetensors")
+    assert filecmp.cmp(engine / "rank10.safetensors", tmp_path / "out-engine" / "model-00002-of-00003.safetensors")
+
+
+def fp8_version(tensors: dict[str, torch.Tensor], quantize: list[str]) -> dict[str, torch.Tensor]:
+    """``tensors`` with the named weights in float8_e4m3fn, each with its float32 ``_scale_inv``."""
+    out = {}
+    for name, tensor in tensors.items():
+        if name in quantize:
+            out[name] = tensor.float().clamp(-448, 448).to(torch.float8_e4m3fn)
+            out[f"{name}_scale_inv"] = torch.ones(1, 1)
+        else:
+            out[name] = tensor
+    return out
+
+
+QUANTIZED = [f"model.layers.{i}.mlp.weight" for i in range(6)]
+
+
+@pytest.mark.parametrize("quantized", ["extra", "base"])
+def test_refuses_to_merge_quantized_with_unquantized(tmp_path: Path, quantized: str) -> None:
+    """A bf16 base and its FP8 version (or the reverse): the merge would write one side's weights
+    with the other's scales as orphans, and no quantization_config."""
+    bf16 = make_tensors(BASE_SPEC, seed=1)
+    fp8 = fp8_version(bf16, QUANTIZED)
+    base_tensors, extra_tensors = (bf16, fp8) if quantized == "extra" else (fp8, bf16)
+    base = write_checkpoint(tmp_path / "base", base_tensors, files=2, aux=BASE_AUX)
+    extra = write_checkpoint(tmp_path / "extra", extra_tensors, files=2, aux=BASE_AUX)
+    out = tmp_path / "out"
+    before = snapshot(tmp_path)
+    with pytest.raises(NormalizeError) as refused:
+        merge(base, extra, out)
+    assert refused.value.kind == "mixed_quantization"
+    assert f"{quantized} is quantized" in str(refused.value) and "--allow-mixed" in str(refused.value)
+    assert snapshot(tmp_path) == before
+    args = ["merge", "--base", str(base), "--extra", str(extra), "--out", str(out), "--yes"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and "--allow-mixed" in result.stderr
+    assert not out.exists()
+    allowed = CliRunner().invoke(app, [*args, "--allow-mixed"])
+    assert allowed.exit_code == 0, allowed.output
+    assert "warning: " in allowed.stdout and "merging anyway" in allowed.stdout
+    assert set(read_output_bytes(out)) == set(base_tensors) | set(extra_tensors), "told to, it merges as before"
+
+
+def test_refuses_scales_of_base_weights_even_when_both_are_quantized(tmp_path: Path) -> None:
+    bf16 = make_tensors(BASE_SPEC, seed=1)
+    base = write_checkpoint(tmp_path / "base", fp8_version(bf16, QUANTIZED[:3]), files=2)
+    extra = write_checkpoint(tmp_path / "extra", fp8_version(bf16, QUANTIZED), files=2)
+    with pytest.raises(NormalizeError) as refused:
+        plan_merge(base, extra)
+    assert refused.value.kind == "mixed_quantization"
+    assert "'model.layers.3.mlp.weight_scale_inv'" in str(refused.value)
+    planned = plan_merge(base, extra, allow_mixed=True)
+    assert planned.mixed_quantization is not None
+
+
+def test_quantized_checkpoints_merge_when_extra_brings_its_own_scaled_weights(tmp_path: Path) -> None:
+    """An FP8 base and an FP8 extra whose extra-only weights come with their scales (MTP layers)."""
+    base_tensors = fp8_version(make_tensors(BASE_SPEC, seed=1), QUANTIZED)
+    extra_tensors = fp8_version(make_tensors(EXTRA_SPEC, seed=2), [f"model.mtp.{i}.proj.weight" for i in range(5)])
+    base = write_checkpoint(tmp_path / "base", base_tensors, files=2)
+    extra = write_checkpoint(tmp_path / "extra", extra_tensors, files=2)
+    result = merge(base, extra, tmp_path / "out")
+    assert "model.mtp.0.proj.weight_scale_inv" in read_output_bytes(tmp_path / "out")
+    assert result.new_shards == 1
+
+
 # --- the command ---------------------------------------------------------------------------
 
 
@@ -207,13 +295,14 @@ def test_cli_dry_run_writes_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("answer", "written"), [("y\n", True), ("n\n", False)])
 def test_cli_asks_on_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answer: str, written: bool) -> None:
-    monkeypatch.setattr(importlib.import_module("normalize_core.cli.merge_commands"), "terminal_attached", lambda: True)
+    monkeypatch.setattr(importlib.import_module("normalize_core.cli.placement"), "terminal_attached", lambda: True)
     base, extra, _ = make_pair(tmp_path)
     out = tmp_path / "out"
     args = ["merge", "--base", str(base), "--extra", str(extra), "--out", str(out), "--hardlink"]
     result = CliRunner().invoke(app, args, input=answer)
     assert "Write the merged checkpoint to" in result.stdout
-    assert result.exit_code == (0 if written else 1), result.output
+    assert result.exit_code == 0, result.output  # declining is an answer, not an error: nothing is written
+    assert ("Nothing written." in result.stdout) != written
     assert (out / INDEX).exists() == written
     if written:
         assert "Hard-linked 3 base shards" in result.stdout

@@ -20,6 +20,7 @@ from normalize_core.cli import app
 from normalize_core.sizes import MIB
 
 place_module = importlib.import_module("normalize_core.place")
+prompts_module = importlib.import_module("normalize_core.cli.placement")
 
 SPEC = {f"layers.{i}.weight": (torch.bfloat16, (64, 64)) for i in range(6)}
 #: Shard limit giving two shards of three 8 KiB tensors each.
@@ -46,7 +47,7 @@ def staged(engine_checkpoint: Path, tmp_path: Path) -> tuple[Path, Path]:
 @pytest.fixture
 def fake_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     """Prompts are answered from CliRunner's input as if stdin were a terminal."""
-    monkeypatch.setattr(place_module, "terminal_attached", lambda: True)
+    monkeypatch.setattr(prompts_module, "terminal_attached", lambda: True)
 
 
 def test_place_into_a_new_directory(staged: tuple[Path, Path], tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 import normalize_core.output
 from builders import snapshot
-from normalize_core import NormalizeError, merge, repack, to_fp8
+from normalize_core import NormalizeError, merge, repack, to_bf16, to_fp8
 from normalize_core.cli import app
 from output_util import (
     DONE_DIR,
@@ -97,7 +97,20 @@ def merge_case(root: Path) -> Case:
     )
 
 
-CASES = {"repack": repack_case, "to-fp8": fp8_case, "merge": merge_case}
+def bf16_case(root: Path) -> Case:
+    source = root / "fp8"
+    to_fp8(write_engine_checkpoint(root / "engine", llama_tensors(8)), source, device="cpu", max_shard_bytes=20 * KB)
+    return Case(
+        "to-bf16",
+        [source],
+        lambda out: normalize_command("to-bf16", "-s", source, "-o", out, "--device", "cpu", "-q"),
+        lambda out, **kw: to_bf16(source, out, device="cpu", **kw),
+    )
+
+
+CASES = {"repack": repack_case, "to-fp8": fp8_case, "merge": merge_case, "to-bf16": bf16_case}
+#: The commands the kill test runs (issue #10); to-bf16 shares their write path.
+KILLED = ["repack", "to-fp8", "merge"]
 
 
 @pytest.fixture(params=list(CASES))
@@ -143,9 +156,13 @@ def kill_after(output: Path, pid: int, shards: int, delay: float) -> None:
     wait_gone(pid)
 
 
-def test_killed_at_random_moments_resumes_to_identical_output(case: Case, reference, tmp_path: Path, forkserver):
+@pytest.mark.parametrize("command", KILLED)
+def test_killed_at_random_moments_resumes_to_identical_output(command: str, tmp_path: Path, forkserver):
     """Each kill lands a random time after a random number of shards were finished, so the 20
     kills spread over the whole run whatever the machine's speed."""
+    case = CASES[command](tmp_path / "sources")
+    case.api(tmp_path / "reference")
+    reference = tree_bytes(tmp_path / "reference")
     sources = {str(s): snapshot(s) for s in case.sources}
     budget = write_time(case, tmp_path / "timed", forkserver)
     assert tree_bytes(tmp_path / "timed") == reference
@@ -393,7 +410,7 @@ def test_resume_on_the_command_line(tmp_path: Path, monkeypatch):
 
     resumed = run([*case.cli(output), "--resume"])
     assert resumed.returncode == 0, resumed.stderr
-    assert "Kept " in resumed.stdout and "shards an interrupted run had finished" in resumed.stdout
+    assert "Kept " in resumed.stdout and " an interrupted run had finished: model-" in resumed.stdout
     assert tree_bytes(output) == tree_bytes(tmp_path / "reference")
 
 

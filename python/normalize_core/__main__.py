@@ -4,7 +4,8 @@ of a distributed run (as ``--distributed`` asks)."""
 import os
 
 from normalize_core.cli import main
-from normalize_core.distributed import DISTRIBUTED_ENV, launched_by_torchrun
+from normalize_core.cli.app import DISTRIBUTED_ENV
+from normalize_core.distributed import launched_by_torchrun
 
 if launched_by_torchrun():
     os.environ.setdefault(DISTRIBUTED_ENV, "1")

@@ -162,6 +162,20 @@ def quantize_fp8_blocks(
     scale_dtype: ScaleDtype | str = ScaleDtype.FLOAT32,
     threads: int = 1,
 ) -> None: ...
+def dequantize_fp8_blocks(
+    tensor: str,
+    fp8: Buffer,
+    scales: Buffer,
+    scale_dtype: Dtype | str,
+    batch: int,
+    rows: int,
+    cols: int,
+    out: Buffer,
+    out_dtype: Dtype | str,
+    block_rows: int = 128,
+    block_cols: int = 128,
+    threads: int = 1,
+) -> None: ...
 def check_separate(sources: list[_Path], output: _Path) -> None: ...
 def list_aux_files(dir: _Path) -> list[str]: ...
 

@@ -22,9 +22,6 @@ from typing import Any, Protocol, TypeVar
 from normalize_core._core import NormalizeError
 from normalize_core.errors import normalize_error
 
-#: Set to 1 (or pass ``--distributed``) to run as one rank of a distributed run under a
-#: launcher other than torchrun; ``python -m normalize_core`` sets it under torchrun.
-DISTRIBUTED_ENV = "NORMALIZE_DISTRIBUTED"
 #: What every rank's environment must name (torchrun sets all of them).
 REQUIRED_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 #: How long ranks wait to find each other at the start.
@@ -195,15 +192,17 @@ def device_for_rank(device: str, group: Group) -> str:
     """The device a rank quantizes on: ``auto`` and ``cuda`` become ``cuda:LOCAL_RANK`` (modulo
     the node's GPUs) in a distributed run, ``auto`` the CPU where torch sees no GPU; an explicit
     ``cpu`` or ``cuda:N`` stays."""
-    if group.world_size == 1 or device not in ("auto", "cuda"):
-        return device
-    from normalize_core.fp8.quantizers import CPU, gpu_present
+    from normalize_core.devices import AUTO, CPU, CUDA
 
-    if device == "auto" and not gpu_present():
+    if group.world_size == 1 or device not in (AUTO, CUDA):
+        return device
+    from normalize_core.fp8.quantizers import gpu_present
+
+    if device == AUTO and not gpu_present():
         return CPU
     import torch
 
-    return f"cuda:{group.local_rank % max(1, torch.cuda.device_count())}"
+    return f"{CUDA}:{group.local_rank % max(1, torch.cuda.device_count())}"
 
 
 def kernel_threads(jobs: int, group: Group) -> int:

@@ -1,14 +1,17 @@
 """``merge``: out = base ∪ (extra \\ base), base wins, without re-running any conversion.
 
 Only headers are compared (see ``diff``). Every base shard is re-emitted byte for byte under the
-standard name for its position (a kernel copy, or a hard link), then the tensors only the extra
-checkpoint holds are bin-packed into new shards after them by the same planner and writer as
-``repack``. The index is written last, so a failed merge never leaves one behind.
+standard name for its position, in the base's order (a kernel copy, or a hard link), then the
+tensors only the extra checkpoint holds are bin-packed into new shards after them by the same
+planner and writer as ``repack``. The index is written last, so a failed merge never leaves one
+behind. A quantized and an unquantized checkpoint are not merged unless asked (``allow_mixed``):
+the result would hold FP8 weights or scales that its ``config.json`` does not describe.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +19,8 @@ from pathlib import Path
 from normalize_core._core import Checkpoint, OutputPlan, PlanBuilder
 from normalize_core.diff import CheckpointDiff, changed_aux_files, diff
 from normalize_core.distributed import SOLO, Group, joined, run_everywhere
+from normalize_core.errors import normalize_error
+from normalize_core.fp8.layout import FP8_DTYPES, SCALE_SUFFIX, is_scale_name
 from normalize_core.output import RunSpec, WriteResult, write_output
 from normalize_core.repack import DEFAULT_JOBS
 from normalize_core.sizes import GIB
@@ -32,6 +37,9 @@ class MergePlan:
     #: Extra's non-tensor files that the merge does not copy, relative path → ``"new"`` (base
     #: lacks it) or ``"differs"`` (base has other bytes); the user merges them by hand.
     extra_aux_left_out: dict[str, str]
+    #: Why base and extra do not go together (one quantized, one not, or extra holding scales of
+    #: base's weights), when ``allow_mixed`` let the merge go ahead anyway; None when they do.
+    mixed_quantization: str | None = None
 
     @property
     def base_shards(self) -> int:
@@ -59,13 +67,29 @@ class MergeResult:
     extra_aux_left_out: dict[str, str] = field(default_factory=dict)
 
 
-def plan_merge(base: str | os.PathLike, extra: str | os.PathLike, max_shard_bytes: int = 4 * GIB) -> MergePlan:
-    """Opens both checkpoints, compares them and plans the merged shards; reads headers only."""
+def plan_merge(
+    base: str | os.PathLike,
+    extra: str | os.PathLike,
+    max_shard_bytes: int = 4 * GIB,
+    *,
+    allow_mixed: bool = False,
+) -> MergePlan:
+    """Opens both checkpoints, compares them and plans the merged shards; reads headers only.
+
+    Raises ``NormalizeError`` (kind ``mixed_quantization``) when one checkpoint is quantized (FP8
+    weights or scale tensors) and the other is not, or when extra adds scales of base's weights,
+    unless ``allow_mixed``; the plan then says why in ``mixed_quantization``.
+    """
     base_ckpt = Checkpoint.open(Path(base))
     extra_ckpt = Checkpoint.open(Path(extra))
     comparison = diff(base_ckpt, extra_ckpt)
+    mixed = mixed_quantization(base_ckpt, extra_ckpt, comparison)
+    if mixed is not None and not allow_mixed:
+        raise normalize_error(
+            "mixed_quantization", f"{mixed}; pass --allow-mixed to merge anyway", file=str(extra_ckpt.dir)
+        )
     builder = PlanBuilder([base_ckpt, extra_ckpt])
-    for file_name in base_ckpt.files:
+    for file_name in base_shard_order(base_ckpt):
         builder.whole_file(file_name, checkpoint=0)
     if comparison.extra_only:
         # One group per tensor, in the extra's order: source-contiguous tensors stay contiguous.
@@ -77,7 +101,56 @@ def plan_merge(base: str | os.PathLike, extra: str | os.PathLike, max_shard_byte
         diff=comparison,
         plan=builder.finish(naming="standard"),
         extra_aux_left_out=changed_aux_files(extra_ckpt.dir, base_ckpt.dir),
+        mixed_quantization=mixed,
     )
+
+
+def base_shard_order(checkpoint: Checkpoint) -> list[str]:
+    """Base's shard files in the order they are re-emitted: the natural order of their names
+    (``model-00002-of-00004`` before ``model-00004-of-00004``, ``rank2`` before ``rank10``). An
+    index's own order says nothing: transformers sorts its keys, so the shard holding
+    ``lm_head.weight`` would come first."""
+    return sorted(checkpoint.files, key=_natural_key)
+
+
+def _natural_key(name: str) -> list[int | str]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"([0-9]+)", name)]
+
+
+def mixed_quantization(base: Checkpoint, extra: Checkpoint, comparison: CheckpointDiff) -> str | None:
+    """Why merging these two would mix quantized and unquantized tensors, or None when it would
+    not: one holds FP8 weights or scale tensors and the other none, or extra adds scales of
+    weights only base holds (they would be orphans beside base's unquantized weights)."""
+    base_marks = [t.name for t in base.tensors if _marks_quantization(t)]
+    extra_marks = [t.name for t in extra.tensors if _marks_quantization(t)]
+    if bool(base_marks) != bool(extra_marks):
+        quantized, plain, marks = ("base", "extra", base_marks) if base_marks else ("extra", "base", extra_marks)
+        return (
+            f"{quantized} is quantized ({len(marks)} FP8 or scale tensors, e.g. '{marks[0]}') and {plain} is not: "
+            "the merge would hold FP8 weights or scales its config.json does not describe"
+        )
+    base_names = set(base.names())
+    scales_of_base = [name for name in comparison.extra_only if _scaled_weight(name) in base_names]
+    if scales_of_base:
+        return (
+            f"extra adds {len(scales_of_base)} scale tensors of base's weights (e.g. '{scales_of_base[0]}'), "
+            "which base does not quantize"
+        )
+    return None
+
+
+def _marks_quantization(tensor) -> bool:
+    """Whether this tensor shows its checkpoint is quantized: an FP8 dtype, or a scale's name."""
+    return tensor.dtype in FP8_DTYPES or is_scale_name(tensor.name)
+
+
+def _scaled_weight(name: str) -> str | None:
+    """The weight a scale tensor belongs to (``x.weight_scale_inv`` and compressed-tensors'
+    ``x.weight_scale`` → ``x.weight``), or None for other names."""
+    for suffix in (SCALE_SUFFIX, "_scale"):
+        if name.endswith(suffix):
+            return name.removesuffix(suffix)
+    return None
 
 
 def merge(
@@ -89,6 +162,7 @@ def merge(
     hardlink: bool = False,
     jobs: int = DEFAULT_JOBS,
     overwrite: bool = False,
+    allow_mixed: bool = False,
     resume: bool = False,
     distributed: bool = False,
     progress: Callable[[int], None] | None = None,
@@ -101,10 +175,11 @@ def merge(
     Where both hold a tensor, base's is kept even if dtype or shape differ (see ``diff``).
     ``resume`` finishes an interrupted merge into ``out``; ``distributed`` makes this process one
     rank of a run started by torchrun. Raises ``NormalizeError`` (nothing left behind) on corrupt
-    input or an ``out`` that is, contains or lies in base or extra.
+    input, an ``out`` that is, contains or lies in base or extra, or quantized and unquantized
+    checkpoints unless ``allow_mixed`` (see ``plan_merge``).
     """
     with joined(distributed) as group:
-        planned = run_everywhere(group, lambda: plan_merge(base, extra, max_shard_bytes))
+        planned = run_everywhere(group, lambda: plan_merge(base, extra, max_shard_bytes, allow_mixed=allow_mixed))
         return write_merge(
             planned,
             out,

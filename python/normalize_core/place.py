@@ -7,43 +7,61 @@ the destination lacks or holds with other bytes (``to-fp8`` rewrites ``config.js
 FP8 weights without it would give a checkpoint engines misread).
 
 Rules, whatever the caller:
+
 - copy, never move: nothing in the staging directory is ever changed or deleted;
 - nothing is overwritten unless the caller confirmed it (``overwrite=True``) after seeing the list;
-- a destination index never points at a missing or half-written file: every file is first copied
-  under a hidden temporary name (fsynced), then all are renamed into place, and the new index is
-  written last; when shards the old index may reference are about to be replaced, the old index
-  is removed before the renames, so a crash in between leaves no index rather than a wrong one;
+- every file is first copied next to its final place under a hidden temporary name
+  (``.NAME.partial-place-PID``, fsynced); only renames then change what the destination holds;
+- at every moment a crash can hit, the destination's ``config.json`` and index describe the same
+  weights, and its index never names a missing, half-written or replaced shard. When nothing
+  but the index and new shard files change, renaming the index is the switch. When
+  ``config.json`` or other non-tensor files change too (``to-fp8``), shards the current state
+  reads are replaced, or there is no index to switch, no order of renames changes two files at
+  once, so ``config.json`` is first set aside (``.config.json.previous-place-PID``): without it no
+  engine loads the directory at all (rather than, say, bf16 weights under an FP8 config). Then
+  shards, other files and the index are renamed, stale shards removed if asked, and
+  ``config.json`` (the new one, or the one set aside) comes back last. A crash inside that window
+  leaves a directory that refuses to load; placing again finishes the job;
+- what a killed placement left (temporary copies, a set-aside ``config.json``) is cleared by the
+  next placement into the same destination: temporary copies of processes that no longer run
+  (never of a live one), a set-aside ``config.json`` once ``config.json`` is back. Both are reported;
 - shards of the destination that the new index does not reference ("stale") are removed only
   when asked (``remove_stale=True``), and only after the new index is in place.
 
-``plan_placement`` / ``execute_placement`` / ``place`` take explicit answers; ``offer_placement``
-is the interactive layer the commands call after a successful write.
+``plan_placement`` / ``execute_placement`` / ``place`` take explicit answers; the prompts are the
+command line's (``normalize_core.cli.placement``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import sys
+import re
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import typer
-from rich.console import Console
-from rich.text import Text
-
 from normalize_core._core import Checkpoint, NormalizeError, copy_file
 from normalize_core.diff import changed_aux_files
-from normalize_core.progress import byte_progress
-from normalize_core.sizes import format_bytes
+from normalize_core.words import plural, short_list
 
 INDEX_FILE = "model.safetensors.index.json"
 #: transformers loads this file in preference to an index when both exist.
 SINGLE_FILE = "model.safetensors"
+#: Engines read the quantization scheme here; it must always match the weights the index names.
+CONFIG_FILE = "config.json"
 
-console = Console(soft_wrap=True)
+#: Crash tests set this to N: the placing process kills itself (SIGKILL) just before its N-th
+#: change to the destination (each temporary copy, rename and removal), so that every state a
+#: crash can leave behind is checked.
+KILL_AT_STEP_ENV = "NORMALIZE_TEST_PLACE_KILL_AT"
+
+#: Names of what a placement leaves while it runs: ``.NAME.partial-place-PID`` (a temporary copy;
+#: the copy itself may still be under the writer's ``.partial-PID`` name) and
+#: ``.NAME.previous-place-PID`` (the set-aside ``config.json``).
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>partial|previous)-place-(?P<pid>[0-9]+)(?:\.partial-[0-9]+)?")
 
 
 class PlacementError(NormalizeError):
@@ -93,6 +111,8 @@ class PlacementResult:
     replaced: list[str] = field(default_factory=list)
     stale_removed: list[str] = field(default_factory=list)
     stale_left: list[str] = field(default_factory=list)
+    #: What placements killed earlier had left in the destination, removed now (relative paths).
+    leftovers_removed: list[str] = field(default_factory=list)
     copied_bytes: int = 0
     seconds: float = 0.0
 
@@ -139,23 +159,25 @@ def execute_placement(
 ) -> PlacementResult:
     """Copies a planned placement (see the module docstring for the guarantees). Raises
     ``PlacementError`` before copying anything when files would be replaced and ``overwrite``
-    is False. On an I/O failure (``NormalizeError``, or ``PlacementError`` of kind ``"io"``) the
-    temporary copies are removed and the destination's previous files are untouched, except,
-    at worst, an old index removed when the failure hits between the renames."""
+    is False. On an I/O failure (``NormalizeError``, or ``PlacementError`` of kind ``"io"``)
+    while copying, the temporary copies are removed and the destination is as it was; one in the
+    middle of the renames leaves it refusing to load (``config.json`` set aside), and says so."""
     started = time.monotonic()
     if plan.replaced and not overwrite:
         raise PlacementError(
-            f"{plan.destination}: placing would replace {_count(plan.replaced, 'file')} "
-            f"({_short_list(plan.replaced)}); confirm the overwrite (--yes)",
+            f"{plan.destination}: placing would replace {plural(len(plan.replaced), 'file')} "
+            f"({short_list(plan.replaced)}); confirm the overwrite (--yes)",
             "placement_needs_confirmation",
             plan.destination,
         )
     created = not plan.destination.exists()
+    step = _Steps()
     try:
         plan.destination.mkdir(parents=True, exist_ok=True)
-        staged = _stage_copies(plan, progress)
-        _commit(plan, staged, progress)
-        removed = _remove_stale(plan) if remove_stale else []
+        leftovers = _remove_dead_copies(plan.destination)
+        staged = _stage_copies(plan, step, progress)
+        removed = _commit(plan, staged, step, remove_stale)
+        leftovers += _remove_set_aside_configs(plan.destination)
     except OSError as e:
         raise PlacementError(f"{e.filename or plan.destination}: {e.strerror or e}", "io", e.filename) from e
     finally:
@@ -168,58 +190,44 @@ def execute_placement(
         replaced=plan.replaced,
         stale_removed=removed,
         stale_left=[name for name in plan.stale if name not in removed],
+        leftovers_removed=leftovers,
         copied_bytes=plan.copy_bytes,
         seconds=time.monotonic() - started,
     )
 
 
-def _commit(plan: PlacementPlan, staged: list[tuple[Path, Path]], progress: Callable[[int], None] | None) -> None:
-    """Renames the staged copies into place, then writes the new index."""
-    index_path = plan.destination / INDEX_FILE
-    try:
-        if index_path.exists() and any(name in plan.replaced for name in plan.shards):
-            # The old index may name shards about to be replaced; no index beats a wrong one.
-            index_path.unlink()
-            _sync_dir(plan.destination)
-        while staged:
-            temp, final = staged[0]
-            os.replace(temp, final)
-            staged.pop(0)
-        for directory in {(plan.destination / name).parent for name in plan.aux_files}:
-            _sync_dir(directory)
-        copy_file(plan.staging / INDEX_FILE, index_path, progress)
-        _sync_dir(plan.destination)
-    finally:
-        for temp, _final in staged:
-            with contextlib.suppress(OSError):
-                temp.unlink()
+class _Steps:
+    """Counts the changes a placement makes to the destination; see ``KILL_AT_STEP_ENV``."""
+
+    def __init__(self) -> None:
+        self.kill_at = int(os.environ.get(KILL_AT_STEP_ENV) or 0)
+        self.done = 0
+
+    def __call__(self) -> None:
+        self.done += 1
+        if self.done == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _remove_stale(plan: PlacementPlan) -> list[str]:
-    """Removes the destination shards the new index (already in place) does not reference."""
-    for name in plan.stale:
-        (plan.destination / name).unlink()
-    _sync_dir(plan.destination)
-    return list(plan.stale)
-
-
-def _stage_copies(plan: PlacementPlan, progress: Callable[[int], None] | None) -> list[tuple[Path, Path]]:
-    """Copies every file but the index next to its final place under a hidden temporary name.
-    On failure (or Ctrl-C) removes what it copied and the folders it created, and re-raises."""
-    staged: list[tuple[Path, Path]] = []
+def _stage_copies(plan: PlacementPlan, step: _Steps, progress: Callable[[int], None] | None) -> dict[str, Path]:
+    """Copies every file, the index included, next to its final place under a hidden temporary
+    name; returns name → temporary path. On failure (or Ctrl-C) removes what it copied and the
+    folders it created, and re-raises."""
+    staged: dict[str, Path] = {}
     created_dirs: list[Path] = []
     try:
-        for name in [*plan.shards, *plan.aux_files]:
+        for name in plan.files:
             final = plan.destination / name
             for parent in reversed(final.parents):
                 if parent.is_relative_to(plan.destination) and not parent.exists():
                     parent.mkdir()
                     created_dirs.append(parent)
             temp = final.with_name(f".{final.name}.partial-place-{os.getpid()}")
+            step()
             copy_file(plan.staging / name, temp, progress)
-            staged.append((temp, final))
+            staged[name] = temp
     except BaseException:
-        for temp, _final in staged:
+        for temp in staged.values():
             with contextlib.suppress(OSError):
                 temp.unlink()
         for directory in reversed(created_dirs):
@@ -227,6 +235,122 @@ def _stage_copies(plan: PlacementPlan, progress: Callable[[int], None] | None) -
                 directory.rmdir()
         raise
     return staged
+
+
+def _commit(plan: PlacementPlan, staged: dict[str, Path], step: _Steps, remove_stale: bool) -> list[str]:
+    """Renames the staged copies into place in the order the module docstring explains; returns
+    the stale shards removed."""
+    destination = plan.destination
+    config = destination / CONFIG_FILE
+    index = destination / INDEX_FILE
+    set_aside = None
+    try:
+        if config.is_file() and _config_must_be_absent(plan):
+            set_aside = config.with_name(f".{CONFIG_FILE}.previous-place-{os.getpid()}")
+            step()
+            os.replace(config, set_aside)
+            _sync_dir(destination)
+        if index.exists() and any(name in plan.replaced for name in plan.shards):
+            # The old index names shards whose bytes are about to change: no index beats a wrong one.
+            step()
+            index.unlink()
+            _sync_dir(destination)
+        for name in [*plan.shards, *(name for name in plan.aux_files if name != CONFIG_FILE)]:
+            step()
+            os.replace(staged.pop(name), destination / name)
+        for directory in sorted({(destination / name).parent for name in plan.aux_files} | {destination}):
+            _sync_dir(directory)
+        step()
+        os.replace(staged.pop(INDEX_FILE), index)
+        _sync_dir(destination)
+        removed = _remove_stale(plan, step) if remove_stale else []
+        if CONFIG_FILE in staged:
+            step()
+            os.replace(staged.pop(CONFIG_FILE), config)
+        elif set_aside is not None:
+            step()
+            os.replace(set_aside, config)
+        _sync_dir(destination)
+        if set_aside is not None and set_aside.exists():
+            step()
+            set_aside.unlink()
+    except OSError as e:
+        if set_aside is None or config.exists():
+            raise
+        raise PlacementError(
+            f"{e.filename or destination}: {e.strerror or e}; the placement stopped half-way with "
+            f"{CONFIG_FILE} set aside as {set_aside.name}, so nothing loads {destination}: place again to finish",
+            "io",
+            e.filename,
+        ) from e
+    finally:
+        for temp in staged.values():
+            with contextlib.suppress(OSError):
+                temp.unlink()
+    return removed
+
+
+def _config_must_be_absent(plan: PlacementPlan) -> bool:
+    """Whether the switch changes more than one file engines read together (see the module
+    docstring): other non-tensor files, shards the current state may read, or a destination
+    without an index (vLLM then reads every ``*.safetensors`` file there)."""
+    replaces_shards = any(name in plan.replaced for name in plan.shards)
+    return bool(plan.aux_files) or replaces_shards or not (plan.destination / INDEX_FILE).exists()
+
+
+def _remove_stale(plan: PlacementPlan, step: _Steps) -> list[str]:
+    """Removes the destination shards the new index (already in place) does not reference."""
+    for name in plan.stale:
+        step()
+        (plan.destination / name).unlink()
+    _sync_dir(plan.destination)
+    return list(plan.stale)
+
+
+def _leftovers(destination: Path) -> Iterator[tuple[Path, str, str]]:
+    """``(path, kind, name)`` of every leftover of a placement whose process no longer runs, in
+    ``destination`` and its non-hidden sub-folders; ``kind`` is ``partial`` or ``previous``."""
+    for root, dirs, files in os.walk(destination):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for file_name in sorted(files):
+            match = _LEFTOVER.fullmatch(file_name)
+            if match and not _process_runs(int(match["pid"])):
+                yield Path(root) / file_name, match["kind"], match["name"]
+
+
+def _remove_dead_copies(destination: Path) -> list[str]:
+    """Removes the temporary copies of killed placements (they can be large); returns their
+    paths relative to ``destination``."""
+    removed = []
+    for path, kind, _name in _leftovers(destination):
+        if kind == "partial":
+            path.unlink()
+            removed.append(path.relative_to(destination).as_posix())
+    return removed
+
+
+def _remove_set_aside_configs(destination: Path) -> list[str]:
+    """Removes the ``config.json`` files killed placements set aside, where a ``config.json`` is
+    back in place (otherwise the set-aside one is the only copy and stays)."""
+    removed = []
+    for path, kind, name in _leftovers(destination):
+        if kind == "previous" and (path.parent / name).exists():
+            path.unlink()
+            removed.append(path.relative_to(destination).as_posix())
+    return removed
+
+
+def _process_runs(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (this one counts)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def place(
@@ -245,108 +369,6 @@ def place(
     return execute_placement(plan, overwrite=overwrite, remove_stale=remove_stale, progress=progress)
 
 
-def terminal_attached() -> bool:
-    """Whether the user can answer prompts: stdin and stdout are a terminal."""
-    return sys.stdin.isatty() and sys.stdout.isatty()
-
-
-def offer_placement(
-    staging: str | os.PathLike,
-    source: str | os.PathLike | None,
-    place: str | None = None,
-    yes: bool = False,
-    *,
-    remove_stale: bool | None = None,
-    interactive: bool | None = None,
-    show_progress: bool = True,
-) -> PlacementResult:
-    """The step after a successful write: asks (on a terminal) or follows ``place`` on where the
-    output in ``staging`` should go, then copies it there and says where it ended up.
-
-    ``place``: ``"keep"`` (leave it at ``staging``), ``"source"`` (copy into ``source``,
-    replacing its weights) or a directory; ``None`` asks on a terminal and keeps otherwise.
-    ``yes``, ``remove_stale``, ``interactive``, ``show_progress``: see ``place_interactively``.
-    Raises ``PlacementError``/``NormalizeError`` on refusal or failure; the staging directory is
-    never changed.
-    """
-    staging = Path(staging)
-    interactive = terminal_attached() if interactive is None else interactive
-    destination = _destination(staging, None if source is None else Path(source), place, interactive)
-    if destination is None:
-        return _keep(staging)
-    return place_interactively(
-        staging, destination, yes, remove_stale=remove_stale, interactive=interactive, show_progress=show_progress
-    )
-
-
-def place_interactively(
-    staging: str | os.PathLike,
-    destination: str | os.PathLike,
-    yes: bool = False,
-    *,
-    remove_stale: bool | None = None,
-    interactive: bool | None = None,
-    show_progress: bool = True,
-) -> PlacementResult:
-    """Copies ``staging``'s output into ``destination`` after listing what it would replace and
-    which destination shards the new index leaves unreferenced, then reports where it went.
-
-    ``yes`` confirms the overwrite; otherwise a terminal user is asked (declining keeps the
-    output at ``staging``) and a non-interactive run raises ``PlacementError``. ``remove_stale``:
-    ``None`` asks on a terminal (default: leave) and leaves them otherwise. ``interactive``
-    defaults to ``terminal_attached()``.
-    """
-    staging, destination = Path(staging), Path(destination)
-    interactive = terminal_attached() if interactive is None else interactive
-    if _same_dir(destination, staging):
-        return _keep(staging)
-    plan = plan_placement(staging, destination)
-    if plan.replaced:
-        say(f"Placing into {destination} would replace {_count(plan.replaced, 'file')}:")
-        _print_names(plan.replaced)
-        if not yes:
-            if not interactive:
-                raise PlacementError(
-                    f"{destination}: would replace {_count(plan.replaced, 'file')} and nothing confirmed it; "
-                    f"the output stays at {staging} (rerun with --yes, or: normalize place {staging} "
-                    f"{destination} --yes)",
-                    "placement_needs_confirmation",
-                    destination,
-                )
-            if not typer.confirm("Replace them?", default=False):
-                say("Nothing copied.")
-                return _keep(staging)
-    if plan.stale:
-        say(
-            f"{_count(plan.stale, 'shard file')} in {destination} not referenced by the new index (engines "
-            "following the index ignore them; `normalize verify` reports them):"
-        )
-        _print_names(plan.stale)
-        if SINGLE_FILE in plan.stale:
-            _warn_single_file(destination)
-        if remove_stale is None:
-            remove_stale = interactive and typer.confirm("Remove them? (default: leave them)", default=False)
-    with byte_progress(plan.copy_bytes, "place", enabled=show_progress) as advance:
-        result = execute_placement(plan, overwrite=True, remove_stale=bool(remove_stale), progress=advance)
-    report_placement(result)
-    return result
-
-
-def _keep(staging: Path) -> PlacementResult:
-    say(f"The output stays at {staging}.")
-    return PlacementResult(destination=staging)
-
-
-def check_place_option(place: str | None, staging: str | os.PathLike) -> None:
-    """Rejects a ``--place`` directory that can never work (inside the staging directory, or a
-    file) before the long write starts, rather than after it. Raises ``PlacementError``."""
-    if place in (None, "keep", "source"):
-        return
-    destination, staging = Path(place).expanduser(), Path(staging)
-    if destination.resolve() != staging.resolve():
-        refuse_unusable_destination(destination, staging, f"--place {place}", "output directory")
-
-
 def refuse_unusable_destination(destination: Path, staging: Path, shown: str, staging_role: str) -> None:
     """A destination inside the staging directory, or a file, can never receive a placement.
     ``shown`` and ``staging_role`` are how the user knows the two. Raises ``PlacementError``."""
@@ -358,85 +380,6 @@ def refuse_unusable_destination(destination: Path, staging: Path, shown: str, st
         )
     if destination.exists() and not destination.is_dir():
         raise PlacementError(f"{shown}: not a directory", "not_a_directory", destination)
-
-
-def _destination(staging: Path, source: Path | None, place: str | None, interactive: bool) -> Path | None:
-    """The chosen destination, or None to keep the output at ``staging``."""
-    if place is None and interactive:
-        return _ask_destination(staging, source)
-    if place is None or place == "keep":
-        return None
-    if place == "source":
-        if source is None:
-            raise PlacementError("--place source: this command has no source directory", "placement_no_source")
-        return source
-    return Path(place).expanduser()
-
-
-def _ask_destination(staging: Path, source: Path | None) -> Path | None:
-    say("Where should the new weights (shards and index) go?")
-    say(f"  1. keep them at {staging}")
-    choices = ["1", "3"]
-    if source is not None:
-        say(f"  2. copy them into the source directory {source} (replaces its weights)")
-        choices = ["1", "2", "3"]
-    say("  3. copy them to another directory")
-    answer = typer.prompt("Choice", default="1")
-    while answer not in choices:
-        say(f"Please answer {', '.join(choices[:-1])} or {choices[-1]}.")
-        answer = typer.prompt("Choice", default="1")
-    if answer == "1":
-        return None
-    if answer == "2":
-        return source
-    return Path(typer.prompt("Directory")).expanduser()
-
-
-def _same_dir(a: Path, b: Path) -> bool:
-    return a.resolve() == b.resolve()
-
-
-def report_placement(result: PlacementResult) -> None:
-    """Tells the user where the weights are now and what is left for them to do."""
-    what = f"{len(result.copied)} files ({format_bytes(result.copied_bytes)})"
-    say(f"Copied {what} to {result.destination} in {result.seconds:.1f} s.")
-    if result.replaced:
-        say(f"Replaced: {_short_list(result.replaced)}")
-    if result.stale_removed:
-        say(f"Removed stale shards: {_short_list(result.stale_removed)}")
-    if result.stale_left:
-        say(f"Left unreferenced shards in place: {_short_list(result.stale_left)}")
-        if SINGLE_FILE in result.stale_left:
-            _warn_single_file(result.destination)
-    say("The staging directory is unchanged; delete it yourself once you no longer need it.")
-
-
-def _warn_single_file(destination: Path) -> None:
-    say(
-        f"warning: transformers loads {SINGLE_FILE} in preference to {INDEX_FILE}: "
-        f"remove {destination / SINGLE_FILE} to load the new weights",
-        style="yellow",
-    )
-
-
-def say(message: str, style: str = "") -> None:
-    """Prints one message on stdout as plain text: paths and tensor names may contain ``[``,
-    which must never be read as markup."""
-    console.print(Text(message, style=style))
-
-
-def _print_names(names: list[str]) -> None:
-    for name in names:
-        say(f"    {name}")
-
-
-def _count(items: list[str], noun: str) -> str:
-    return f"{len(items)} {noun}" + ("" if len(items) == 1 else "s")
-
-
-def _short_list(names: list[str], limit: int = 8) -> str:
-    shown = ", ".join(names[:limit])
-    return shown if len(names) <= limit else f"{shown}, … ({len(names) - limit} more)"
 
 
 def _sync_dir(directory: Path) -> None:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 KIB = 1 << 10
 MIB = 1 << 20
 GIB = 1 << 30
+EIB = 1 << 60
+
+#: Largest size accepted for a shard limit: no file system holds a larger file, and the limit
+#: must fit the planner's 64-bit byte counts.
+MAX_SIZE = EIB
 
 _UNITS = {
     "": 1,
@@ -27,24 +33,30 @@ _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*$")
 def parse_size(text: str) -> int:
     """Parses ``"5GB"`` (5·10^9), ``"4GiB"`` (4·2^30), ``"512MiB"``, ``"1000"`` (bytes) into bytes.
 
-    Raises ``ValueError`` for anything else, including sizes that round to zero.
+    Raises ``ValueError`` for anything else, including sizes that round to zero or exceed 1 EiB.
     """
     match = _SIZE.match(text)
     unit = match.group(2).upper() if match else None
     if not match or unit not in _UNITS:
         raise ValueError(f"not a size: {text!r} (examples: 5GB, 4GiB, 512MiB)")
-    size = int(float(match.group(1)) * _UNITS[unit])
-    if size <= 0:
-        raise ValueError(f"size must be positive: {text!r}")
-    return size
+    return _checked(float(match.group(1)) * _UNITS[unit], repr(text))
 
 
 def gib_to_bytes(gib: float) -> int:
-    """``--shard-size-gb`` semantics: GiB, fractions allowed (0.25 = 256 MiB)."""
-    size = int(gib * GIB)
-    if size <= 0:
-        raise ValueError(f"shard size must be positive, got {gib} GiB")
-    return size
+    """``--shard-size-gb`` semantics: GiB, fractions allowed (0.25 = 256 MiB). Raises ``ValueError``
+    for sizes that are not finite, round to zero bytes or exceed 1 EiB."""
+    if not math.isfinite(gib):
+        raise ValueError(f"shard size must be a finite number of GiB, not {gib}")
+    return _checked(gib * GIB, f"{gib:g} GiB")
+
+
+def _checked(size: float, shown: str) -> int:
+    """``size`` as whole bytes, when between 1 byte and ``MAX_SIZE``."""
+    if size > MAX_SIZE:
+        raise ValueError(f"size must be at most 1 EiB (2^60 bytes), not {shown}")
+    if int(size) <= 0:
+        raise ValueError(f"size must be at least 1 byte, not {shown}")
+    return int(size)
 
 
 def format_bytes(n: int | float) -> str:

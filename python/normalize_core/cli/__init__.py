@@ -2,7 +2,13 @@
 
 import warnings
 
-from normalize_core.cli import check_command, checkpoint_commands, fp8_command, merge_commands  # noqa: F401  (registers)
+from normalize_core.cli import (  # noqa: F401  (registers the commands)
+    bf16_command,
+    check_command,
+    checkpoint_commands,
+    fp8_command,
+    merge_commands,
+)
 from normalize_core.cli.app import app, print_warning
 
 

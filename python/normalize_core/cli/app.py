@@ -1,73 +1,136 @@
-"""The typer app, shared options and the one-line error convention of every command."""
+"""The typer app, the options commands share, and the exit-status convention of every command.
+
+Exit status, for every command:
+
+- 0: done; for the checking commands (``verify``, ``inspect``, ``check``), every check holds;
+- 1: checked and found problems (an ``error:`` finding of ``verify``, ``inspect`` or ``check``);
+- 2: usage or input error: a bad option, a path that cannot be read or written, a checkpoint
+  another command cannot use, a refused output. One ``error: ...`` line on stderr, never a
+  traceback (tracebacks are for bugs).
+
+Command modules import only what declaring their options needs; the library and rich are
+imported inside the command bodies, so ``normalize --help`` starts fast.
+"""
 
 from __future__ import annotations
 
+import importlib
+import re
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.text import Text
+from typer.core import TyperGroup
 
-from normalize_core import __version__
-from normalize_core._core import NormalizeError
-from normalize_core.distributed import DISTRIBUTED_ENV
-from normalize_core.progress import stderr
-from normalize_core.sizes import gib_to_bytes, parse_size
+from normalize_core.cli.console import print_finding, say
 
-app = typer.Typer(
-    name="normalize",
-    help="Turn a training engine's safetensors checkpoint into one that transformers, vLLM and "
-    "SGLang load as-is: re-shard it, convert it to per-block FP8, merge checkpoints.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-#: Markup is off: messages carry user paths and tensor names; styles are applied with ``Text``.
-stdout = Console(markup=False, highlight=False)
-
-#: Exit status for user errors (bad input, refused output): one line on stderr, no traceback.
+#: Exit status: done, every check holds.
+OK = 0
+#: Exit status: checked and found problems.
+PROBLEMS_FOUND = 1
+#: Exit status: usage or input error (one line on stderr).
 USER_ERROR = 2
 
-
-def labelled(label: str, message: str, style: str) -> Text:
-    """``label: message`` with the label styled and the message verbatim (paths and tensor names can
-    hold brackets, so nothing the user named is ever read as markup)."""
-    return Text.assemble((f"{label}:", style), " ", message)
+#: click's exception types as typer ships them (vendored inside typer since 0.29, the click
+#: package before): usage errors are caught here rather than printed in a box.
+_click_exceptions = importlib.import_module(typer.BadParameter.__module__)
 
 
-def finding(severity: str, message: str) -> Text:
-    """An ``error:`` or ``warning:`` line."""
-    return labelled(severity, message, "bold red" if severity == "error" else "yellow")
+def print_error(message: str) -> None:
+    """``error: message`` on stderr, as one line whatever the message holds (line breaks become
+    spaces; everything else, such as a path's own spacing, stays verbatim)."""
+    print_finding("error", re.sub(r"\s*\n\s*", " ", message.strip()), err=True)
 
 
 def fail(message: str) -> typer.Exit:
     """Prints ``error: message`` on stderr as one line and returns the exit to raise."""
-    stderr.print(finding("error", message), soft_wrap=True)
+    print_error(message)
     return typer.Exit(USER_ERROR)
 
 
-def failed(error: NormalizeError) -> typer.Exit:
+def failed(error: Exception) -> typer.Exit:
     """``fail(str(error))``, except on a rank of a distributed run that stopped because another rank
     failed: it exits as quietly as it can, rank 0 prints why."""
-    if error.kind == "peer_failed":
+    if getattr(error, "kind", None) == "peer_failed":
         return typer.Exit(USER_ERROR)
     return fail(str(error))
 
 
 def print_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """``warnings.showwarning`` for the command line: one ``warning:`` line."""
-    stderr.print(finding("warning", str(message)), soft_wrap=True)
+    """``warnings.showwarning`` for the command line: one ``warning:`` line on stderr."""
+    print_finding("warning", str(message), err=True)
+
+
+class NormalizeGroup(TyperGroup):
+    """The ``normalize`` command group: runs a command and turns every way it can end into an
+    exit status and, for errors, one ``error:`` line (see the module docstring)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra: Any):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            status = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _click_exceptions.UsageError as e:
+            command = e.ctx.command_path if e.ctx is not None else "normalize"
+            print_error(f"{e.format_message().rstrip('.')} (see: {command} --help)")
+            status = USER_ERROR
+        except _click_exceptions.Abort:
+            print_error("aborted: no answer to the question")
+            status = USER_ERROR
+        except Exception as e:
+            from normalize_core._core import NormalizeError
+
+            if not isinstance(e, NormalizeError | OSError):
+                raise
+            print_error(describe_error(e))
+            status = USER_ERROR
+        sys.exit(status or OK)
+
+
+def describe_error(error: BaseException) -> str:
+    """An error as one line: ``file: what went wrong`` for file-system errors."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    return str(error)
+
+
+app = typer.Typer(
+    name="normalize",
+    cls=NormalizeGroup,
+    help="Turn a training engine's safetensors checkpoint into one that transformers, vLLM and "
+    "SGLang load as-is: re-shard it, convert it to per-block FP8, merge checkpoints.\n\n"
+    "Exit status: 0 done (all checks hold); 1 checked and found problems (verify, inspect, check); "
+    "2 usage or input error (one 'error:' line on stderr).",
+    invoke_without_command=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    # Plain help: flags without a value placeholder, and no rich import for --help.
+    rich_markup_mode=None,
+)
 
 
 def shard_limit(shard_size_gb: float | None, max_shard_size: str | None) -> int:
     """Bytes per shard from ``--shard-size-gb`` (GiB) or ``--max-shard-size`` (``5GB``, ``4GiB``)."""
+    from normalize_core.sizes import gib_to_bytes, parse_size
+
     if shard_size_gb is not None and max_shard_size is not None:
         raise typer.BadParameter("give --shard-size-gb or --max-shard-size, not both")
     try:
         if max_shard_size is not None:
             return parse_size(max_shard_size)
         return gib_to_bytes(4.0 if shard_size_gb is None else shard_size_gb)
+    except ValueError as e:
+        hint = "--max-shard-size" if max_shard_size is not None else "--shard-size-gb"
+        raise typer.BadParameter(str(e), param_hint=hint) from None
+
+
+def checked_device(value: str) -> str:
+    """``--device``: checked by the library's parser (the one ``to_fp8`` uses) before any work."""
+    from normalize_core.devices import parse_device
+
+    try:
+        return parse_device(value)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
 
@@ -88,6 +151,9 @@ JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1, help="Shards writte
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="Write into a non-empty output, replacing only files this tool writes.")
 ]
+#: Set to 1 to run as one rank of a distributed run, as ``--distributed`` does; ``python -m
+#: normalize_core`` sets it when torchrun started it.
+DISTRIBUTED_ENV = "NORMALIZE_DISTRIBUTED"
 ResumeOpt = Annotated[
     bool,
     typer.Option(
@@ -108,6 +174,15 @@ DistributedOpt = Annotated[
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        metavar="auto|cpu|cuda[:N]",
+        callback=checked_device,
+        help="Where to compute: auto (a GPU when torch sees one), cpu (no torch needed), cuda or cuda:N.",
+    ),
+]
 PlaceOpt = Annotated[
     str | None,
     typer.Option(
@@ -126,14 +201,20 @@ YesOpt = Annotated[
 
 def version_callback(value: bool) -> None:
     if value:
-        stdout.print(f"normalize {__version__}")
+        from normalize_core._core import __version__
+
+        say(f"normalize {__version__}")
         raise typer.Exit()
 
 
 @app.callback()
 def main_options(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version.")
     ] = False,
 ) -> None:
     """Global options."""
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help(), err=True)
+        raise typer.Exit(USER_ERROR)

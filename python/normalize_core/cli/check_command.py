@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.text import Text
 
-from normalize_core._core import NormalizeError
-from normalize_core.cli.app import app, fail, finding, labelled, stdout
+from normalize_core.cli.app import PROBLEMS_FOUND, app, fail
+from normalize_core.cli.console import print_finding, say, write_line
+from normalize_core.words import plural
 
 
 def parse_tp_sizes(values: list[str] | None, default: tuple[int, ...]) -> tuple[int, ...]:
@@ -36,7 +36,7 @@ def print_layer_reasons(reasons: dict[str, str], indent: str = "  ") -> None:
         patterns.setdefault((name_pattern(layer), why), []).append(layer)
     for (pattern, why), layers in patterns.items():
         label = layers[0] if len(layers) == 1 else f"{pattern} ({len(layers)} layers)"
-        stdout.print(f"{indent}{label}: {why}", soft_wrap=True)
+        say(f"{indent}{label}: {why}")
 
 
 def _summary(report) -> str:
@@ -49,7 +49,7 @@ def _summary(report) -> str:
         parts.append(f"fails at TP {', '.join(fails)}")
     errors = sum(1 for severity, _ in report.findings if severity == "error")
     if errors:
-        parts.append(f"{errors} format {'error' if errors == 1 else 'errors'} fail every TP size")
+        parts.append(f"{plural(errors, 'format error')} fail every TP size")
     return "; ".join(parts)
 
 
@@ -83,6 +83,7 @@ def check_command(
     Exit status: 0 when every requested TP size loads, 1 when one does not (or a format check fails),
     2 for a checkpoint that cannot be read or bad options.
     """
+    from normalize_core._core import NormalizeError
     from normalize_core.check import DEFAULT_TP, check
 
     sizes = parse_tp_sizes(tp, DEFAULT_TP)
@@ -99,25 +100,21 @@ def check_command(
         what = "block FP8" if report.checked == "fp8" else "unquantized, as to-fp8 would write it"
         family = report.family or "not modeled"
         parallel = f"{engine_label} with EP" if report.expert_parallel else engine_label
-        stdout.print(
-            Text.assemble((str(report.path), "bold"), f"  ({report.architecture}: {family}; {what}; {parallel})"),
-            soft_wrap=True,
-        )
+        write_line((str(report.path), "bold"), f"  ({report.architecture}: {family}; {what}; {parallel})")
         for verdict in report.verdicts:
             if verdict.loads:
-                stdout.print(labelled(f"TP {verdict.tp}", "loads", "green"), soft_wrap=True)
+                write_line((f"TP {verdict.tp}:", "green"), " loads")
                 continue
-            stdout.print(labelled(f"TP {verdict.tp}", "fails", "bold red"), soft_wrap=True)
+            write_line((f"TP {verdict.tp}:", "bold red"), " fails")
             for failure in verdict.failures:
-                stdout.print(f"  {failure.line()}", soft_wrap=True)
+                say(f"  {failure.line()}")
         for severity, message in report.findings:
-            stdout.print(finding(severity, message), soft_wrap=True)
+            print_finding(severity, message)
         if report.kept_to_load:
-            stdout.print("to-fp8 keeps these layers unquantized so the output loads at TP 1:", soft_wrap=True)
+            say("to-fp8 keeps these layers unquantized so the output loads at TP 1:")
             print_layer_reasons(report.kept_to_load)
         for note in report.notes:
-            stdout.print(labelled("note", note, "dim"), soft_wrap=True)
-        verdict_text = Text("OK", style="green") if report.ok else Text("FAILED", style="red")
-        stdout.print(Text.assemble(verdict_text, f" {_summary(report)}"), soft_wrap=True)
+            write_line(("note:", "dim"), f" {note}")
+        write_line(("OK", "green") if report.ok else ("FAILED", "red"), f" {_summary(report)}")
     if not report.ok:
-        raise typer.Exit(1)
+        raise typer.Exit(PROBLEMS_FOUND)

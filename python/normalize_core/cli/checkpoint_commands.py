@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import tempfile
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
-from rich.text import Text
 
-from normalize_core._core import NormalizeError
 from normalize_core.cli.app import (
+    PROBLEMS_FOUND,
     DistributedOpt,
     JobsOpt,
     MaxShardOpt,
@@ -27,37 +25,37 @@ from normalize_core.cli.app import (
     app,
     fail,
     failed,
-    finding,
     shard_limit,
-    stdout,
 )
-from normalize_core.distributed import joined, run_everywhere
-from normalize_core.place import check_place_option, offer_placement
-from normalize_core.progress import byte_progress, stderr
-from normalize_core.repack import DEFAULT_JOBS, plan_repack, write_repack
-from normalize_core.report import inspect_checkpoint, verify_checkpoint
-from normalize_core.sample import write_sample_checkpoint
-from normalize_core.sizes import MIB, format_bytes
+from normalize_core.cli.console import print_finding, print_table, say, write_line
+from normalize_core.repack import DEFAULT_JOBS
+from normalize_core.sizes import format_bytes
+from normalize_core.words import plural
 
 
 def print_plan(plan) -> None:
-    table = Table(title="Shard plan", show_lines=False)
-    table.add_column("shard")
-    table.add_column("tensors", justify="right")
-    table.add_column("tensor bytes", justify="right")
-    table.add_column("file bytes", justify="right")
-    for shard in plan.shards:
-        table.add_row(
-            shard.file_name, str(len(shard.tensor_names)), format_bytes(shard.data_len), format_bytes(shard.file_len)
-        )
-    stdout.print(table)
-    stdout.print(
-        f"{len(plan.shards)} shards, {sum(len(s.tensor_names) for s in plan.shards)} tensors, "
+    """The shard plan as a table and a one-line total."""
+    rows = [
+        [shard.file_name, str(len(shard.tensor_names)), format_bytes(shard.data_len), format_bytes(shard.file_len)]
+        for shard in plan.shards
+    ]
+    print_table(["shard", "tensors", "tensor bytes", "file bytes"], rows, right={1, 2, 3}, title="Shard plan")
+    say(
+        f"{plural(len(plan.shards), 'shard')}, {plural(sum(len(s.tensor_names) for s in plan.shards), 'tensor')}, "
         f"total_size {plan.total_size} bytes ({format_bytes(plan.total_size)})"
     )
 
 
-@app.command()
+def require_directory(directory: Path) -> None:
+    """Exit 2 (input error) unless ``directory`` is a directory this process can list: what
+    cannot be read cannot be checked, so the checking commands exit 1 only for what they found."""
+    try:
+        os.scandir(directory).close()
+    except OSError as e:
+        raise fail(f"{directory}: {e.strerror or e}") from None
+
+
+@app.command(short_help="Re-shard any checkpoint into standard shards and an index.")
 def repack(
     source: SourceOpt,
     output: OutputOpt,
@@ -82,6 +80,12 @@ def repack(
     --output is a staging area: afterwards you choose (on a terminal, or with --place) whether
     the weights stay there, are copied into --source, or are copied to another directory.
     """
+    from normalize_core._core import NormalizeError
+    from normalize_core.cli.placement import check_place_option, offer_placement
+    from normalize_core.cli.progress import byte_progress
+    from normalize_core.distributed import joined, run_everywhere
+    from normalize_core.repack import plan_repack, write_repack
+
     if overwrite and resume:
         raise typer.BadParameter("give --overwrite or --resume, not both")
     limit = shard_limit(shard_size_gb, max_shard_size)
@@ -112,18 +116,18 @@ def repack(
     if not lead:
         return
     rate = result.total_size / max(result.seconds, 1e-9)
-    stdout.print(
-        f"Wrote {len(result.shards)} shards ({result.tensors} tensors, {format_bytes(result.total_size)}) "
-        f"to {result.output} in {result.seconds:.1f} s ({format_bytes(rate)}/s)."
+    say(
+        f"Wrote {plural(len(result.shards), 'shard')} ({plural(result.tensors, 'tensor')}, "
+        f"{format_bytes(result.total_size)}) to {result.output} in {result.seconds:.1f} s ({format_bytes(rate)}/s)."
     )
     print_reused(result.reused)
     if result.aux_files:
-        stdout.print(f"Copied {len(result.aux_files)} other files: {', '.join(result.aux_files)}")
+        say(f"Copied {plural(len(result.aux_files), 'other file')}: {', '.join(result.aux_files)}")
     print_skipped_aux(result.skipped_aux)
     if result.removed_stale:
-        stdout.print(f"Removed stale shards of an earlier run: {', '.join(result.removed_stale)}")
+        say(f"Removed stale shards of an earlier run: {', '.join(result.removed_stale)}")
     if result.ignored_files:
-        stdout.print(f"Left out source files not referenced by the index: {', '.join(result.ignored_files)}")
+        say(f"Left out source files not referenced by the index: {', '.join(result.ignored_files)}")
     try:
         offer_placement(result.output, source, place, yes, show_progress=not quiet, interactive=placement_asks(group))
     except NormalizeError as e:
@@ -133,13 +137,13 @@ def repack(
 def print_reused(reused: list[str]) -> None:
     """The summary line of a resumed run."""
     if reused:
-        stdout.print(f"Kept {len(reused)} shards an interrupted run had finished: {', '.join(sorted(reused))}")
+        say(f"Kept {plural(len(reused), 'shard')} an interrupted run had finished: {', '.join(sorted(reused))}")
 
 
 def print_skipped_aux(skipped: list[tuple[str, str]]) -> None:
-    """One warning per source symlink the aux copy left out."""
+    """One warning per source symlink the copy of the other files left out."""
     for path, reason in skipped:
-        stderr.print(finding("warning", f"not copied: {path} ({reason})"), soft_wrap=True)
+        print_finding("warning", f"not copied: {path} ({reason})", err=True)
 
 
 def placement_asks(group) -> bool | None:
@@ -147,91 +151,123 @@ def placement_asks(group) -> bool | None:
     return None if group.world_size == 1 else False
 
 
-@app.command("inspect")
+@app.command("inspect", short_help="Describe a checkpoint and the problems it has.")
 def inspect_command(
     directory: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Describe a checkpoint: tensors, dtypes and their bytes, shards, naming style, quantization, problems."""
+    """Describe a checkpoint: tensors, dtypes and their bytes, shards, naming style, quantization, problems.
+
+    Exit status: 0 when no error-level problem is found (warnings allowed), 1 when one is (the
+    same ones verify fails on, e.g. engine-named shards without an index, or a file that is not
+    valid safetensors), 2 when DIRECTORY cannot be read.
+    """
+    from normalize_core._core import NormalizeError
+    from normalize_core.report import inspect_checkpoint
+
+    require_directory(directory)
     try:
         info = inspect_checkpoint(directory)
     except NormalizeError as e:
-        raise fail(str(e)) from None
+        print_finding("error", str(e))
+        raise typer.Exit(PROBLEMS_FOUND) from None
+    errors = sum(p["severity"] == "error" for p in info["problems"])
     if as_json:
         print(json.dumps(info, indent=2))
-        return
-    stdout.print(Text.assemble((info["path"], "bold"), f"  ({info['naming']} naming, {info['layout']})"))
-    stdout.print(
-        f"{info['tensors']} tensors, {info['total_parameters']} parameters, "
-        f"{format_bytes(info['total_size'])} in {len(info['shards'])} shard files"
+        raise typer.Exit(PROBLEMS_FOUND if errors else 0)
+    write_line((info["path"], "bold"), f"  ({info['naming']} naming, {info['layout']})")
+    say(
+        f"{plural(info['tensors'], 'tensor')}, {plural(info['total_parameters'], 'parameter')}, "
+        f"{format_bytes(info['total_size'])} in {plural(len(info['shards']), 'shard file')}"
     )
-    dtypes = Table("dtype", "tensors", "bytes", title="dtypes")
-    for dtype, d in sorted(info["dtypes"].items()):
-        dtypes.add_row(dtype, str(d["tensors"]), format_bytes(d["bytes"]))
-    stdout.print(dtypes)
+    rows = [[dtype, str(d["tensors"]), format_bytes(d["bytes"])] for dtype, d in sorted(info["dtypes"].items())]
+    print_table(["dtype", "tensors", "bytes"], rows, right={1, 2})
     q = info["quantization"]
-    stdout.print(f"quantization: {q['scheme']} ({q['fp8_tensors']} FP8 tensors, {q['block_scaled']} with _scale_inv)")
+    say(f"quantization: {q['scheme']} ({plural(q['fp8_tensors'], 'FP8 tensor')}, {q['block_scaled']} with _scale_inv)")
     if info["aux_files"]:
-        stdout.print(f"other files: {', '.join(info['aux_files'])}")
+        say(f"other files: {', '.join(info['aux_files'])}")
     for p in info["problems"]:
-        stdout.print(finding(p["severity"], p["message"]))
+        print_finding(p["severity"], p["message"])
     if not info["problems"]:
-        stdout.print("no problems found")
+        say("no problems found")
+    if errors:
+        raise typer.Exit(PROBLEMS_FOUND)
 
 
-@app.command()
+@app.command(short_help="Check that a checkpoint loads as written.")
 def verify(
     directory: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Check that a checkpoint loads as written; exit 0 only if every check holds.
+    """Check that a checkpoint loads as written.
 
     Checks: valid headers, index and shards consistent, correct total_size, no stray or missing
     tensors, and for FP8 checkpoints the scale tensors and quantization_config.
+
+    Exit status: 0 when every check holds, 1 when one fails (each failure is listed), 2 when
+    DIRECTORY cannot be read.
     """
+    from normalize_core.report import verify_checkpoint
+
+    require_directory(directory)
     report = verify_checkpoint(directory)
     if as_json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
         for severity, message in report.findings:
-            stdout.print(finding(severity, message))
-        verdict = Text("OK", style="green") if report.ok else Text("FAILED", style="red")
-        stdout.print(Text.assemble(verdict, f" {report.path}: {report.tensors} tensors in {report.shards} shard files"))
+            print_finding(severity, message)
+        verdict = ("OK", "green") if report.ok else ("FAILED", "red")
+        write_line(
+            verdict, f" {report.path}: {plural(report.tensors, 'tensor')} in {plural(report.shards, 'shard file')}"
+        )
     if not report.ok:
-        raise typer.Exit(1)
+        raise typer.Exit(PROBLEMS_FOUND)
 
 
-@app.command()
+@app.command(short_help="Run repack and verify on a built-in sample checkpoint.")
 def demo(
     directory: Annotated[
         Path | None, typer.Argument(help="Empty or new directory to work in (default: a new temporary one).")
     ] = None,
 ) -> None:
     """Write a small sample checkpoint with engine-style shard names, repack it, verify the result."""
+    import tempfile
+
+    from normalize_core._core import NormalizeError
+    from normalize_core.repack import plan_repack, write_repack
+    from normalize_core.report import verify_checkpoint
+    from normalize_core.sample import write_sample_checkpoint
+    from normalize_core.sizes import MIB
+
     root = directory or Path(tempfile.mkdtemp(prefix="normalize-demo-"))
+    if root.exists() and not root.is_dir():
+        raise fail(f"{root}: not a directory; give a new or empty directory")
     if root.exists() and any(root.iterdir()):
         raise fail(f"{root}: directory is not empty; give a new or empty directory")
     source, output = root / "engine-checkpoint", root / "normalized"
-    write_sample_checkpoint(source)
-    stdout.print(f"1. Wrote a sample engine checkpoint to {source}:")
+    try:
+        write_sample_checkpoint(source)
+    except OSError as e:
+        raise fail(f"{e.filename or root}: cannot write the sample checkpoint: {e.strerror or e}") from None
+    say(f"1. Wrote a sample engine checkpoint to {source}:")
     for f in sorted(source.iterdir()):
-        stdout.print(f"     {f.name}  ({format_bytes(f.stat().st_size)})")
+        say(f"     {f.name}  ({format_bytes(f.stat().st_size)})")
     limit = MIB
     try:
         checkpoint, plan = plan_repack(source, limit)
         result = write_repack(checkpoint, plan, output, jobs=DEFAULT_JOBS)
     except NormalizeError as e:
         raise fail(str(e)) from None
-    stdout.print(f"2. Repacked it into {len(result.shards)} shards of at most {format_bytes(limit)} in {output}:")
+    say(f"2. Repacked it into {plural(len(result.shards), 'shard')} of at most {format_bytes(limit)} in {output}:")
     for f in sorted(output.iterdir()):
-        stdout.print(f"     {f.name}  ({format_bytes(f.stat().st_size)})")
+        say(f"     {f.name}  ({format_bytes(f.stat().st_size)})")
     report = verify_checkpoint(output)
-    stdout.print(
-        f"3. Verified: {'OK' if report.ok else 'FAILED'} ({report.tensors} tensors, "
+    say(
+        f"3. Verified: {'OK' if report.ok else 'FAILED'} ({plural(report.tensors, 'tensor')}, "
         f"total_size {result.total_size} bytes)"
     )
     for severity, message in report.findings:
-        stdout.print(f"     {severity}: {message}")
-    stdout.print(f"Try: normalize inspect {output}")
+        say(f"     {severity}: {message}")
+    say(f"Try: normalize inspect {output}")
     if not report.ok:
-        raise typer.Exit(1)
+        raise typer.Exit(PROBLEMS_FOUND)

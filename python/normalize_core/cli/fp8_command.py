@@ -8,11 +8,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
-from rich.text import Text
 
-from normalize_core._core import NormalizeError
 from normalize_core.cli.app import (
+    DeviceOpt,
     DistributedOpt,
     MaxShardOpt,
     OverwriteOpt,
@@ -25,39 +23,34 @@ from normalize_core.cli.app import (
     app,
     fail,
     failed,
-    finding,
-    labelled,
     shard_limit,
-    stdout,
 )
-from normalize_core.cli.check_command import parse_tp_sizes, print_layer_reasons
 from normalize_core.cli.checkpoint_commands import placement_asks, print_reused, print_skipped_aux
-from normalize_core.distributed import device_for_rank, joined, run_everywhere
-from normalize_core.place import check_place_option, offer_placement
-from normalize_core.progress import byte_progress
+from normalize_core.cli.console import print_finding, print_table, say, write_line
 from normalize_core.sizes import format_bytes
+from normalize_core.words import plural
 
 
 def print_decisions(fp8) -> None:
+    """The dry run's table: one row per name pattern, what happens to it and what it saves."""
     from normalize_core.fp8.rules import summarize
 
     sizes = {t.name: t.nbytes for t in fp8.entries}
-    table = Table(title="FP8 decisions by name pattern")
-    table.add_column("pattern", overflow="fold", ratio=3)
-    for column in ("decision", "reason", "tensors", "bytes", "saved"):
-        table.add_column(column, justify="right" if column in ("tensors", "bytes", "saved") else "left")
-    for row in summarize(fp8.decisions, sizes, fp8.layouts):
-        table.add_row(
+    rows = [
+        [
             row["pattern"],
-            Text("FP8", style="green") if row["quantize"] else "keep",
+            "FP8" if row["quantize"] else "keep",
             row["reason"],
             str(row["count"]),
             format_bytes(row["bytes"]),
             format_bytes(row["bytes_saved"]) if row["quantize"] else "",
-        )
-    stdout.print(table)
-    stdout.print(
-        f"{len(fp8.quantized)} tensors to FP8, {len(fp8.kept)} kept; "
+        ]
+        for row in summarize(fp8.decisions, sizes, fp8.layouts)
+    ]
+    headers = ["pattern", "decision", "reason", "tensors", "bytes", "saved"]
+    print_table(headers, rows, right={3, 4, 5}, title="FP8 decisions by name pattern")
+    say(
+        f"{plural(len(fp8.quantized), 'tensor')} to FP8, {len(fp8.kept)} kept; "
         f"{format_bytes(fp8.checkpoint.total_size)} → {format_bytes(fp8.output_bytes)} "
         f"({'bin-packed into model-i-of-n shards' if fp8.repacked else 'source shard layout kept'})"
     )
@@ -71,17 +64,19 @@ def kept_to_load(decisions) -> dict[str, str]:
 
 
 def print_kept_to_load(decisions) -> None:
+    """The layers kept unquantized so that vLLM loads the output, one line per name pattern."""
+    from normalize_core.cli.check_command import print_layer_reasons
+
     kept = kept_to_load(decisions)
     if kept:
-        stdout.print(
-            f"Kept {len(kept)} {'layer' if len(kept) == 1 else 'layers'} unquantized so vLLM can load the output "
-            "(--allow-unloadable quantizes them anyway):",
-            soft_wrap=True,
+        say(
+            f"Kept {plural(len(kept), 'layer')} unquantized so vLLM can load the output "
+            "(--allow-unloadable quantizes them anyway):"
         )
         print_layer_reasons(kept)
 
 
-@app.command("to-fp8")
+@app.command("to-fp8", short_help="Quantize weights to per-block FP8 with _scale_inv scales.")
 def to_fp8_command(
     source: SourceOpt,
     output: Annotated[
@@ -114,9 +109,7 @@ def to_fp8_command(
     ] = False,
     shard_size_gb: ShardGbOpt = None,
     max_shard_size: MaxShardOpt = None,
-    device: Annotated[
-        str, typer.Option("--device", help="auto (a GPU when torch sees one), cpu, cuda or cuda:N.")
-    ] = "auto",
+    device: DeviceOpt = "auto",
     scale_fmt: Annotated[
         str,
         typer.Option(
@@ -190,14 +183,21 @@ def to_fp8_command(
         raise typer.BadParameter("--output is required unless --dry-run")
     if as_json and not dry_run:
         raise typer.BadParameter("--json goes with --dry-run")
-    if overwrite and resume:
-        raise typer.BadParameter("give --overwrite or --resume, not both")
     limit = shard_limit(shard_size_gb, max_shard_size)
     if tp and allow_unloadable:
         raise fail("give --tp or --allow-unloadable, not both")
+    from normalize_core.cli.check_command import parse_tp_sizes
+
     loadable_at = parse_tp_sizes(["1", *tp] if tp else None, (1,))
+    from normalize_core._core import NormalizeError
+    from normalize_core.cli.placement import check_place_option, offer_placement
+    from normalize_core.cli.progress import byte_progress
+    from normalize_core.distributed import device_for_rank, joined, run_everywhere
     from normalize_core.fp8.convert import plan_fp8, write_fp8
     from normalize_core.fp8.quantizers import quantizer_for
+
+    if overwrite and resume:
+        raise typer.BadParameter("give --overwrite or --resume, not both")
 
     def plan():
         return plan_fp8(
@@ -224,14 +224,8 @@ def to_fp8_command(
             if lead:
                 print_reference_mismatch(fp8)
             if dry_run:
-                if not lead:
-                    return
-                if as_json:
-                    decisions = {"quantize": sorted(fp8.quantized), "keep": sorted(fp8.kept)}
-                    print(json.dumps(decisions | {"kept_to_load": kept_to_load(fp8.decisions)}))
-                else:
-                    print_decisions(fp8)
-                    print_kept_to_load(fp8.decisions)
+                if lead:
+                    print_dry_run(fp8, as_json)
                 return
             target = run_everywhere(group, lambda: quantizer_for(device_for_rank(device, group), fp8).device)
             progress = byte_progress(
@@ -252,22 +246,20 @@ def to_fp8_command(
                     group=group,
                     progress=advance,
                 )
-    except NormalizeError as e:
+    except (NormalizeError, ValueError) as e:
         raise failed(e) from None
-    except ValueError as e:
-        raise fail(str(e)) from None
     if not lead:
         return
-    stdout.print(
-        f"Wrote {len(result.shards)} shards to {result.output} on {result.device} in {result.seconds:.1f} s: "
-        f"{result.quantized} tensors to FP8, {result.kept} kept, "
+    say(
+        f"Wrote {plural(len(result.shards), 'shard')} to {result.output} on {result.device} in {result.seconds:.1f} s: "
+        f"{plural(result.quantized, 'tensor')} to FP8, {result.kept} kept, "
         f"{format_bytes(result.bytes_before)} → {format_bytes(result.bytes_after)}."
     )
     print_kept_to_load(fp8.decisions)
     print_reused(result.reused)
     print_skipped_aux(result.skipped_aux)
     if not result.config_written:
-        stdout.print(finding("warning", "the source has no config.json, so no quantization_config was written"))
+        print_finding("warning", "the source has no config.json, so no quantization_config was written")
     try:
         offer_placement(result.output, source, place, yes, show_progress=not quiet, interactive=placement_asks(group))
     except NormalizeError as e:
@@ -280,12 +272,19 @@ def print_reference_mismatch(fp8) -> None:
         return
     only_source, only_reference = fp8.reference_mismatch
     if only_source or only_reference:
-        stdout.print(
-            labelled(
-                "reference differs",
-                f"{len(only_source)} weights only in the source"
-                f"{' (e.g. ' + only_source[0] + ')' if only_source else ''}, {len(only_reference)} only in the "
-                f"reference{' (e.g. ' + only_reference[0] + ')' if only_reference else ''}",
-                "yellow",
-            )
+        write_line(
+            ("reference differs:", "yellow"),
+            f" {plural(len(only_source), 'weight')} only in the source"
+            f"{' (e.g. ' + only_source[0] + ')' if only_source else ''}, {len(only_reference)} only in the "
+            f"reference{' (e.g. ' + only_reference[0] + ')' if only_reference else ''}",
         )
+
+
+def print_dry_run(fp8, as_json: bool) -> None:
+    """The decisions, as a table or (``--json``) one JSON object."""
+    if as_json:
+        decisions = {"quantize": sorted(fp8.quantized), "keep": sorted(fp8.kept)}
+        print(json.dumps(decisions | {"kept_to_load": kept_to_load(fp8.decisions)}))
+    else:
+        print_decisions(fp8)
+        print_kept_to_load(fp8.decisions)

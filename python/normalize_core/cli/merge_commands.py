@@ -8,7 +8,6 @@ from typing import Annotated
 
 import typer
 
-from normalize_core._core import Checkpoint, NormalizeError
 from normalize_core.cli.app import (
     DistributedOpt,
     JobsOpt,
@@ -22,23 +21,20 @@ from normalize_core.cli.app import (
     failed,
     shard_limit,
 )
-from normalize_core.cli.checkpoint_commands import print_plan, print_reused, print_skipped_aux
-from normalize_core.diff import CheckpointDiff, diff
-from normalize_core.distributed import joined, run_everywhere
-from normalize_core.merge import MergePlan, MergeResult, plan_merge, write_merge
-from normalize_core.place import place_interactively, say, terminal_attached
-from normalize_core.progress import byte_progress
+from normalize_core.cli.console import say
 from normalize_core.repack import DEFAULT_JOBS
 from normalize_core.sizes import format_bytes
+from normalize_core.words import plural
 
 #: Extra-only tensors listed by name in the human-readable summary (``--json`` lists all).
 LISTED_TENSORS = 40
 
 
-def print_diff(comparison: CheckpointDiff, extra: Checkpoint) -> None:
-    """The human-readable diff summary (shared by ``diff`` and ``merge``)."""
-    say(f"base   {comparison.base}: {comparison.base_count} tensors")
-    say(f"extra  {comparison.extra}: {comparison.extra_count} tensors")
+def print_diff(comparison, extra) -> None:
+    """The human-readable summary of a ``CheckpointDiff`` against the ``extra`` checkpoint
+    (shared by ``diff`` and ``merge``)."""
+    say(f"base   {comparison.base}: {plural(comparison.base_count, 'tensor')}")
+    say(f"extra  {comparison.extra}: {plural(comparison.extra_count, 'tensor')}")
     say(f"  only in base:  {comparison.base_only_count}")
     say(
         f"  only in extra: {len(comparison.extra_only)} ({format_bytes(comparison.extra_only_bytes)}, "
@@ -51,12 +47,15 @@ def print_diff(comparison: CheckpointDiff, extra: Checkpoint) -> None:
     if len(comparison.extra_only) > LISTED_TENSORS:
         say(f"    … and {len(comparison.extra_only) - LISTED_TENSORS} more (--json lists all)")
     if comparison.conflicts:
-        say(f"{len(comparison.conflicts)} tensors in both differ in dtype or shape; base's are kept:", "yellow")
+        say(
+            f"{plural(len(comparison.conflicts), 'tensor')} in both differ in dtype or shape; base's are kept:",
+            "yellow",
+        )
         for conflict in comparison.conflicts:
             say(f"    ! {conflict.describe()}")
 
 
-@app.command("diff")
+@app.command("diff", short_help="Compare two checkpoints' tensors by their headers.")
 def diff_command(
     base: Annotated[Path, typer.Argument(help="Base checkpoint directory.")],
     extra: Annotated[Path, typer.Argument(help="Checkpoint compared against it.")],
@@ -68,7 +67,12 @@ def diff_command(
     `normalize merge` would add) and those both hold, and flags tensors both hold with a
     different dtype or shape (a merge keeps base's). --json prints {extra_only, overlap,
     conflicts} (sorted names) and base_count, extra_count, extra_only_bytes.
+
+    Exit status 0 whenever both could be compared (differences are not errors), 2 otherwise.
     """
+    from normalize_core._core import Checkpoint, NormalizeError
+    from normalize_core.diff import diff
+
     try:
         extra_ckpt = Checkpoint.open(extra)
         comparison = diff(Checkpoint.open(base), extra_ckpt)
@@ -80,17 +84,19 @@ def diff_command(
         print_diff(comparison, extra_ckpt)
 
 
-def print_merge_plan(planned: MergePlan, hardlink: bool) -> None:
-    """What the merge will write, and which of extra's other files it leaves out."""
+def print_merge_plan(planned, hardlink: bool) -> None:
+    """What the ``MergePlan`` will write, and which of extra's other files it leaves out."""
     how = "hard-linked" if hardlink else "copied"
     plan = planned.plan
     say(
-        f"Merge: {planned.base_shards} base shards {how} as they are, then {len(planned.diff.extra_only)} "
-        f"extra tensors in {planned.new_shards} new shards; {len(plan.shards)} shards, "
-        f"total_size {plan.total_size} bytes ({format_bytes(plan.total_size)})."
+        f"Merge: {plural(planned.base_shards, 'base shard')} {how} as they are, then "
+        f"{plural(len(planned.diff.extra_only), 'extra tensor')} in {plural(planned.new_shards, 'new shard')}; "
+        f"{plural(len(plan.shards), 'shard')}, total_size {plan.total_size} bytes ({format_bytes(plan.total_size)})."
     )
     if not planned.diff.extra_only:
         say("extra adds no tensors: the output is a copy of base.", "yellow")
+    if planned.mixed_quantization:
+        say(f"warning: {planned.mixed_quantization} (merging anyway: --allow-mixed)", "yellow")
     print_aux_left_out(planned.extra_aux_left_out)
 
 
@@ -102,21 +108,24 @@ def print_aux_left_out(left_out: dict[str, str]) -> None:
         say(f"    {path}  ({'only in extra' if status == 'new' else 'differs from base'})")
 
 
-def print_merge_result(result: MergeResult) -> None:
+def print_merge_result(result) -> None:
+    """What a ``MergeResult`` holds: shards, tensors, links, files left out."""
+    from normalize_core.cli.checkpoint_commands import print_reused, print_skipped_aux
+
     written = result.written
     rate = written.total_size / max(written.seconds, 1e-9)
     say(
-        f"Merged into {written.output}: {len(written.shards)} shards ({result.base_shards} from base, "
-        f"{result.new_shards} new), {written.tensors} tensors, {format_bytes(written.total_size)} "
+        f"Merged into {written.output}: {plural(len(written.shards), 'shard')} ({result.base_shards} from base, "
+        f"{result.new_shards} new), {plural(written.tensors, 'tensor')}, {format_bytes(written.total_size)} "
         f"in {written.seconds:.1f} s ({format_bytes(rate)}/s)."
     )
     print_reused(written.reused)
     if result.linked:
-        say(f"Hard-linked {result.linked} base shards (they share their data with base's files).")
+        say(f"Hard-linked {plural(result.linked, 'base shard')} (they share their data with base's files).")
     if result.link_fallbacks:
         reason = result.link_fallbacks[0][1]
         say(
-            f"Could not hard-link {len(result.link_fallbacks)} base shards ({reason}); copied them instead.",
+            f"Could not hard-link {plural(len(result.link_fallbacks), 'base shard')} ({reason}); copied them instead.",
             "yellow",
         )
     if written.aux_files:
@@ -126,7 +135,7 @@ def print_merge_result(result: MergeResult) -> None:
         say(f"Not copied from extra (listed above): {', '.join(result.extra_aux_left_out)}")
 
 
-@app.command()
+@app.command(short_help="Write base plus the tensors only extra holds.")
 def merge(
     base: Annotated[Path, typer.Option("--base", "-b", help="Checkpoint whose tensors all go in (wins on overlap).")],
     extra: Annotated[Path, typer.Option("--extra", "-e", help="Checkpoint whose tensors missing from base are added.")],
@@ -149,6 +158,16 @@ def merge(
         bool, typer.Option("--yes", "-y", help="Merge without asking (required when not on a terminal).")
     ] = False,
     overwrite: OverwriteOpt = False,
+    allow_mixed: Annotated[
+        bool,
+        typer.Option(
+            "--allow-mixed",
+            help="Merge even when one checkpoint is quantized (FP8 weights, *_scale_inv or weight_scale tensors) "
+            "and the other is not, or extra adds scales of base's weights. The result then holds tensors its "
+            "config.json does not describe (e.g. orphan scales beside bf16 weights, no quantization_config); "
+            "without this flag such a merge is refused.",
+        ),
+    ] = False,
     resume: ResumeOpt = False,
     distributed: DistributedOpt = False,
     quiet: QuietOpt = False,
@@ -162,7 +181,15 @@ def merge(
     files and a fresh index (written last). Extra's own non-tensor files are not copied: the
     summary names those that are new or differ. Works on any layout (index, one
     model.safetensors, engine-named shards). --out is final: there is no placement step.
+    A quantized and an unquantized checkpoint are refused unless --allow-mixed. Declining the
+    confirmation writes nothing and exits 0.
     """
+    from normalize_core._core import NormalizeError
+    from normalize_core.cli.checkpoint_commands import print_plan
+    from normalize_core.cli.progress import byte_progress
+    from normalize_core.distributed import joined, run_everywhere
+    from normalize_core.merge import plan_merge, write_merge
+
     if overwrite and resume:
         raise typer.BadParameter("give --overwrite or --resume, not both")
     if distributed and not (yes or dry_run):
@@ -171,7 +198,7 @@ def merge(
     try:
         with joined(distributed) as group:
             lead = group.rank == 0
-            planned = run_everywhere(group, lambda: plan_merge(base, extra, limit))
+            planned = run_everywhere(group, lambda: plan_merge(base, extra, limit, allow_mixed=allow_mixed))
             if lead:
                 print_diff(planned.diff, planned.extra)
                 print_merge_plan(planned, hardlink)
@@ -179,8 +206,9 @@ def merge(
                 if lead:
                     print_plan(planned.plan)
                 return
-            if not yes:
-                confirm_merge(out)
+            if not (yes or confirmed(out)):
+                say("Nothing written.")
+                return
             total = sum(s.file_len for s in planned.plan.shards)
             with byte_progress(total, "merge", enabled=not quiet and lead) as advance:
                 result = write_merge(
@@ -199,16 +227,16 @@ def merge(
         print_merge_result(result)
 
 
-def confirm_merge(out: Path) -> None:
-    """Asks on a terminal; refuses off one (``--yes`` skips this)."""
-    if not terminal_attached():
+def confirmed(out: Path) -> bool:
+    """Asks on a terminal whether to write; refuses off one (``--yes`` skips this)."""
+    from normalize_core.cli import placement
+
+    if not placement.terminal_attached():
         raise fail("merge asks for confirmation and this is not a terminal; pass --yes to merge without asking")
-    if not typer.confirm(f"Write the merged checkpoint to {out}?", default=True):
-        say("Nothing written.")
-        raise typer.Exit(1)
+    return typer.confirm(f"Write the merged checkpoint to {out}?", default=True)
 
 
-@app.command("place")
+@app.command("place", short_help="Copy a written output's weights to their final home.")
 def place_command(
     staging: Annotated[Path, typer.Argument(help="A written output (shards + index), e.g. repack's --output.")],
     dest: Annotated[Path, typer.Argument(help="Directory to copy it into (created if missing), e.g. the source.")],
@@ -232,8 +260,12 @@ def place_command(
     listed and replaced only after confirmation (--yes off a terminal). New files arrive under
     temporary names and are renamed into place together, so DEST's index never names a missing
     or half-written shard. DEST's old shards the new index no longer references are listed;
-    they stay unless you choose to remove them.
+    they stay unless you choose to remove them. Leftovers of an interrupted placement into DEST
+    are removed (only those of processes that no longer run) and listed.
     """
+    from normalize_core._core import NormalizeError
+    from normalize_core.cli.placement import place_interactively
+
     try:
         place_interactively(staging, dest, yes, remove_stale=remove_stale, show_progress=not quiet)
     except NormalizeError as e:

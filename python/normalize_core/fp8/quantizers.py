@@ -11,11 +11,9 @@ import os
 from pathlib import Path
 
 from normalize_core._core import Checkpoint, quantize_fp8_blocks
+from normalize_core.devices import AUTO, CPU, CUDA, parse_device, torch_device
 from normalize_core.fp8.layout import QuantizedLayout
 from normalize_core.kinds import ScaleFormat
-
-#: ``--device`` spellings that mean "no GPU".
-CPU = "cpu"
 
 
 def gpu_present() -> bool:
@@ -30,11 +28,15 @@ def gpu_present() -> bool:
 
 def quantizer_for(device: str, fp8, threads: int | None = None) -> KernelQuantizer | TorchQuantizer:
     """The quantizer for ``device`` ("auto", "cpu", "cuda", "cuda:N") and a plan made by ``plan_fp8``;
-    on the CPU the kernel uses ``threads`` threads (default: every core)."""
-    if device == "auto":
-        device = "cuda" if gpu_present() else CPU
+    on the CPU the kernel uses ``threads`` threads (default: every core). Raises ``ValueError`` for
+    any other value, or a GPU that torch does not see."""
+    device = parse_device(device)
+    if device == AUTO:
+        device = CUDA if gpu_present() else CPU
     if device == CPU:
         return KernelQuantizer(fp8.checkpoint, fp8.scale_fmt, threads)
+    if importlib.util.find_spec("torch") is None:
+        raise ValueError(f"device {device!r} needs torch, which is not installed (pip install 'model-normalize[gpu]')")
     return TorchQuantizer(fp8.checkpoint, fp8.scale_fmt, device)
 
 
@@ -101,14 +103,11 @@ class TorchQuantizer:
         import torch
 
         self.torch = torch
-        resolved = torch.device(device)
-        if resolved.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
-        if resolved.type == "cuda" and resolved.index is not None:
+        self.target = torch_device(device)
+        self.device = str(self.target)
+        if self.target.type == CUDA and self.target.index is not None:
             # Page-locked buffers and streams belong to the current device: make it this one.
-            torch.cuda.set_device(resolved)
-        self.target = resolved
-        self.device = str(resolved)
+            torch.cuda.set_device(self.target)
         self.checkpoint = checkpoint
         self.scale_fmt = scale_fmt
 

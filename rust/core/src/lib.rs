@@ -21,6 +21,7 @@ pub mod atomic_file;
 pub mod aux_files;
 pub mod checkpoint;
 pub mod copy;
+pub mod dequantize;
 pub mod dtype;
 pub mod error;
 pub mod format;

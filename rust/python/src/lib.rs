@@ -3,6 +3,7 @@
 
 mod atomic_file;
 mod checkpoint;
+mod dequantize;
 mod errors;
 mod files;
 mod fp8;
@@ -34,6 +35,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(checkpoint::read_header, m)?)?;
     m.add_function(wrap_pyfunction!(plan::plan_shards, m)?)?;
     m.add_function(wrap_pyfunction!(fp8::quantize_fp8_blocks, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize::dequantize_fp8_blocks, m)?)?;
     m.add_function(wrap_pyfunction!(files::check_separate, m)?)?;
     m.add_function(wrap_pyfunction!(files::list_aux_files, m)?)?;
     m.add_function(wrap_pyfunction!(files::copy_aux_files, m)?)?;

@@ -1,22 +1,13 @@
-"""Progress bars for long work: bytes done, bytes/s and time left, drawn on stderr."""
+"""Progress bars for long work: bytes done, bytes/s and time left, drawn on stderr.
+
+The library reports progress through a plain ``advance`` callable; only the commands draw it."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-
-#: Markup is off: messages carry user paths and tensor names (see ``cli.app.labelled``).
-stderr = Console(stderr=True, markup=False, highlight=False)
+from normalize_core.cli.console import stderr
 
 #: ``advance(n_bytes, items=0)``: report bytes (and, optionally, finished items) done.
 Advance = Callable[..., None]
@@ -27,15 +18,25 @@ def byte_progress(
     total: int, description: str, enabled: bool = True, items_total: int | None = None, items_label: str = ""
 ) -> Iterator[Advance]:
     """Yields ``advance(n_bytes, items=0)``; shows a bar of ``total`` bytes while the block runs,
-    when enabled and stderr is a terminal. With ``items_total``, also counts items (e.g. tensors)."""
-    if not (enabled and stderr.is_terminal):
+    when enabled and stderr is a terminal. With ``items_total``, also counts items (e.g. tensors).
+    Without a bar to draw, rich is not imported."""
+    if not (enabled and stderr.stream().isatty()):
         yield lambda _n, items=0: None
         return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(binary_units=True)]
     if items_total is not None:
         columns.append(TextColumn("{task.fields[items]}/" + f"{items_total} {items_label}"))
     columns += [TransferSpeedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=stderr, transient=False) as progress:
+    with Progress(*columns, console=stderr.console(), transient=False) as progress:
         task = progress.add_task(description, total=total, items=0)
         done_items = 0
 
