@@ -31,9 +31,8 @@ from output_util import (
 )
 
 KB = 1000
-#: Installs a recorder of every call that would initialize CUDA, then runs ``python -m
-#: normalize_core`` with the remaining arguments. The record goes to ``$CUDA_CALLS``, one line per call.
-CUDA_GUARD = Path(__file__).with_name("cuda_guard.py")
+#: ``python -m normalize_core`` with test instruments (CUDA calls recorded, a rank's file size capped).
+RANK_WRAPPER = Path(__file__).with_name("rank_wrapper.py")
 
 
 def torchrun(ranks: int, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -48,20 +47,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-#: A rank started by hand; ``LIMIT`` (bytes), when set, caps the size of any file it writes.
-RANK = """
-import os, resource, signal, sys
-if os.environ.get("LIMIT"):
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    limit = int(os.environ["LIMIT"])
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-from normalize_core.cli import main
-sys.argv[0] = "normalize"
-main()
-"""
-
-
-def start_ranks(ranks: int, args: list[str], limits: dict[int, int] | None = None) -> list[subprocess.Popen]:
+def start_ranks(ranks: int, args: list[str]) -> list[subprocess.Popen]:
     """Ranks of one run started by hand, as another launcher would (``--distributed`` and the
     torchrun environment variables)."""
     port = free_port()
@@ -75,9 +61,8 @@ def start_ranks(ranks: int, args: list[str], limits: dict[int, int] | None = Non
             LOCAL_WORLD_SIZE=str(ranks),
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
-            LIMIT=str((limits or {}).get(rank, "")),
         )
-        command = [sys.executable, "-c", RANK, *args, "--distributed"]
+        command = [sys.executable, "-m", "normalize_core", *args, "--distributed"]
         processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return processes
 
@@ -127,14 +112,14 @@ def test_torchrun_repack_never_initializes_cuda(engine_source: Path, tmp_path: P
     repack(engine_source, tmp_path / "single", max_shard_bytes=40 * KB)
     output = tmp_path / "ranks"
     args = ["repack", "-s", str(engine_source), "-o", str(output), "--max-shard-size", "40KB"]
-    result = torchrun(2, str(CUDA_GUARD), *args, env=env)
+    result = torchrun(2, str(RANK_WRAPPER), *args, env=env)
     assert result.returncode == 0, result.stderr
     assert tree_bytes(output) == tree_bytes(tmp_path / "single")
     assert not calls.exists(), calls.read_text()
 
     # The guard sees CUDA being asked for: to-fp8 on a GPU device records the call.
     guarded = subprocess.run(
-        [sys.executable, str(CUDA_GUARD), "to-fp8", "-s", str(engine_source), "-o", str(tmp_path / "gpu")]
+        [sys.executable, str(RANK_WRAPPER), "to-fp8", "-s", str(engine_source), "-o", str(tmp_path / "gpu")]
         + ["--device", "cuda", "-q"],
         capture_output=True,
         text=True,
@@ -158,17 +143,18 @@ def test_ranks_started_by_hand_merge_like_one_process(tmp_path: Path):
 
 
 def test_a_rank_that_fails_stops_every_rank_before_the_index(engine_source: Path, tmp_path: Path):
-    """Rank 1 cannot write a file over 20 KB (as on a full disk): every rank exits 2, no index is
-    written, rank 0 names rank 1 and its shard, and what the run wrote is removed again."""
+    """Under torchrun, rank 1 cannot write a file over 20 KB (as on a full disk): the run exits
+    non-zero, no index is written, rank 0 names rank 1 and its shard, and what the run wrote is
+    removed again."""
     output = tmp_path / "out"
     args = ["repack", "-s", str(engine_source), "-o", str(output), "--max-shard-size", "40KB", "-q"]
-    results = finish(start_ranks(2, args, limits={1: 20_000}))
-    assert [code for code, _ in results] == [2, 2], results
-    [lead] = results[0][1].splitlines()
-    assert lead.startswith(f"error: rank 1: {output}/model-")
-    assert lead.endswith("File too large (os error 27)")
-    [own] = results[1][1].splitlines()
-    assert own.startswith(f"error: {output}/model-") and own.endswith("File too large (os error 27)")
+    result = torchrun(2, str(RANK_WRAPPER), *args, env={**os.environ, "FILE_SIZE_LIMIT": "1:20000"})
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    lead = [line for line in errors if line.startswith("error: rank 1: ")]
+    assert len(lead) == 1, result.stderr
+    assert lead[0].startswith(f"error: rank 1: {output}/model-") and lead[0].endswith("File too large (os error 27)")
+    assert len(errors) == 2, errors  # rank 0's, and rank 1's own
     assert not output.exists()
 
 
