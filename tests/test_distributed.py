@@ -253,3 +253,27 @@ def test_devices_and_cores_per_rank():
     cores = os.cpu_count() or 1
     assert kernel_threads(1, SOLO) == cores
     assert kernel_threads(2, FakeGroup(0, [None])) == max(1, cores // 4)
+
+
+def test_distributed_without_its_environment_is_one_line(engine_source: Path, tmp_path: Path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    args = ["repack", "-s", str(engine_source), "-o", str(tmp_path / "out"), "--distributed"]
+    result = subprocess.run(
+        [sys.executable, "-m", "normalize_core", *args], capture_output=True, text=True, env=env, timeout=TIMEOUT
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "error: --distributed needs RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment (torchrun sets "
+        "them; so does python -m torch.distributed.run)"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_distributed_merge_never_asks(tmp_path: Path):
+    base = write_indexed_checkpoint(tmp_path / "base", llama_tensors(2), files=1)
+    args = ["merge", "-b", str(base), "-e", str(base), "-o", str(tmp_path / "out"), "--distributed"]
+    result = subprocess.run(
+        [sys.executable, "-m", "normalize_core", *args], capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["error: a distributed merge never asks for confirmation; pass --yes"]
