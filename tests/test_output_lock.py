@@ -16,8 +16,10 @@ import pytest
 from normalize_core import NormalizeError, repack
 from normalize_core.output_lock import OutputLockWarning
 from output_util import (
+    DONE_DIR,
     INDEX,
     LOCK,
+    RECORD,
     TIMEOUT,
     assert_index_names_only_complete_shards,
     llama_tensors,
@@ -132,6 +134,22 @@ def test_the_lock_file_is_never_written_through_a_symlink(source: Path, tmp_path
     assert "symbolic link" in str(refused.value)
     assert outside.read_text() == "keep"
     assert sorted(os.listdir(output)) == [LOCK]
+
+
+def test_run_files_are_never_written_through_symlinks(source: Path, reference, tmp_path: Path):
+    """Links where the lock, the record or the marker folder go (left in an output, or planted)
+    are replaced, never followed: the places they point at stay untouched."""
+    output = tmp_path / "out"
+    output.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "record.json").write_text("keep")
+    (output / RECORD).symlink_to(outside / "record.json")
+    (output / DONE_DIR).symlink_to(outside)
+    repack(source, output, max_shard_bytes=40 * KB, overwrite=True)
+    assert tree_bytes(output) == reference
+    assert sorted(os.listdir(outside)) == ["record.json"]
+    assert (outside / "record.json").read_text() == "keep"
 
 
 def test_a_refused_run_leaves_a_directory_it_did_not_make(source: Path, tmp_path: Path):

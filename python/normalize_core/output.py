@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +43,7 @@ from pathlib import Path
 
 from normalize_core._core import (
     INDEX_FILE,
+    NormalizeError,
     OutputPlan,
     check_separate,
     copy_aux_files,
@@ -61,6 +61,7 @@ from normalize_core.run_record import (
     ensure_marker_dir,
     mark_done,
     read_record,
+    remove_entry,
     unmark,
     verified_done,
     write_record,
@@ -210,7 +211,12 @@ class OutputRun:
             return
         self.created_dir = make_output_dir(self.output)
         self.lock = OutputLock.acquire(self.output, self.spec.command)
-        previous = read_record(self.output)
+        try:
+            previous = read_record(self.output)
+        except NormalizeError:
+            if not overwrite:
+                raise
+            previous = None  # discarded below with the rest of the earlier run
         others = [name for name in os.listdir(self.output) if name != LOCK_FILE]
         if previous is not None and self.resume:
             self.continue_run(previous)
@@ -343,14 +349,6 @@ def make_output_dir(output: Path) -> bool:
     except OSError as e:
         raise normalize_error("io", f"{output}: {e.strerror}", file=str(output)) from None
     return True
-
-
-def remove_entry(path: Path) -> None:
-    """Removes a file, a symlink or a directory tree (never following links)."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 class SharedProgress:

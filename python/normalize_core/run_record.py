@@ -17,6 +17,7 @@ without its size, header or modification time changing is not noticed.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -191,22 +192,34 @@ def _header_digest(fd: int, size: int) -> str:
 
 
 def read_record(output: Path) -> RunRecord | None:
-    """The record of an unfinished run in ``output``, or None."""
+    """The record of an unfinished run in ``output``, or None. Raises ``NormalizeError`` (kind
+    ``invalid_run_record``) for one that cannot be read, or is a symlink or no regular file."""
     path = output / RECORD_FILE
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise normalize_error("io", f"{path}: {e.strerror}", file=str(path)) from None
+        raise _unreadable(path, "a symbolic link" if e.errno == errno.ELOOP else e.strerror) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _unreadable(path, "not a regular file")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read()
+    finally:
+        os.close(fd)
     try:
         return RunRecord.from_json(data)
     except ValueError as e:
-        raise normalize_error(
-            "invalid_run_record",
-            f"{path}: unreadable run record ({e}); pass --overwrite to start over",
-            file=str(path),
-        ) from None
+        raise _unreadable(path, str(e)) from None
+
+
+def _unreadable(path: Path, reason: str):
+    return normalize_error(
+        "invalid_run_record",
+        f"{path}: unreadable run record ({reason}); pass --overwrite to start over",
+        file=str(path),
+    )
 
 
 def write_record(output: Path, record: RunRecord) -> None:
@@ -218,15 +231,27 @@ def write_record(output: Path, record: RunRecord) -> None:
 
 def ensure_marker_dir(output: Path) -> None:
     """Creates the marker directory unless it exists (a run killed while discarding its record
-    can leave the record alone)."""
-    (output / DONE_DIR).mkdir(exist_ok=True)
+    can leave the record alone). Anything else under its name, a symlink above all, goes first:
+    nothing is written through a link in the output."""
+    markers = output / DONE_DIR
+    if markers.is_symlink() or (markers.exists() and not markers.is_dir()):
+        markers.unlink()
+    markers.mkdir(exist_ok=True)
 
 
 def discard_record(output: Path) -> None:
     """Removes the markers, then the record (so a crash in between still shows an unfinished run)."""
-    shutil.rmtree(output / DONE_DIR, ignore_errors=True)
+    remove_entry(output / DONE_DIR)
     (output / RECORD_FILE).unlink(missing_ok=True)
     sync_dir(output)
+
+
+def remove_entry(path: Path) -> None:
+    """Removes a file, a symlink (never what it points at) or a directory tree."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def mark_done(output: Path, record: RunRecord, shard: int) -> None:
