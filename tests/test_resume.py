@@ -422,3 +422,18 @@ def test_resume_and_overwrite_together_are_a_usage_error(tmp_path: Path):
     assert result.exit_code == 2
     assert "give --overwrite or --resume, not both" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_record_is_refused_unless_overwriting(tmp_path: Path):
+    case = repack_case(tmp_path / "sources")
+    case.api(tmp_path / "reference")
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / RECORD).write_text("{not json")
+    for resume in (False, True):
+        with pytest.raises(NormalizeError) as refused:
+            case.api(output, resume=resume)
+        assert refused.value.kind == "invalid_run_record"
+        assert "--overwrite" in str(refused.value)
+    case.api(output, overwrite=True)
+    assert tree_bytes(output) == tree_bytes(tmp_path / "reference")
