@@ -109,8 +109,8 @@ def bf16_case(root: Path) -> Case:
 
 
 CASES = {"repack": repack_case, "to-fp8": fp8_case, "merge": merge_case, "to-bf16": bf16_case}
-#: The commands the kill test runs (issue #10); to-bf16 shares their write path.
-KILLED = ["repack", "to-fp8", "merge"]
+#: The commands the kill test runs.
+KILLED = list(CASES)
 
 
 @pytest.fixture(params=list(CASES))
@@ -325,6 +325,22 @@ def rewrite_header(path: Path, change: str) -> None:
         assert len(new) == len(text.rstrip()), "the reordered header must keep its length"
         new += " " * (length - len(new))
     path.write_bytes(len(new).to_bytes(8, "little") + new.encode() + data[8 + length :])
+
+
+def test_resume_refused_after_another_to_bf16_option(tmp_path: Path, monkeypatch):
+    case = bf16_case(tmp_path / "sources")
+    leave_unfinished(case, tmp_path / "out", monkeypatch)
+    message = refused_resume(case, tmp_path / "out", lambda out, **kw: case.api(out, dtype="float16", **kw))
+    assert "option dtype was 'bfloat16' in the unfinished run, now 'float16'" in message
+
+
+def test_resume_refused_after_the_source_config_changed(tmp_path: Path, monkeypatch):
+    """to-bf16 reads its block size from config.json: another config is another run."""
+    case = bf16_case(tmp_path / "sources")
+    leave_unfinished(case, tmp_path / "out", monkeypatch)
+    config = case.sources[0] / "config.json"
+    config.write_text(config.read_text().replace('"hidden_size": 128', '"hidden_size": 256'))
+    assert "option config_sha256 was" in refused_resume(case, tmp_path / "out")
 
 
 @pytest.mark.parametrize("change", ["size", "header", "mtime"])

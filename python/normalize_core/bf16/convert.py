@@ -15,6 +15,7 @@ On the CPU the Rust kernel dequantizes and torch is not imported; on a GPU, torc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -57,6 +58,8 @@ class Bf16Plan:
     plan: OutputPlan
     repacked: bool
     config: dict[str, Any]
+    #: The shard size limit the plan was packed with (it changes nothing when the layout is kept).
+    max_shard_bytes: int = 4 * GIB
 
     @property
     def source_bytes(self) -> int:
@@ -140,7 +143,7 @@ def plan_bf16(
     if repack is None:
         repack = not (checkpoint.has_standard_names or checkpoint.layout == "single_file")
     plan = build_output_plan(checkpoint, entries, roles, dropped, OUTPUT_DTYPE_NAMES[dtype], repack, max_shard_bytes)
-    return Bf16Plan(checkpoint, fmt, dtype, roles, copied, plan, repack, config)
+    return Bf16Plan(checkpoint, fmt, dtype, roles, copied, plan, repack, config, max_shard_bytes)
 
 
 def build_output_plan(
@@ -223,7 +226,7 @@ def write_bf16(
     written = write_output(
         bf16.plan,
         output,
-        RunSpec("to-bf16", [checkpoint], {"dtype": bf16.dtype, "repack": bf16.repacked}),
+        RunSpec("to-bf16", [checkpoint], run_options(bf16)),
         fill=filler,
         jobs=jobs,
         before_index=write_config,
@@ -249,6 +252,20 @@ def write_bf16(
         removed_stale=written.removed_stale,
         reused=written.reused,
     )
+
+
+def run_options(bf16: Bf16Plan) -> dict[str, object]:
+    """What changes to-bf16's bytes beyond the planned headers, for the run record: the block size
+    and everything else read from config.json (its digest), and, to name the cause, the output
+    dtype and the layout."""
+    config = json.dumps(bf16.config, sort_keys=True).encode()
+    return {
+        "dtype": bf16.dtype,
+        "block": list(bf16.format.block),
+        "config_sha256": hashlib.sha256(config).hexdigest(),
+        "repack": bf16.repacked,
+        "max_shard_bytes": bf16.max_shard_bytes if bf16.repacked else None,
+    }
 
 
 class Bf16Converter:

@@ -78,6 +78,8 @@ class Fp8Plan:
     quantization_config: dict
     #: With ``--reference``: (weights only in the source, weights only in the reference).
     reference_mismatch: tuple[list[str], list[str]] | None = None
+    #: The shard size limit the plan was packed with (it changes nothing when the layout is kept).
+    max_shard_bytes: int = 4 * GIB
 
     @property
     def quantized(self) -> list[str]:
@@ -228,6 +230,7 @@ def plan_fp8(
         block_size=block_size,
         quantization_config=fp8_quantization_config(sorted(kept_modules), block_size=block_size, scale_fmt=scale_fmt),
         reference_mismatch=mismatch,
+        max_shard_bytes=max_shard_bytes,
     )
     if build_plan:
         fp8.plan = build_output_plan(checkpoint, decisions, fp8.layouts, repack, max_shard_bytes)
@@ -360,6 +363,7 @@ def run_options(fp8: Fp8Plan) -> dict[str, object]:
         "scale_dtype": str(fp8.scale_dtype),
         "block_size": fp8.block_size,
         "repack": fp8.repacked,
+        "max_shard_bytes": fp8.max_shard_bytes if fp8.repacked else None,
         "tensors_to_fp8": f"{len(quantized)} tensors (sha256 {digest})",
     }
 
