@@ -146,15 +146,15 @@ def test_a_rank_that_fails_stops_every_rank_before_the_index(engine_source: Path
     """Under torchrun, rank 1 cannot write a file over 20 KB (as on a full disk): the run exits
     non-zero, no index is written, rank 0 names rank 1 and its shard, and what the run wrote is
     removed again."""
-    output = tmp_path / "out"
+    output, logs = tmp_path / "out", tmp_path / "logs"
     args = ["repack", "-s", str(engine_source), "-o", str(output), "--max-shard-size", "40KB", "-q"]
-    result = torchrun(2, str(RANK_WRAPPER), *args, env={**os.environ, "FILE_SIZE_LIMIT": "1:20000"})
+    separate_logs = ["--log-dir", str(logs), "--redirects", "2"]  # each rank's stderr in a file of its own
+    result = torchrun(2, *separate_logs, str(RANK_WRAPPER), *args, env={**os.environ, "FILE_SIZE_LIMIT": "1:20000"})
     assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    lead = [line for line in errors if line.startswith("error: rank 1: ")]
-    assert len(lead) == 1, result.stderr
-    assert lead[0].startswith(f"error: rank 1: {output}/model-") and lead[0].endswith("File too large (os error 27)")
-    assert len(errors) == 2, errors  # rank 0's, and rank 1's own
+    [lead] = next(logs.rglob("0/stderr.log")).read_text().splitlines()
+    assert lead.startswith(f"error: rank 1: {output}/model-") and lead.endswith("File too large (os error 27)")
+    [own] = next(logs.rglob("1/stderr.log")).read_text().splitlines()
+    assert own.startswith(f"error: {output}/model-") and own.endswith("File too large (os error 27)")
     assert not output.exists()
 
 
