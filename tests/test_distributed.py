@@ -269,6 +269,23 @@ def test_distributed_without_its_environment_is_one_line(engine_source: Path, tm
     assert not (tmp_path / "out").exists()
 
 
+def test_distributed_without_torch_is_one_line(engine_source: Path, tmp_path: Path):
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "torch.py").write_text("raise ImportError('torch is blocked in this test')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(blocker), os.environ.get("PYTHONPATH")]))}
+    env.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    args = ["repack", "-s", str(engine_source), "-o", str(tmp_path / "out"), "--distributed"]
+    result = subprocess.run(
+        [sys.executable, "-m", "normalize_core", *args], capture_output=True, text=True, env=env, timeout=TIMEOUT
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "error: --distributed coordinates the ranks with torch.distributed, and torch is not installed "
+        "(pip install 'model-normalize[gpu]')"
+    ]
+
+
 def test_a_distributed_merge_never_asks(tmp_path: Path):
     base = write_indexed_checkpoint(tmp_path / "base", llama_tensors(2), files=1)
     args = ["merge", "-b", str(base), "-e", str(base), "-o", str(tmp_path / "out"), "--distributed"]

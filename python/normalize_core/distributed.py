@@ -123,7 +123,14 @@ def joined(enabled: bool) -> Iterator[Group]:
             f"--distributed needs {', '.join(missing)} in the environment (torchrun sets them; "
             "so does python -m torch.distributed.run)",
         )
-    import torch.distributed as dist
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        raise normalize_error(
+            "distributed_needs_torch",
+            "--distributed coordinates the ranks with torch.distributed, and torch is not installed "
+            "(pip install 'model-normalize[gpu]')",
+        ) from None
 
     owned = not dist.is_initialized()
     if owned:
