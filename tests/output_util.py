@@ -61,6 +61,15 @@ def tree_bytes(directory: Path) -> dict[str, bytes]:
     return found
 
 
+def marked_done(output: Path) -> int:
+    """How many shards the unfinished run in ``output`` has marked done (a marker being written
+    when its writer was killed is a temporary file, and does not count)."""
+    try:
+        return len([name for name in os.listdir(output / DONE_DIR) if not name.startswith(".")])
+    except FileNotFoundError:
+        return 0
+
+
 def shard_is_complete(path: Path) -> bool:
     """Whether ``path`` is a whole safetensors file: as long as its header says."""
     if not path.is_file():

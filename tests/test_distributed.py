@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,11 +20,11 @@ import torch
 from normalize_core import NormalizeError, merge, repack, to_fp8
 from normalize_core.distributed import SOLO, assign_shards, device_for_rank, kernel_threads, run_everywhere
 from output_util import (
-    DONE_DIR,
     INDEX,
     RECORD,
     TIMEOUT,
     llama_tensors,
+    marked_done,
     tree_bytes,
     wait_for,
     write_engine_checkpoint,
@@ -165,8 +166,9 @@ def test_a_killed_rank_leaves_a_run_that_resumes_on_another_number_of_ranks(engi
     ranks = start_ranks(2, args)
     try:
         assert wait_for(output / RECORD, ranks[1])
-        while not (output / DONE_DIR).exists() or not os.listdir(output / DONE_DIR):
+        while not marked_done(output):
             assert ranks[1].poll() is None
+            time.sleep(0.0005)
         ranks[1].send_signal(signal.SIGKILL)
     finally:
         results = finish(ranks)
@@ -175,7 +177,7 @@ def test_a_killed_rank_leaves_a_run_that_resumes_on_another_number_of_ranks(engi
     [line] = results[0][1].splitlines()
     assert "rank 0: lost contact with the other ranks" in line and "--resume" in line
     assert (output / RECORD).exists() and not (output / INDEX).exists()
-    done = len(os.listdir(output / DONE_DIR))
+    done = marked_done(output)
 
     resumed = torchrun(3, "-m", "normalize_core", *args[:-1], "--resume")
 

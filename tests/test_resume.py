@@ -37,6 +37,7 @@ from output_util import (
     alive,
     assert_index_names_only_complete_shards,
     llama_tensors,
+    marked_done,
     normalize_command,
     run,
     tree_bytes,
@@ -137,18 +138,11 @@ def write_time(case: Case, output: Path, forkserver: Forkserver) -> float:
     return elapsed
 
 
-def finished_shards(output: Path) -> int:
-    try:
-        return len(os.listdir(output / DONE_DIR))
-    except FileNotFoundError:
-        return 0
-
-
 def kill_after(output: Path, pid: int, shards: int, delay: float) -> None:
     """Kills ``pid`` ``delay`` seconds after ``shards`` shards of its run were marked done (or its
     record went: the run is finishing)."""
     wait_for_pid(output / RECORD, pid)
-    while alive(pid) and (output / RECORD).exists() and finished_shards(output) < shards:
+    while alive(pid) and (output / RECORD).exists() and marked_done(output) < shards:
         time.sleep(0.0002)
     time.sleep(delay)
     with contextlib.suppress(ProcessLookupError):
@@ -177,7 +171,7 @@ def test_killed_at_random_moments_resumes_to_identical_output(command: str, tmp_
         assert_index_names_only_complete_shards(output)
         if (output / RECORD).exists():
             interrupted += 1
-            shards_done.add(finished_shards(output))
+            shards_done.add(marked_done(output))
             result = case.api(output, resume=True)
             assert getattr(result, "written", result).output == output
         assert tree_bytes(output) == reference, f"trial {trial}"
@@ -402,7 +396,7 @@ def test_a_failing_resumable_run_keeps_what_it_finished(tmp_path: Path):
 
     with pytest.raises(Interrupted):
         case.api(output, resume=True, progress=stop_half_way)
-    finished = len(os.listdir(output / DONE_DIR))
+    finished = marked_done(output)
     assert 0 < finished < len(shard_names(tmp_path / "reference"))
     assert not [name for name in os.listdir(output) if ".partial-" in name]
 
