@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from normalize_core._core import Checkpoint, OutputPlan, PlanBuilder, check_separate
+from normalize_core._core import Checkpoint, OutputPlan, PlanBuilder
 from normalize_core.diff import CheckpointDiff, changed_aux_files, diff
+from normalize_core.distributed import SOLO, Group, joined, run_everywhere
 from normalize_core.errors import normalize_error
 from normalize_core.fp8.layout import FP8_DTYPES, SCALE_SUFFIX, is_scale_name
-from normalize_core.repack import DEFAULT_JOBS, WriteResult, finish_output, fresh_output
+from normalize_core.output import RunSpec, WriteResult, write_output
+from normalize_core.repack import DEFAULT_JOBS
 from normalize_core.sizes import GIB
 
 
@@ -162,6 +163,8 @@ def merge(
     jobs: int = DEFAULT_JOBS,
     overwrite: bool = False,
     allow_mixed: bool = False,
+    resume: bool = False,
+    distributed: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> MergeResult:
     """Writes base ∪ (extra \\ base) to ``out``: base shards re-emitted in base order as
@@ -169,14 +172,24 @@ def merge(
     is impossible), then the extra-only tensors packed into shards of at most ``max_shard_bytes``,
     base's non-tensor files, and a fresh index.
 
-    Where both hold a tensor, base's is kept even if dtype or shape differ (see ``diff``). Raises
-    ``NormalizeError`` (nothing left behind) on corrupt input, an ``out`` that is, contains or
-    lies in base or extra, or quantized and unquantized checkpoints unless ``allow_mixed`` (see
-    ``plan_merge``).
+    Where both hold a tensor, base's is kept even if dtype or shape differ (see ``diff``).
+    ``resume`` finishes an interrupted merge into ``out``; ``distributed`` makes this process one
+    rank of a run started by torchrun. Raises ``NormalizeError`` (nothing left behind) on corrupt
+    input, an ``out`` that is, contains or lies in base or extra, or quantized and unquantized
+    checkpoints unless ``allow_mixed`` (see ``plan_merge``).
     """
-    check_separate([Path(base), Path(extra)], Path(out))
-    planned = plan_merge(base, extra, max_shard_bytes, allow_mixed=allow_mixed)
-    return write_merge(planned, out, hardlink=hardlink, jobs=jobs, overwrite=overwrite, progress=progress)
+    with joined(distributed) as group:
+        planned = run_everywhere(group, lambda: plan_merge(base, extra, max_shard_bytes, allow_mixed=allow_mixed))
+        return write_merge(
+            planned,
+            out,
+            hardlink=hardlink,
+            jobs=jobs,
+            overwrite=overwrite,
+            resume=resume,
+            group=group,
+            progress=progress,
+        )
 
 
 def write_merge(
@@ -186,21 +199,29 @@ def write_merge(
     hardlink: bool = False,
     jobs: int = DEFAULT_JOBS,
     overwrite: bool = False,
+    resume: bool = False,
+    group: Group = SOLO,
     progress: Callable[[int], None] | None = None,
 ) -> MergeResult:
-    """Executes a plan made by ``plan_merge`` (see ``merge``)."""
-    started = time.monotonic()
-    out = Path(out)
-    check_separate([planned.base.dir, planned.extra.dir], out)
-    with fresh_output(out, overwrite):
-        report = planned.plan.execute(out, jobs=jobs, hardlink=hardlink, progress=progress)
-        written = finish_output(planned.plan, planned.base.dir, out, started)
+    """Executes a plan made by ``plan_merge`` (see ``merge``); ``group`` comes from
+    ``distributed.joined``."""
+    written = write_output(
+        planned.plan,
+        out,
+        RunSpec("merge", [planned.base, planned.extra]),
+        jobs=jobs,
+        hardlink=hardlink,
+        overwrite=overwrite,
+        resume=resume,
+        group=group,
+        progress=progress,
+    )
     return MergeResult(
         written=written,
         diff=planned.diff,
         base_shards=planned.base_shards,
         new_shards=planned.new_shards,
-        linked=report["linked"],
-        link_fallbacks=list(report["link_fallbacks"]),
+        linked=written.linked,
+        link_fallbacks=written.link_fallbacks,
         extra_aux_left_out=planned.extra_aux_left_out,
     )

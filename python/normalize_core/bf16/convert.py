@@ -4,9 +4,10 @@ Planning reads headers and ``config.json`` only: the format is recognised, every
 paired with its scale (a missing, orphaned or misshapen scale stops here, before any byte is
 written), and the Rust planner fixes every output shard, header and offset: each FP8 weight becomes
 a provided tensor of the same shape in the output dtype, scales and activation scales are left out,
-every other tensor is copied. Then, shard by shard, the Rust writer copies the untouched tensors
-inside the kernel (on a helper thread) while this thread dequantizes the others from zero-copy
-views of the source, read ahead by one weight.
+every other tensor is copied. Then the output module writes the shards (``jobs`` at a time;
+resumable; split between ranks in a distributed run): the Rust writer copies a shard's untouched
+tensors inside the kernel (on a helper thread) while a job dequantizes the others, each weight and
+its scale read one weight ahead.
 
 On the CPU the Rust kernel dequantizes and torch is not imported; on a GPU, torch does (see
 ``dequantize.py``), with the same bytes as result.
@@ -14,28 +15,29 @@ On the CPU the Rust kernel dequantizes and torch is not imported; on a GPU, torc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from normalize_core._core import Checkpoint, OutputPlan, PlanBuilder, TensorEntry, check_separate
+from normalize_core._core import Checkpoint, OutputPlan, PlanBuilder, TensorEntry
 from normalize_core.bf16.dequantizers import OUTPUT_DTYPE_NAMES, dequantizer_for
 from normalize_core.bf16.formats import (
     CONFIG_KEYS,
     BlockFp8Format,
+    Fp8Weight,
     TensorRoles,
     assign_roles,
     read_config,
     recognise_format,
 )
+from normalize_core.distributed import SOLO, Group, device_for_rank, joined, kernel_threads, run_everywhere
 from normalize_core.errors import normalize_error
-from normalize_core.fp8.convert import read_ahead
-from normalize_core.repack import finish_output, fresh_output
+from normalize_core.output import RunSpec, write_output
+from normalize_core.shard_filling import ComputedTensors
 from normalize_core.sizes import GIB
 
 #: ``config.json`` keys naming the default load dtype (transformers 4 and 5), updated in place.
@@ -56,6 +58,8 @@ class Bf16Plan:
     plan: OutputPlan
     repacked: bool
     config: dict[str, Any]
+    #: The shard size limit the plan was packed with (it changes nothing when the layout is kept).
+    max_shard_bytes: int = 4 * GIB
 
     @property
     def source_bytes(self) -> int:
@@ -102,6 +106,8 @@ class Bf16Result:
     #: ``(name, reason)`` of non-tensor entries not copied (symlinks leaving the source).
     skipped_aux: list[tuple[str, str]] = field(default_factory=list)
     removed_stale: list[str] = field(default_factory=list)
+    #: Shards an interrupted earlier run had finished, kept by ``resume``.
+    reused: list[str] = field(default_factory=list)
 
 
 def plan_bf16(
@@ -137,7 +143,7 @@ def plan_bf16(
     if repack is None:
         repack = not (checkpoint.has_standard_names or checkpoint.layout == "single_file")
     plan = build_output_plan(checkpoint, entries, roles, dropped, OUTPUT_DTYPE_NAMES[dtype], repack, max_shard_bytes)
-    return Bf16Plan(checkpoint, fmt, dtype, roles, copied, plan, repack, config)
+    return Bf16Plan(checkpoint, fmt, dtype, roles, copied, plan, repack, config, max_shard_bytes)
 
 
 def build_output_plan(
@@ -177,17 +183,23 @@ def to_bf16(
     output: str | os.PathLike,
     *,
     device: str = "auto",
+    jobs: int = 1,
     overwrite: bool = False,
+    resume: bool = False,
+    distributed: bool = False,
     progress: Callable[..., None] | None = None,
     **plan_options,
 ) -> Bf16Result:
     """Dequantizes the block-FP8 checkpoint ``source`` into ``output`` (see ``plan_bf16`` for the
     options): weights in the output dtype, scales and activation scales removed, a fresh index,
     ``config.json`` without its quantization config, every other file copied.
-    ``progress(n, items=0)`` receives source bytes done and, per dequantized weight, ``items=1``."""
-    check_separate([Path(source)], Path(output))
-    bf16 = plan_bf16(source, **plan_options)
-    return write_bf16(bf16, output, device=device, overwrite=overwrite, progress=progress)
+    ``progress(n, items=0)`` receives source bytes done and, per dequantized weight, ``items=1``.
+    ``jobs``, ``resume`` and ``distributed`` work as for ``to_fp8``."""
+    with joined(distributed) as group:
+        bf16 = run_everywhere(group, lambda: plan_bf16(source, **plan_options))
+        return write_bf16(
+            bf16, output, device=device, jobs=jobs, overwrite=overwrite, resume=resume, group=group, progress=progress
+        )
 
 
 def write_bf16(
@@ -195,29 +207,35 @@ def write_bf16(
     output: str | os.PathLike,
     *,
     device: str = "auto",
+    jobs: int = 1,
     overwrite: bool = False,
+    resume: bool = False,
+    group: Group = SOLO,
     progress: Callable[..., None] | None = None,
 ) -> Bf16Result:
-    """Executes a plan made by ``plan_bf16`` (see ``to_bf16``)."""
-    started = time.monotonic()
+    """Executes a plan made by ``plan_bf16`` (see ``to_bf16``) through ``normalize_core.output``."""
     output = Path(output)
     checkpoint = bf16.checkpoint
-    dequantizer = dequantizer_for(device, checkpoint, bf16.format.block, bf16.dtype)
-    check_separate([checkpoint.dir], output)
-    advance = progress or (lambda _n, items=0: None)
-    with fresh_output(output, overwrite):
-        finished: list[Path] = []
-        try:
-            write_shards(bf16, output, dequantizer, advance, finished)
-        except BaseException:
-            for path in finished:
-                path.unlink(missing_ok=True)
-            raise
+    filler = run_everywhere(
+        group, lambda: bf16_filler(bf16, device_for_rank(device, group), kernel_threads(jobs, group))
+    )
 
-        def write_config() -> None:
-            write_dequantized_config(bf16.config, output / "config.json", bf16.dtype)
+    def write_config() -> None:
+        write_dequantized_config(bf16.config, output / "config.json", bf16.dtype)
 
-        written = finish_output(bf16.plan, checkpoint.dir, output, started, before_index=write_config)
+    written = write_output(
+        bf16.plan,
+        output,
+        RunSpec("to-bf16", [checkpoint], run_options(bf16)),
+        fill=filler,
+        jobs=jobs,
+        before_index=write_config,
+        overwrite=overwrite,
+        resume=resume,
+        group=group,
+        progress=progress,
+        shard_work=filler.shard_work(bf16.plan.shards, checkpoint),
+    )
     return Bf16Result(
         output=output,
         shards=written.shards,
@@ -227,35 +245,53 @@ def write_bf16(
         dropped_activation_scales=len(bf16.roles.activation_scales),
         bytes_before=checkpoint.total_size,
         bytes_after=written.total_size,
-        device=dequantizer.device,
+        device=filler.device,
         seconds=written.seconds,
         aux_files=written.aux_files,
         skipped_aux=written.skipped_aux,
         removed_stale=written.removed_stale,
+        reused=written.reused,
     )
 
 
-def write_shards(bf16: Bf16Plan, output: Path, dequantizer, advance, finished: list[Path]) -> None:
-    """Writes every shard: kernel copies on a helper thread, dequantization on this one."""
+def run_options(bf16: Bf16Plan) -> dict[str, object]:
+    """What changes to-bf16's bytes beyond the planned headers, for the run record: the block size
+    and everything else read from config.json (its digest), and, to name the cause, the output
+    dtype and the layout."""
+    config = json.dumps(bf16.config, sort_keys=True).encode()
+    return {
+        "dtype": bf16.dtype,
+        "block": list(bf16.format.block),
+        "config_sha256": hashlib.sha256(config).hexdigest(),
+        "repack": bf16.repacked,
+        "max_shard_bytes": bf16.max_shard_bytes if bf16.repacked else None,
+    }
+
+
+class Bf16Converter:
+    """Dequantizes one FP8 weight with its scale (a ``shard_filling.Converter``)."""
+
+    def __init__(self, dequantizer, weights: dict[str, Fp8Weight]):
+        self.dequantizer = dequantizer
+        self.weights = weights
+        self.device = dequantizer.device
+
+    def load(self, name: str):
+        return self.dequantizer.load(self.weights[name])
+
+    def convert(self, loaded, name: str) -> list[tuple[str, object]]:
+        return [(name, self.dequantizer.dequantize(loaded, self.weights[name]))]
+
+
+def bf16_filler(bf16: Bf16Plan, device: str, threads: int) -> ComputedTensors:
+    """The filler that dequantizes each shard's FP8 weights on ``device``, one dequantizer per job."""
     weights = bf16.roles.weights
-    order = [name for shard in bf16.plan.shards for name in shard.provided]
-    sources = read_ahead(order, lambda name: dequantizer.load(weights[name]))
-    with ThreadPoolExecutor(1, thread_name_prefix="normalize-copy") as copier:
-        for index, shard in enumerate(bf16.plan.shards):
-            writer = bf16.plan.open_shard(index, output)
-            try:
-                copying = copier.submit(writer.copy_sources, advance)
-                for name in shard.provided:
-                    loaded_name, loaded = next(sources)
-                    assert loaded_name == name, (loaded_name, name)
-                    writer.write(name, dequantizer.dequantize(loaded, weights[name]))
-                    del loaded
-                    advance(bf16.checkpoint.tensor(name).nbytes + weights[name].scale.nbytes, 1)
-                copying.result()
-                finished.append(writer.finish())
-            except BaseException:
-                writer.abort()
-                raise
+    checkpoint = bf16.checkpoint
+    return ComputedTensors(
+        [list(shard.provided) for shard in bf16.plan.shards],
+        lambda: Bf16Converter(dequantizer_for(device, checkpoint, bf16.format.block, bf16.dtype, threads), weights),
+        lambda name: checkpoint.tensor(name).nbytes + weights[name].scale.nbytes,
+    )
 
 
 def dequantized_config(config: dict[str, Any], dtype: str) -> dict[str, Any]:

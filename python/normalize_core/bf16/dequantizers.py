@@ -20,15 +20,18 @@ OUTPUT_DTYPE_NAMES = {"bfloat16": Dtype.BF16, "float16": Dtype.F16, "float32": D
 _OUTPUT_SIZES = {Dtype.BF16: 2, Dtype.F16: 2, Dtype.F32: 4}
 
 
-def dequantizer_for(device: str, checkpoint: Checkpoint, block: tuple[int, int], dtype: str):
+def dequantizer_for(
+    device: str, checkpoint: Checkpoint, block: tuple[int, int], dtype: str, threads: int | None = None
+):
     """The dequantizer for ``device`` ("auto", "cpu", "cuda", "cuda:N") writing ``dtype``
-    ("bfloat16", "float16" or "float32") from scales of ``(rows, cols)`` tiles. Raises
-    ``ValueError`` for any other device, or a GPU that torch does not see."""
+    ("bfloat16", "float16" or "float32") from scales of ``(rows, cols)`` tiles; on the CPU the
+    kernel uses ``threads`` threads (default: every core). Raises ``ValueError`` for any other
+    device, or a GPU that torch does not see."""
     device = parse_device(device)
     if device == AUTO:
         device = CUDA if gpu_present() else CPU
     if device == CPU:
-        return KernelDequantizer(checkpoint, block, dtype)
+        return KernelDequantizer(checkpoint, block, dtype, threads)
     if importlib.util.find_spec("torch") is None:
         raise ValueError(f"device {device!r} needs torch, which is not installed (pip install 'model-normalize[gpu]')")
     return TorchDequantizer(checkpoint, block, dtype, device)
@@ -39,11 +42,11 @@ class KernelDequantizer:
 
     device = CPU
 
-    def __init__(self, checkpoint: Checkpoint, block: tuple[int, int], dtype: str):
+    def __init__(self, checkpoint: Checkpoint, block: tuple[int, int], dtype: str, threads: int | None = None):
         self.checkpoint = checkpoint
         self.block = block
         self.out_dtype = OUTPUT_DTYPE_NAMES[dtype]
-        self.threads = os.cpu_count() or 1
+        self.threads = threads or os.cpu_count() or 1
         # Buffers are reused from tensor to tensor (grown when needed): fresh ones would cost a
         # page fault and a zeroing per page. Sources come in two slots used in turn: ``load`` runs
         # one weight ahead, filling one slot while the other is being dequantized.

@@ -49,6 +49,19 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(USER_ERROR)
 
 
+def failed(error: Exception) -> typer.Exit:
+    """``fail(str(error))``, except on a rank of a distributed run that stopped because another rank
+    failed: it exits as quietly as it can, rank 0 prints why."""
+    if getattr(error, "kind", None) == "peer_failed":
+        return typer.Exit(USER_ERROR)
+    return fail(str(error))
+
+
+def print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for the command line: one ``warning:`` line on stderr."""
+    print_finding("warning", str(message), err=True)
+
+
 class NormalizeGroup(TyperGroup):
     """The ``normalize`` command group: runs a command and turns every way it can end into an
     exit status and, for errors, one ``error:`` line (see the module docstring)."""
@@ -137,6 +150,28 @@ MaxShardOpt = Annotated[
 JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1, help="Shards written at the same time.")]
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="Write into a non-empty output, replacing only files this tool writes.")
+]
+#: Set to 1 to run as one rank of a distributed run, as ``--distributed`` does; ``python -m
+#: normalize_core`` sets it when torchrun started it.
+DISTRIBUTED_ENV = "NORMALIZE_DISTRIBUTED"
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Finish an interrupted run into the output: its finished shards are checked against the plan and "
+        "kept, the rest written. Refused when the command, an option or a source changed. A new or empty output "
+        "starts fresh; a run with --resume that fails keeps what it finished for the next --resume.",
+    ),
+]
+DistributedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--distributed",
+        envvar=DISTRIBUTED_ENV,
+        help="Run as one rank of a distributed run: every rank plans, the shards are split between ranks by bytes, "
+        "rank 0 writes the index. Reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK as torchrun sets "
+        "them (python -m normalize_core under torchrun turns this on by itself). Never asks: --place only.",
+    ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 DeviceOpt = Annotated[

@@ -11,15 +11,18 @@ import typer
 
 from normalize_core.cli.app import (
     DeviceOpt,
+    DistributedOpt,
     MaxShardOpt,
     OverwriteOpt,
     QuietOpt,
+    ResumeOpt,
     ShardGbOpt,
     SourceOpt,
     app,
-    fail,
+    failed,
     shard_limit,
 )
+from normalize_core.cli.checkpoint_commands import print_reused
 from normalize_core.cli.console import print_finding, print_table, say, write_line
 from normalize_core.sizes import format_bytes
 from normalize_core.words import plural
@@ -91,7 +94,15 @@ def to_bf16_command(
             help="With --dry-run: one JSON object (format, dequantize/copy/drop lists, shards, total_size).",
         ),
     ] = False,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "--jobs", "-j", min=1, help="Shards dequantized at the same time on the CPU (they share the cores)."
+        ),
+    ] = 1,
     overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    distributed: DistributedOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Dequantize a block-FP8 checkpoint (DeepSeek-V3/R1, Kimi-K2, Qwen3-FP8, MiniMax-M2, to-fp8's
@@ -116,42 +127,66 @@ def to_bf16_command(
     if as_json and not dry_run:
         raise typer.BadParameter("--json goes with --dry-run")
     limit = shard_limit(shard_size_gb, max_shard_size)
-    from normalize_core._core import NormalizeError, check_separate
+    from normalize_core._core import NormalizeError
     from normalize_core.bf16.convert import plan_bf16, write_bf16
     from normalize_core.bf16.dequantizers import dequantizer_for
     from normalize_core.cli.progress import byte_progress
+    from normalize_core.distributed import device_for_rank, joined, run_everywhere
 
-    try:
-        if output is not None and not dry_run:
-            check_separate([source], output)
-        bf16 = plan_bf16(
+    if overwrite and resume:
+        raise typer.BadParameter("give --overwrite or --resume, not both")
+
+    def plan():
+        return plan_bf16(
             source, dtype=dtype, repack=True if repack else (False if no_repack else None), max_shard_bytes=limit
         )
-        if dry_run:
-            if as_json:
-                print(json.dumps(bf16.summary()))
-            else:
-                print_plan(bf16)
-                note_dropped_activation_scales(bf16)
-            return
-        target = dequantizer_for(device, bf16.checkpoint, bf16.format.block, dtype).device
-        progress = byte_progress(
-            bf16.source_bytes,
-            f"to-bf16 on {target}",
-            enabled=not quiet,
-            items_total=len(bf16.roles.weights),
-            items_label="dequantized",
-        )
-        with progress as advance:
-            result = write_bf16(bf16, output, device=target, overwrite=overwrite, progress=advance)
+
+    try:
+        with joined(distributed) as group:
+            lead = group.rank == 0
+            bf16 = run_everywhere(group, plan)
+            if dry_run:
+                if lead and as_json:
+                    print(json.dumps(bf16.summary()))
+                elif lead:
+                    print_plan(bf16)
+                    note_dropped_activation_scales(bf16)
+                return
+            target = run_everywhere(
+                group,
+                lambda: (
+                    dequantizer_for(device_for_rank(device, group), bf16.checkpoint, bf16.format.block, dtype).device
+                ),
+            )
+            progress = byte_progress(
+                bf16.source_bytes,
+                f"to-bf16 on {target}" if group.world_size == 1 else f"to-bf16 on {group.world_size} ranks",
+                enabled=not quiet and lead,
+                items_total=len(bf16.roles.weights),
+                items_label="dequantized",
+            )
+            with progress as advance:
+                result = write_bf16(
+                    bf16,
+                    output,
+                    device=target,
+                    jobs=jobs,
+                    overwrite=overwrite,
+                    resume=resume,
+                    group=group,
+                    progress=advance,
+                )
     except (NormalizeError, ValueError) as e:
-        raise fail(str(e)) from None
+        raise failed(e) from None
+    if not lead:
+        return
     say(
         f"Wrote {plural(len(result.shards), 'shard')} to {result.output} on {result.device} in {result.seconds:.1f} s: "
         f"{plural(result.dequantized, 'FP8 weight')} to {dtype}, {plural(result.copied, 'tensor')} copied, "
         f"{plural(result.dropped_scales, 'scale')} removed, "
         f"{format_bytes(result.bytes_before)} → {format_bytes(result.bytes_after)}."
     )
+    print_reused(result.reused)
     note_dropped_activation_scales(bf16)
     for name, reason in result.skipped_aux:
         print_finding("warning", f"{name} not copied: {reason}")

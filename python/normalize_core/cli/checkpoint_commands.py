@@ -11,17 +11,20 @@ import typer
 
 from normalize_core.cli.app import (
     PROBLEMS_FOUND,
+    DistributedOpt,
     JobsOpt,
     MaxShardOpt,
     OutputOpt,
     OverwriteOpt,
     PlaceOpt,
     QuietOpt,
+    ResumeOpt,
     ShardGbOpt,
     SourceOpt,
     YesOpt,
     app,
     fail,
+    failed,
     shard_limit,
 )
 from normalize_core.cli.console import print_finding, print_table, say, write_line
@@ -61,6 +64,8 @@ def repack(
     jobs: JobsOpt = DEFAULT_JOBS,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the shard plan; write nothing.")] = False,
     overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    distributed: DistributedOpt = False,
     quiet: QuietOpt = False,
     place: PlaceOpt = None,
     yes: YesOpt = False,
@@ -75,39 +80,75 @@ def repack(
     --output is a staging area: afterwards you choose (on a terminal, or with --place) whether
     the weights stay there, are copied into --source, or are copied to another directory.
     """
-    from normalize_core._core import NormalizeError, check_separate
+    from normalize_core._core import NormalizeError
     from normalize_core.cli.placement import check_place_option, offer_placement
     from normalize_core.cli.progress import byte_progress
+    from normalize_core.distributed import joined, run_everywhere
     from normalize_core.repack import plan_repack, write_repack
 
+    if overwrite and resume:
+        raise typer.BadParameter("give --overwrite or --resume, not both")
     limit = shard_limit(shard_size_gb, max_shard_size)
     try:
-        if not dry_run:
-            check_separate([source], output)
-            check_place_option(place, output)
-        checkpoint, plan = plan_repack(source, limit)
-        if dry_run:
-            print_plan(plan)
-            return
-        with byte_progress(sum(s.file_len for s in plan.shards), "repack", enabled=not quiet) as advance:
-            result = write_repack(checkpoint, plan, output, jobs=jobs, overwrite=overwrite, progress=advance)
+        with joined(distributed) as group:
+            lead = group.rank == 0
+            if not dry_run:
+                check_place_option(place, output)
+            checkpoint, plan = run_everywhere(group, lambda: plan_repack(source, limit))
+            if dry_run:
+                if lead:
+                    print_plan(plan)
+                return
+            total = sum(s.file_len for s in plan.shards)
+            with byte_progress(total, "repack", enabled=not quiet and lead) as advance:
+                result = write_repack(
+                    checkpoint,
+                    plan,
+                    output,
+                    jobs=jobs,
+                    overwrite=overwrite,
+                    resume=resume,
+                    group=group,
+                    progress=advance,
+                )
     except NormalizeError as e:
-        raise fail(str(e)) from None
+        raise failed(e) from None
+    if not lead:
+        return
     rate = result.total_size / max(result.seconds, 1e-9)
     say(
         f"Wrote {plural(len(result.shards), 'shard')} ({plural(result.tensors, 'tensor')}, "
         f"{format_bytes(result.total_size)}) to {result.output} in {result.seconds:.1f} s ({format_bytes(rate)}/s)."
     )
+    print_reused(result.reused)
     if result.aux_files:
         say(f"Copied {plural(len(result.aux_files), 'other file')}: {', '.join(result.aux_files)}")
+    print_skipped_aux(result.skipped_aux)
     if result.removed_stale:
         say(f"Removed stale shards of an earlier run: {', '.join(result.removed_stale)}")
     if result.ignored_files:
         say(f"Left out source files not referenced by the index: {', '.join(result.ignored_files)}")
     try:
-        offer_placement(result.output, source, place, yes, show_progress=not quiet)
+        offer_placement(result.output, source, place, yes, show_progress=not quiet, interactive=placement_asks(group))
     except NormalizeError as e:
         raise fail(str(e)) from None
+
+
+def print_reused(reused: list[str]) -> None:
+    """The summary line of a resumed run."""
+    if reused:
+        say(f"Kept {plural(len(reused), 'shard')} an interrupted run had finished: {', '.join(sorted(reused))}")
+
+
+def print_skipped_aux(skipped: list[tuple[str, str]]) -> None:
+    """One warning per source symlink the copy of the other files left out."""
+    for path, reason in skipped:
+        print_finding("warning", f"not copied: {path} ({reason})", err=True)
+
+
+def placement_asks(group) -> bool | None:
+    """Placement asks on a terminal, except in a distributed run (never: only --place)."""
+    return None if group.world_size == 1 else False
 
 
 @app.command("inspect", short_help="Describe a checkpoint and the problems it has.")

@@ -11,17 +11,21 @@ import typer
 
 from normalize_core.cli.app import (
     DeviceOpt,
+    DistributedOpt,
     MaxShardOpt,
     OverwriteOpt,
     PlaceOpt,
     QuietOpt,
+    ResumeOpt,
     ShardGbOpt,
     SourceOpt,
     YesOpt,
     app,
     fail,
+    failed,
     shard_limit,
 )
+from normalize_core.cli.checkpoint_commands import placement_asks, print_reused, print_skipped_aux
 from normalize_core.cli.console import print_finding, print_table, say, write_line
 from normalize_core.sizes import format_bytes
 from normalize_core.words import plural
@@ -143,7 +147,15 @@ def to_fp8_command(
             "--json", help="With --dry-run: one JSON object {quantize: [...], keep: [...], kept_to_load: {layer: why}}."
         ),
     ] = False,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "--jobs", "-j", min=1, help="Shards quantized at the same time on the CPU (they share the cores)."
+        ),
+    ] = 1,
     overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    distributed: DistributedOpt = False,
     quiet: QuietOpt = False,
     place: PlaceOpt = None,
     yes: YesOpt = False,
@@ -177,17 +189,18 @@ def to_fp8_command(
     from normalize_core.cli.check_command import parse_tp_sizes
 
     loadable_at = parse_tp_sizes(["1", *tp] if tp else None, (1,))
-    from normalize_core._core import NormalizeError, check_separate
+    from normalize_core._core import NormalizeError
     from normalize_core.cli.placement import check_place_option, offer_placement
     from normalize_core.cli.progress import byte_progress
+    from normalize_core.distributed import device_for_rank, joined, run_everywhere
     from normalize_core.fp8.convert import plan_fp8, write_fp8
     from normalize_core.fp8.quantizers import quantizer_for
 
-    try:
-        if output is not None and not dry_run:
-            check_separate([source], output)
-            check_place_option(place, output)
-        fp8 = plan_fp8(
+    if overwrite and resume:
+        raise typer.BadParameter("give --overwrite or --resume, not both")
+
+    def plan():
+        return plan_fp8(
             source,
             reference=reference,
             quantize_patterns=quantize_pattern or (),
@@ -201,44 +214,77 @@ def to_fp8_command(
             loadable_at=loadable_at,
             allow_unloadable=allow_unloadable,
         )
-        if fp8.reference_mismatch:
-            only_source, only_reference = fp8.reference_mismatch
-            if only_source or only_reference:
-                write_line(
-                    ("reference differs:", "yellow"),
-                    f" {plural(len(only_source), 'weight')} only in the source"
-                    f"{' (e.g. ' + only_source[0] + ')' if only_source else ''}, {len(only_reference)} only in the "
-                    f"reference{' (e.g. ' + only_reference[0] + ')' if only_reference else ''}",
+
+    try:
+        with joined(distributed) as group:
+            lead = group.rank == 0
+            if output is not None and not dry_run:
+                check_place_option(place, output)
+            fp8 = run_everywhere(group, plan)
+            if lead:
+                print_reference_mismatch(fp8)
+            if dry_run:
+                if lead:
+                    print_dry_run(fp8, as_json)
+                return
+            target = run_everywhere(group, lambda: quantizer_for(device_for_rank(device, group), fp8).device)
+            progress = byte_progress(
+                fp8.checkpoint.total_size,
+                f"to-fp8 on {target}" if group.world_size == 1 else f"to-fp8 on {group.world_size} ranks",
+                enabled=not quiet and lead,
+                items_total=len(fp8.layouts),
+                items_label="quantized",
+            )
+            with progress as advance:
+                result = write_fp8(
+                    fp8,
+                    output,
+                    device=target,
+                    jobs=jobs,
+                    overwrite=overwrite,
+                    resume=resume,
+                    group=group,
+                    progress=advance,
                 )
-        if dry_run:
-            if as_json:
-                decisions = {"quantize": sorted(fp8.quantized), "keep": sorted(fp8.kept)}
-                print(json.dumps(decisions | {"kept_to_load": kept_to_load(fp8.decisions)}))
-            else:
-                print_decisions(fp8)
-                print_kept_to_load(fp8.decisions)
-            return
-        target = quantizer_for(device, fp8).device
-        progress = byte_progress(
-            fp8.checkpoint.total_size,
-            f"to-fp8 on {target}",
-            enabled=not quiet,
-            items_total=len(fp8.layouts),
-            items_label="quantized",
-        )
-        with progress as advance:
-            result = write_fp8(fp8, output, device=target, overwrite=overwrite, progress=advance)
     except (NormalizeError, ValueError) as e:
-        raise fail(str(e)) from None
+        raise failed(e) from None
+    if not lead:
+        return
     say(
         f"Wrote {plural(len(result.shards), 'shard')} to {result.output} on {result.device} in {result.seconds:.1f} s: "
         f"{plural(result.quantized, 'tensor')} to FP8, {result.kept} kept, "
         f"{format_bytes(result.bytes_before)} → {format_bytes(result.bytes_after)}."
     )
     print_kept_to_load(fp8.decisions)
+    print_reused(result.reused)
+    print_skipped_aux(result.skipped_aux)
     if not result.config_written:
         print_finding("warning", "the source has no config.json, so no quantization_config was written")
     try:
-        offer_placement(result.output, source, place, yes, show_progress=not quiet)
+        offer_placement(result.output, source, place, yes, show_progress=not quiet, interactive=placement_asks(group))
     except NormalizeError as e:
         raise fail(str(e)) from None
+
+
+def print_reference_mismatch(fp8) -> None:
+    """With --reference: how the reference's weights differ from the source's, if they do."""
+    if not fp8.reference_mismatch:
+        return
+    only_source, only_reference = fp8.reference_mismatch
+    if only_source or only_reference:
+        write_line(
+            ("reference differs:", "yellow"),
+            f" {plural(len(only_source), 'weight')} only in the source"
+            f"{' (e.g. ' + only_source[0] + ')' if only_source else ''}, {len(only_reference)} only in the "
+            f"reference{' (e.g. ' + only_reference[0] + ')' if only_reference else ''}",
+        )
+
+
+def print_dry_run(fp8, as_json: bool) -> None:
+    """The decisions, as a table or (``--json``) one JSON object."""
+    if as_json:
+        decisions = {"quantize": sorted(fp8.quantized), "keep": sorted(fp8.kept)}
+        print(json.dumps(decisions | {"kept_to_load": kept_to_load(fp8.decisions)}))
+    else:
+        print_decisions(fp8)
+        print_kept_to_load(fp8.decisions)

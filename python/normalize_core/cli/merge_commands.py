@@ -9,13 +9,16 @@ from typing import Annotated
 import typer
 
 from normalize_core.cli.app import (
+    DistributedOpt,
     JobsOpt,
     MaxShardOpt,
     OverwriteOpt,
     QuietOpt,
+    ResumeOpt,
     ShardGbOpt,
     app,
     fail,
+    failed,
     shard_limit,
 )
 from normalize_core.cli.console import say
@@ -107,6 +110,8 @@ def print_aux_left_out(left_out: dict[str, str]) -> None:
 
 def print_merge_result(result) -> None:
     """What a ``MergeResult`` holds: shards, tensors, links, files left out."""
+    from normalize_core.cli.checkpoint_commands import print_reused, print_skipped_aux
+
     written = result.written
     rate = written.total_size / max(written.seconds, 1e-9)
     say(
@@ -114,6 +119,7 @@ def print_merge_result(result) -> None:
         f"{result.new_shards} new), {plural(written.tensors, 'tensor')}, {format_bytes(written.total_size)} "
         f"in {written.seconds:.1f} s ({format_bytes(rate)}/s)."
     )
+    print_reused(written.reused)
     if result.linked:
         say(f"Hard-linked {plural(result.linked, 'base shard')} (they share their data with base's files).")
     if result.link_fallbacks:
@@ -124,6 +130,7 @@ def print_merge_result(result) -> None:
         )
     if written.aux_files:
         say(f"Copied base's other files: {', '.join(written.aux_files)}")
+    print_skipped_aux(written.skipped_aux)
     if result.extra_aux_left_out:
         say(f"Not copied from extra (listed above): {', '.join(result.extra_aux_left_out)}")
 
@@ -161,6 +168,8 @@ def merge(
             "without this flag such a merge is refused.",
         ),
     ] = False,
+    resume: ResumeOpt = False,
+    distributed: DistributedOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Write base ∪ (extra − base) to --out: base wins wherever both hold a tensor.
@@ -175,36 +184,56 @@ def merge(
     A quantized and an unquantized checkpoint are refused unless --allow-mixed. Declining the
     confirmation writes nothing and exits 0.
     """
-    from normalize_core._core import NormalizeError, check_separate
-    from normalize_core.cli import placement
+    from normalize_core._core import NormalizeError
     from normalize_core.cli.checkpoint_commands import print_plan
     from normalize_core.cli.progress import byte_progress
+    from normalize_core.distributed import joined, run_everywhere
     from normalize_core.merge import plan_merge, write_merge
 
+    if overwrite and resume:
+        raise typer.BadParameter("give --overwrite or --resume, not both")
+    if distributed and not (yes or dry_run):
+        raise fail("a distributed merge never asks for confirmation; pass --yes")
     limit = shard_limit(shard_size_gb, max_shard_size)
     try:
-        if not dry_run:
-            check_separate([base, extra], out)
-        planned = plan_merge(base, extra, limit, allow_mixed=allow_mixed)
+        with joined(distributed) as group:
+            lead = group.rank == 0
+            planned = run_everywhere(group, lambda: plan_merge(base, extra, limit, allow_mixed=allow_mixed))
+            if lead:
+                print_diff(planned.diff, planned.extra)
+                print_merge_plan(planned, hardlink)
+            if dry_run:
+                if lead:
+                    print_plan(planned.plan)
+                return
+            if not (yes or confirmed(out)):
+                say("Nothing written.")
+                return
+            total = sum(s.file_len for s in planned.plan.shards)
+            with byte_progress(total, "merge", enabled=not quiet and lead) as advance:
+                result = write_merge(
+                    planned,
+                    out,
+                    hardlink=hardlink,
+                    jobs=jobs,
+                    overwrite=overwrite,
+                    resume=resume,
+                    group=group,
+                    progress=advance,
+                )
     except NormalizeError as e:
-        raise fail(str(e)) from None
-    print_diff(planned.diff, planned.extra)
-    print_merge_plan(planned, hardlink)
-    if dry_run:
-        print_plan(planned.plan)
-        return
-    if not yes:
-        if not placement.terminal_attached():
-            raise fail("merge asks for confirmation and this is not a terminal; pass --yes to merge without asking")
-        if not typer.confirm(f"Write the merged checkpoint to {out}?", default=True):
-            say("Nothing written.")
-            return
-    try:
-        with byte_progress(sum(s.file_len for s in planned.plan.shards), "merge", enabled=not quiet) as advance:
-            result = write_merge(planned, out, hardlink=hardlink, jobs=jobs, overwrite=overwrite, progress=advance)
-    except NormalizeError as e:
-        raise fail(str(e)) from None
-    print_merge_result(result)
+        raise failed(e) from None
+    if lead:
+        print_merge_result(result)
+
+
+def confirmed(out: Path) -> bool:
+    """Asks on a terminal whether to write; refuses off one (``--yes`` skips this)."""
+    from normalize_core.cli import placement
+
+    if not placement.terminal_attached():
+        raise fail("merge asks for confirmation and this is not a terminal; pass --yes to merge without asking")
+    return typer.confirm(f"Write the merged checkpoint to {out}?", default=True)
 
 
 @app.command("place", short_help="Copy a written output's weights to their final home.")

@@ -2,22 +2,22 @@
 
 Planning reads headers only: the rules decide per tensor, each quantized weight becomes an FP8
 tensor of the same shape plus a ``_scale_inv`` whose size is known up front, so the Rust planner
-fixes every output shard, header and offset before any byte moves. Then, shard by shard, the
-Rust writer copies the untouched tensors inside the kernel (on a helper thread) while this
-thread quantizes the others: each source tensor is a zero-copy view of its file, read ahead by
-one tensor, quantized, and its bytes handed to the writer without a copy.
+fixes every output shard, header and offset before any byte moves. Then the output module writes
+the shards (``jobs`` at a time; resumable; split between ranks in a distributed run): the Rust
+writer copies a shard's untouched tensors inside the kernel (on a helper thread) while a job
+quantizes the others, each source tensor read one tensor ahead, its bytes handed to the writer
+without a copy.
 
-On the CPU the Rust kernel quantizes straight from the mapped file, and torch is not even
-imported; on a GPU, torch does (see ``quantize.py``), with the same bytes as result.
+On the CPU the Rust kernel quantizes, and torch is not even imported; on a GPU, torch does (see
+``quantize.py``), with the same bytes as result.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
-import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +26,8 @@ from normalize_core._core import (
     OutputPlan,
     PlanBuilder,
     TensorEntry,
-    check_separate,
 )
+from normalize_core.distributed import SOLO, Group, device_for_rank, joined, kernel_threads, run_everywhere
 from normalize_core.engines.loadability import keep_unloadable
 from normalize_core.errors import normalize_error
 from normalize_core.fp8.config import (
@@ -55,8 +55,9 @@ from normalize_core.fp8.rules import (
     with_skip_patterns,
 )
 from normalize_core.kinds import Layout, Naming, ScaleDtype, ScaleFormat
-from normalize_core.repack import finish_output, fresh_output
+from normalize_core.output import RunSpec, write_output
 from normalize_core.report import read_config
+from normalize_core.shard_filling import ComputedTensors
 from normalize_core.sizes import GIB
 
 
@@ -77,6 +78,8 @@ class Fp8Plan:
     quantization_config: dict
     #: With ``--reference``: (weights only in the source, weights only in the reference).
     reference_mismatch: tuple[list[str], list[str]] | None = None
+    #: The shard size limit the plan was packed with (it changes nothing when the layout is kept).
+    max_shard_bytes: int = 4 * GIB
 
     @property
     def quantized(self) -> list[str]:
@@ -112,7 +115,11 @@ class Fp8Result:
     seconds: float
     config_written: bool
     aux_files: list[str] = field(default_factory=list)
+    #: ``(path, reason)`` of source symlinks not copied (they lead outside the source, or nowhere).
+    skipped_aux: list[tuple[str, str]] = field(default_factory=list)
     removed_stale: list[str] = field(default_factory=list)
+    #: Shards an interrupted earlier run had finished, kept by ``resume``.
+    reused: list[str] = field(default_factory=list)
 
 
 def refuse_quantized_source(checkpoint: Checkpoint, entries: list[TensorEntry]) -> None:
@@ -223,6 +230,7 @@ def plan_fp8(
         block_size=block_size,
         quantization_config=fp8_quantization_config(sorted(kept_modules), block_size=block_size, scale_fmt=scale_fmt),
         reference_mismatch=mismatch,
+        max_shard_bytes=max_shard_bytes,
     )
     if build_plan:
         fp8.plan = build_output_plan(checkpoint, decisions, fp8.layouts, repack, max_shard_bytes)
@@ -270,16 +278,25 @@ def to_fp8(
     output: str | os.PathLike,
     *,
     device: str = "auto",
+    jobs: int = 1,
     overwrite: bool = False,
+    resume: bool = False,
+    distributed: bool = False,
     progress: Callable[[int], None] | None = None,
     **plan_options,
 ) -> Fp8Result:
     """Converts ``source`` to block FP8 in ``output`` (see ``plan_fp8`` for the options):
     FP8 weights with ``_scale_inv`` companions, a fresh index, ``config.json`` with its
     ``quantization_config``, every other file copied. ``progress(n)`` receives source bytes done.
+    ``jobs`` shards are quantized at a time (on the CPU, the cores are shared between them);
+    ``resume`` finishes an interrupted run into ``output``; ``distributed`` makes this process one
+    rank of a run started by torchrun (see ``write_fp8``).
     """
-    check_separate([Path(source)], Path(output))
-    return write_fp8(plan_fp8(source, **plan_options), output, device=device, overwrite=overwrite, progress=progress)
+    with joined(distributed) as group:
+        fp8 = run_everywhere(group, lambda: plan_fp8(source, **plan_options))
+        return write_fp8(
+            fp8, output, device=device, jobs=jobs, overwrite=overwrite, resume=resume, group=group, progress=progress
+        )
 
 
 def write_fp8(
@@ -287,31 +304,37 @@ def write_fp8(
     output: str | os.PathLike,
     *,
     device: str = "auto",
+    jobs: int = 1,
     overwrite: bool = False,
+    resume: bool = False,
+    group: Group = SOLO,
     progress: Callable[..., None] | None = None,
 ) -> Fp8Result:
     """Executes a plan made by ``plan_fp8``. ``progress(n_bytes, items=0)`` receives source bytes
-    done and, per quantized tensor, ``items=1``."""
-    started = time.monotonic()
+    done and, per quantized tensor, ``items=1``. In a distributed run (``group`` from
+    ``distributed.joined``) each rank quantizes its own shards on ``cuda:LOCAL_RANK`` where
+    ``device`` is ``auto`` (with a GPU) or ``cuda``, else with the CPU kernel."""
     output = Path(output)
-    quantizer = quantizer_for(device, fp8)
+    filler = run_everywhere(group, lambda: fp8_filler(fp8, device_for_rank(device, group), kernel_threads(jobs, group)))
     checkpoint = fp8.checkpoint
-    check_separate([checkpoint.dir], output)
-    advance = progress or (lambda _n, items=0: None)
-    with fresh_output(output, overwrite):
-        finished: list[Path] = []
-        try:
-            write_shards(fp8, output, quantizer, advance, finished)
-        except BaseException:
-            for path in finished:
-                path.unlink(missing_ok=True)
-            raise
-        source_config = checkpoint.dir / "config.json"
+    source_config = checkpoint.dir / "config.json"
 
-        def write_config() -> None:
-            write_quantized_config(source_config, output / "config.json", fp8.quantization_config)
+    def write_config() -> None:
+        write_quantized_config(source_config, output / "config.json", fp8.quantization_config)
 
-        written = finish_output(fp8.plan, checkpoint.dir, output, started, before_index=write_config)
+    written = write_output(
+        fp8.plan,
+        output,
+        RunSpec("to-fp8", [checkpoint], run_options(fp8)),
+        fill=filler,
+        jobs=jobs,
+        before_index=write_config,
+        overwrite=overwrite,
+        resume=resume,
+        group=group,
+        progress=progress,
+        shard_work=filler.shard_work(fp8.plan.shards, checkpoint),
+    )
     return Fp8Result(
         output=output,
         shards=written.shards,
@@ -319,48 +342,52 @@ def write_fp8(
         kept=len(fp8.decisions) - len(fp8.layouts),
         bytes_before=checkpoint.total_size,
         bytes_after=written.total_size,
-        device=quantizer.device,
+        device=filler.device,
         seconds=written.seconds,
         config_written=source_config.is_file(),
         aux_files=written.aux_files,
+        skipped_aux=written.skipped_aux,
         removed_stale=written.removed_stale,
+        reused=written.reused,
     )
 
 
-def write_shards(fp8: Fp8Plan, output: Path, quantizer, advance, finished: list[Path]) -> None:
-    """Writes every shard: kernel copies on a helper thread, quantization on this one."""
-    checkpoint = fp8.checkpoint
-    order = [name for shard in fp8.plan.shards for name in shard.provided if name in fp8.layouts]
-    sources = read_ahead(order, quantizer.load)
-    with ThreadPoolExecutor(1, thread_name_prefix="normalize-copy") as copier:
-        for index, shard in enumerate(fp8.plan.shards):
-            writer = fp8.plan.open_shard(index, output)
-            try:
-                copying = copier.submit(writer.copy_sources, advance)
-                for name in shard.provided:
-                    layout = fp8.layouts.get(name)
-                    if layout is None:
-                        continue
-                    loaded_name, source = next(sources)
-                    assert loaded_name == name, (loaded_name, name)
-                    fp8_bytes, scale_bytes = quantizer.quantize(source, layout)
-                    del source
-                    writer.write(name, fp8_bytes)
-                    writer.write(layout.scale_name, scale_bytes)
-                    advance(checkpoint.tensor(name).nbytes, 1)
-                copying.result()
-                finished.append(writer.finish())
-            except BaseException:
-                writer.abort()
-                raise
+def run_options(fp8: Fp8Plan) -> dict[str, object]:
+    """What changes to-fp8's bytes beyond the planned headers, for the run record: the scale
+    format (same shapes, other values), and, to name the cause, the other scale settings, the
+    layout and which tensors become FP8."""
+    quantized = sorted(fp8.layouts)
+    digest = hashlib.sha256("\n".join(quantized).encode()).hexdigest()[:16]
+    return {
+        "scale_fmt": str(fp8.scale_fmt),
+        "scale_dtype": str(fp8.scale_dtype),
+        "block_size": fp8.block_size,
+        "repack": fp8.repacked,
+        "max_shard_bytes": fp8.max_shard_bytes if fp8.repacked else None,
+        "tensors_to_fp8": f"{len(quantized)} tensors (sha256 {digest})",
+    }
 
 
-def read_ahead(names: list[str], load: Callable[[str], object]) -> Iterator[tuple[str, object]]:
-    """Yields ``(name, load(name))`` in order, loading the next one on a helper thread while the
-    caller works on the current one."""
-    with ThreadPoolExecutor(1, thread_name_prefix="normalize-read") as reader:
-        pending = reader.submit(load, names[0]) if names else None
-        for i, name in enumerate(names):
-            current = pending.result()
-            pending = reader.submit(load, names[i + 1]) if i + 1 < len(names) else None
-            yield name, current
+class Fp8Converter:
+    """Quantizes one source weight into its FP8 bytes and scale (a ``shard_filling.Converter``)."""
+
+    def __init__(self, quantizer, layouts: dict[str, QuantizedLayout]):
+        self.quantizer = quantizer
+        self.layouts = layouts
+        self.device = quantizer.device
+        self.load = quantizer.load
+
+    def convert(self, loaded, name: str) -> list[tuple[str, object]]:
+        layout = self.layouts[name]
+        fp8_bytes, scale_bytes = self.quantizer.quantize(loaded, layout)
+        return [(name, fp8_bytes), (layout.scale_name, scale_bytes)]
+
+
+def fp8_filler(fp8: Fp8Plan, device: str, threads: int) -> ComputedTensors:
+    """The filler that quantizes each shard's weights on ``device``, one quantizer per job."""
+    inputs = [[name for name in shard.provided if name in fp8.layouts] for shard in fp8.plan.shards]
+    return ComputedTensors(
+        inputs,
+        lambda: Fp8Converter(quantizer_for(device, fp8, threads=threads), fp8.layouts),
+        lambda name: fp8.checkpoint.tensor(name).nbytes,
+    )

@@ -26,14 +26,15 @@ def gpu_present() -> bool:
     return torch.cuda.is_available()
 
 
-def quantizer_for(device: str, fp8) -> KernelQuantizer | TorchQuantizer:
-    """The quantizer for ``device`` ("auto", "cpu", "cuda", "cuda:N") and a plan made by ``plan_fp8``.
-    Raises ``ValueError`` for any other value, or a GPU that torch does not see."""
+def quantizer_for(device: str, fp8, threads: int | None = None) -> KernelQuantizer | TorchQuantizer:
+    """The quantizer for ``device`` ("auto", "cpu", "cuda", "cuda:N") and a plan made by ``plan_fp8``;
+    on the CPU the kernel uses ``threads`` threads (default: every core). Raises ``ValueError`` for
+    any other value, or a GPU that torch does not see."""
     device = parse_device(device)
     if device == AUTO:
         device = CUDA if gpu_present() else CPU
     if device == CPU:
-        return KernelQuantizer(fp8.checkpoint, fp8.scale_fmt)
+        return KernelQuantizer(fp8.checkpoint, fp8.scale_fmt, threads)
     if importlib.util.find_spec("torch") is None:
         raise ValueError(f"device {device!r} needs torch, which is not installed (pip install 'model-normalize[gpu]')")
     return TorchQuantizer(fp8.checkpoint, fp8.scale_fmt, device)
@@ -45,10 +46,10 @@ class KernelQuantizer:
 
     device = CPU
 
-    def __init__(self, checkpoint: Checkpoint, scale_fmt: ScaleFormat):
+    def __init__(self, checkpoint: Checkpoint, scale_fmt: ScaleFormat, threads: int | None = None):
         self.checkpoint = checkpoint
         self.scale_fmt = scale_fmt
-        self.threads = os.cpu_count() or 1
+        self.threads = threads or os.cpu_count() or 1
         # Output buffers are reused from tensor to tensor (grown when needed): fresh ones would
         # cost a page fault and a zeroing per page of every output byte.
         self._fp8 = bytearray()
@@ -104,6 +105,9 @@ class TorchQuantizer:
         self.torch = torch
         self.target = torch_device(device)
         self.device = str(self.target)
+        if self.target.type == CUDA and self.target.index is not None:
+            # Page-locked buffers and streams belong to the current device: make it this one.
+            torch.cuda.set_device(self.target)
         self.checkpoint = checkpoint
         self.scale_fmt = scale_fmt
 

@@ -190,10 +190,6 @@ pub enum Error {
         source_dir: PathBuf,
     },
 
-    /// The output directory has files and overwriting was not asked for.
-    #[error("{}: output directory is not empty; pass --overwrite to replace the files this tool writes", output.display())]
-    OutputNotEmpty { output: PathBuf },
-
     /// A requested output tensor is inconsistent (unknown source, bad size, duplicate name).
     #[error("tensor '{tensor}': {detail}")]
     InvalidPlan { tensor: String, detail: String },
@@ -284,7 +280,6 @@ impl Error {
             OutputIsSource { output } => ("output_is_source", Some(output), None),
             OutputInsideSource { output, .. } => ("output_inside_source", Some(output), None),
             SourceInsideOutput { output, .. } => ("source_inside_output", Some(output), None),
-            OutputNotEmpty { output } => ("output_not_empty", Some(output), None),
             InvalidPlan { tensor, .. } => ("invalid_plan", None, Some(tensor)),
             WriteRejected { file, tensor, .. } => ("write_rejected", Some(file), Some(tensor)),
             TensorNotWritten { file, tensor } => ("tensor_not_written", Some(file), Some(tensor)),

@@ -42,4 +42,4 @@ pub use error::{Error, Result};
 pub use plan::{
     plan_repack, OutputPlan, OutputTensor, PlanBuilder, ShardNaming, ShardPlan, TensorGroup,
 };
-pub use writer::{execute_plan, write_index, ExecuteOptions, ShardWriter};
+pub use writer::{execute_plan, planned_header, write_index, ExecuteOptions, ShardWriter};

@@ -1,11 +1,11 @@
-//! Guarding the output directory: never the source, never nested with it, never silently
-//! mixed with an earlier run's files.
+//! Guarding the output directory: never the source, never nested with it; recognising (and
+//! removing) the shards an earlier run left there.
 
 use std::collections::HashSet;
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::format::{is_temporary_name, INDEX_FILE};
+use crate::format::is_temporary_name;
 
 /// Kept at its first home for callers; it lives in [`crate::format`].
 pub use crate::format::is_tool_shard_name;
@@ -36,39 +36,6 @@ pub fn check_separate(sources: &[&Path], output: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Creates the output directory, or checks an existing one is empty. With `overwrite`, an
-/// existing directory is accepted: its index is removed first (so it never points at shards
-/// being replaced) and temporary files left by a killed run are cleared.
-pub fn prepare_output_dir(output: &Path, overwrite: bool) -> Result<()> {
-    if output.exists() && !output.is_dir() {
-        return Err(Error::NotADirectory {
-            path: output.into(),
-        });
-    }
-    std::fs::create_dir_all(output).map_err(|e| Error::io(output, e))?;
-    let mut entries = std::fs::read_dir(output).map_err(|e| Error::io(output, e))?;
-    if entries.next().is_none() {
-        return Ok(());
-    }
-    if !overwrite {
-        return Err(Error::OutputNotEmpty {
-            output: output.into(),
-        });
-    }
-    let index = output.join(INDEX_FILE);
-    if std::fs::symlink_metadata(&index).is_ok() {
-        std::fs::remove_file(&index).map_err(|e| Error::io(&index, e))?;
-    }
-    for entry in std::fs::read_dir(output).map_err(|e| Error::io(output, e))? {
-        let entry = entry.map_err(|e| Error::io(output, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if is_temporary_name(&name) {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
-    Ok(())
-}
-
 /// Removes shard files of this tool's naming that the new index does not reference (left by an
 /// earlier run into the same directory). Returns their names.
 pub fn remove_stale_shards(output: &Path, keep: &HashSet<&str>) -> Result<Vec<String>> {
@@ -79,6 +46,29 @@ pub fn remove_stale_shards(output: &Path, keep: &HashSet<&str>) -> Result<Vec<St
         if is_tool_shard_name(&name) && !keep.contains(name.as_str()) {
             std::fs::remove_file(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
             removed.push(name);
+        }
+    }
+    removed.sort();
+    Ok(removed)
+}
+
+/// Removes this tool's temporary files (`.<name>.partial-<pid>`) anywhere below `output`, left by
+/// killed runs, without following symlinks. Returns their paths relative to `output`, sorted.
+pub fn remove_temporaries(output: &Path) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let mut pending = vec![output.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
+            let entry = entry.map_err(|e| Error::io(&dir, e))?;
+            let kind = entry.file_type().map_err(|e| Error::io(entry.path(), e))?;
+            let path = entry.path();
+            if kind.is_dir() {
+                pending.push(path);
+            } else if is_temporary_name(&entry.file_name().to_string_lossy()) {
+                std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                let relative = path.strip_prefix(output).unwrap_or(&path);
+                removed.push(relative.to_string_lossy().into_owned());
+            }
         }
     }
     removed.sort();
@@ -139,18 +129,30 @@ mod tests {
     }
 
     #[test]
-    fn non_empty_output_needs_overwrite() {
+    fn removes_temporaries_at_any_depth_but_not_through_links() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
-        prepare_output_dir(&out, false).unwrap();
-        std::fs::write(out.join("note.txt"), "x").unwrap();
-        std::fs::write(out.join(INDEX_FILE), "{}").unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(out.join("assets/deeper")).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        for path in [
+            out.join(".model-00001-of-00002.safetensors.partial-12"),
+            out.join("assets/deeper/.vocab.txt.partial-7"),
+            outside.join(".x.partial-1"),
+            out.join("notes.partial-1"),
+        ] {
+            std::fs::write(path, "x").unwrap();
+        }
+        std::os::unix::fs::symlink(&outside, out.join("linked")).unwrap();
+        let removed = remove_temporaries(&out).unwrap();
         assert_eq!(
-            prepare_output_dir(&out, false).unwrap_err().kind(),
-            "output_not_empty"
+            removed,
+            [
+                ".model-00001-of-00002.safetensors.partial-12",
+                "assets/deeper/.vocab.txt.partial-7"
+            ]
         );
-        prepare_output_dir(&out, true).unwrap();
-        assert!(!out.join(INDEX_FILE).exists());
-        assert!(out.join("note.txt").exists());
+        assert!(outside.join(".x.partial-1").exists());
+        assert!(out.join("notes.partial-1").exists());
     }
 }

@@ -237,74 +237,120 @@ pub struct ExecuteReport {
     pub link_fallbacks: Vec<(String, String)>,
 }
 
-/// Writes every shard of a plan whose tensors all come from source files, `jobs` shards at a
-/// time. On failure, the shards this call completed are removed again and no index is written.
+/// Writes shards `shards` (indices into `plan.shards`, each at most once) of a plan whose
+/// tensors all come from source files, `jobs` shards at a time.
+///
+/// Each shard is fsynced, renamed into place and its directory synced before `on_done(shard)`
+/// is called, so a caller that records it then never records a shard a crash could lose. On
+/// failure the other jobs stop and the first real error is returned; the shards reported done
+/// stay in place (whether to keep them for a resumed run is the caller's decision) and no
+/// index is written. Panics on an index outside the plan.
 pub fn execute_plan(
     plan: &Arc<OutputPlan>,
     out_dir: &Path,
+    shards: &[usize],
     options: ExecuteOptions,
     progress: Progress<'_>,
+    on_done: &(dyn Fn(usize) + Sync),
 ) -> Result<ExecuteReport> {
-    if let Some(t) = plan
-        .shards
-        .iter()
-        .flat_map(|s| &s.tensors)
-        .find(|t| t.tensor.source == TensorSource::Provided)
-    {
-        return Err(Error::InvalidPlan {
-            tensor: t.tensor.name.clone(),
-            detail: "its bytes must be provided by the caller; use ShardWriter".into(),
-        });
-    }
-    let next = AtomicUsize::new(0);
-    let stop = AtomicBool::new(false);
-    let failure: Mutex<Option<Error>> = Mutex::new(None);
-    let completed: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
-    let report = Mutex::new(ExecuteReport::default());
-    let guarded = |n: u64| !stop.load(Ordering::Relaxed) && progress(n);
-    let worker = || loop {
-        let shard = next.fetch_add(1, Ordering::Relaxed);
-        if shard >= plan.shards.len() || stop.load(Ordering::Relaxed) {
-            return;
-        }
-        match write_one_shard(plan, shard, out_dir, options.hardlink, &guarded) {
-            Ok((dest, link)) => {
-                completed.lock().unwrap().push(dest);
-                let mut report = report.lock().unwrap();
-                match link {
-                    LinkOutcome::Linked => report.linked += 1,
-                    LinkOutcome::Copied(Some(reason)) => report
-                        .link_fallbacks
-                        .push((plan.shards[shard].file_name.clone(), reason)),
-                    LinkOutcome::Copied(None) => {}
+    refuse_provided_tensors(plan, shards)?;
+    let jobs = Jobs::new(shards);
+    let guarded = |n: u64| !jobs.stopped() && progress(n);
+    let worker = || {
+        while let Some(shard) = jobs.next() {
+            match write_one_shard(plan, shard, out_dir, options.hardlink, &guarded) {
+                Ok(link) => {
+                    on_done(shard);
+                    jobs.record(&plan.shards[shard].file_name, link);
                 }
-            }
-            Err(e) => {
-                stop.store(true, Ordering::Relaxed);
-                let mut slot = failure.lock().unwrap();
-                // A real failure explains more than the cancellations it caused elsewhere.
-                if slot.as_ref().is_none_or(|f| matches!(f, Error::Cancelled)) {
-                    *slot = Some(e);
-                }
-                return;
+                Err(error) => return jobs.fail(error),
             }
         }
     };
-    let jobs = options.jobs.clamp(1, plan.shards.len().max(1));
+    let threads = options.jobs.clamp(1, shards.len().max(1));
     std::thread::scope(|scope| {
-        for _ in 1..jobs {
+        for _ in 1..threads {
             scope.spawn(worker);
         }
         worker();
     });
-    if let Some(error) = failure.into_inner().unwrap() {
-        for path in completed.into_inner().unwrap() {
-            let _ = std::fs::remove_file(path);
-        }
-        return Err(error);
+    jobs.into_report()
+}
+
+/// Copy-only execution cannot write tensors whose bytes a caller computes.
+fn refuse_provided_tensors(plan: &OutputPlan, shards: &[usize]) -> Result<()> {
+    let provided = shards
+        .iter()
+        .flat_map(|&s| &plan.shards[s].tensors)
+        .find(|t| t.tensor.source == TensorSource::Provided);
+    match provided {
+        Some(t) => Err(Error::InvalidPlan {
+            tensor: t.tensor.name.clone(),
+            detail: "its bytes must be provided by the caller; use ShardWriter".into(),
+        }),
+        None => Ok(()),
     }
-    sync_dir(out_dir)?;
-    Ok(report.into_inner().unwrap())
+}
+
+/// The work queue and outcome shared by the workers of one [`execute_plan`] call.
+struct Jobs<'a> {
+    shards: &'a [usize],
+    next: AtomicUsize,
+    stop: AtomicBool,
+    failure: Mutex<Option<Error>>,
+    report: Mutex<ExecuteReport>,
+}
+
+impl<'a> Jobs<'a> {
+    fn new(shards: &'a [usize]) -> Self {
+        Jobs {
+            shards,
+            next: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            report: Mutex::new(ExecuteReport::default()),
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// The next shard to write, unless the queue is empty or a job failed.
+    fn next(&self) -> Option<usize> {
+        let position = self.next.fetch_add(1, Ordering::Relaxed);
+        match self.shards.get(position) {
+            Some(&shard) if !self.stopped() => Some(shard),
+            _ => None,
+        }
+    }
+
+    fn record(&self, file_name: &str, link: LinkOutcome) {
+        let mut report = self.report.lock().unwrap();
+        match link {
+            LinkOutcome::Linked => report.linked += 1,
+            LinkOutcome::Copied(Some(reason)) => {
+                report.link_fallbacks.push((file_name.to_string(), reason))
+            }
+            LinkOutcome::Copied(None) => {}
+        }
+    }
+
+    fn fail(&self, error: Error) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut slot = self.failure.lock().unwrap();
+        // A real failure explains more than the cancellations it caused elsewhere.
+        if slot.as_ref().is_none_or(|f| matches!(f, Error::Cancelled)) {
+            *slot = Some(error);
+        }
+    }
+
+    fn into_report(self) -> Result<ExecuteReport> {
+        match self.failure.into_inner().unwrap() {
+            Some(error) => Err(error),
+            None => Ok(self.report.into_inner().unwrap()),
+        }
+    }
 }
 
 enum LinkOutcome {
@@ -313,13 +359,14 @@ enum LinkOutcome {
     Copied(Option<String>),
 }
 
+/// Writes (or links) one shard and makes its new directory entry durable.
 fn write_one_shard(
     plan: &Arc<OutputPlan>,
     shard: usize,
     out_dir: &Path,
     hardlink: bool,
     progress: Progress<'_>,
-) -> Result<(PathBuf, LinkOutcome)> {
+) -> Result<LinkOutcome> {
     let spec = &plan.shards[shard];
     let mut fallback = None;
     if let (true, ShardKind::WholeFile { file }) = (hardlink, &spec.kind) {
@@ -327,14 +374,35 @@ fn write_one_shard(
         match link_into_place(&plan.sources[*file], &dest) {
             Ok(()) => {
                 progress(spec.file_len);
-                return Ok((dest, LinkOutcome::Linked));
+                sync_dir(out_dir)?;
+                return Ok(LinkOutcome::Linked);
             }
             Err(e) => fallback = Some(e.to_string()),
         }
     }
     let writer = ShardWriter::create(Arc::clone(plan), shard, out_dir)?;
     writer.copy_sources(progress)?;
-    Ok((writer.finish()?, LinkOutcome::Copied(fallback)))
+    writer.finish()?;
+    sync_dir(out_dir)?;
+    Ok(LinkOutcome::Copied(fallback))
+}
+
+/// The bytes shard `shard` of `plan` starts with: length prefix, header JSON and padding. For a
+/// whole-file shard they are read from its source file (its header, as planned).
+pub fn planned_header(plan: &OutputPlan, shard: usize) -> Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let spec = &plan.shards[shard];
+    match &spec.kind {
+        ShardKind::Assembled { header } => Ok(header.clone()),
+        ShardKind::WholeFile { file } => {
+            let path = &plan.sources[*file];
+            let mut header = vec![0u8; spec.data_start() as usize];
+            File::open(path)
+                .and_then(|f| f.read_exact_at(&mut header, 0))
+                .map_err(|e| Error::io(path, e))?;
+            Ok(header)
+        }
+    }
 }
 
 /// Hard-links `source` as `dest` (through a temporary name, so `dest` is replaced atomically).

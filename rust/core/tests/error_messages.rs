@@ -42,7 +42,6 @@ fn covered(error: &Error) -> &'static str {
         OutputIsSource { .. } => "OutputIsSource",
         OutputInsideSource { .. } => "OutputInsideSource",
         SourceInsideOutput { .. } => "SourceInsideOutput",
-        OutputNotEmpty { .. } => "OutputNotEmpty",
         InvalidPlan { .. } => "InvalidPlan",
         WriteRejected { .. } => "WriteRejected",
         TensorNotWritten { .. } => "TensorNotWritten",
@@ -266,13 +265,6 @@ fn golden() -> Vec<Golden> {
             "/: source /m lies inside this output directory; choose another output",
             "source_inside_output",
             Some("/"),
-            None,
-        ),
-        (
-            Error::OutputNotEmpty { output: p("/out") },
-            "/out: output directory is not empty; pass --overwrite to replace the files this tool writes",
-            "output_not_empty",
-            Some("/out"),
             None,
         ),
         (

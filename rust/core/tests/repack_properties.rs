@@ -173,7 +173,8 @@ proptest! {
         let out = dir.path().join("out");
         std::fs::create_dir(&out).unwrap();
         let plan = Arc::new(plan);
-        execute_plan(&plan, &out, ExecuteOptions { jobs, hardlink: false }, &|_| true).unwrap();
+        let all: Vec<usize> = (0..plan.shards.len()).collect();
+        execute_plan(&plan, &out, &all, ExecuteOptions { jobs, hardlink: false }, &|_| true, &|_| {}).unwrap();
         write_index(&plan, &out).unwrap();
         let mut found = BTreeMap::new();
         for shard in &plan.shards {

@@ -1,17 +1,19 @@
 //! `ShardWriter` on real files: what it refuses (a tensor written twice, the wrong byte count, an
 //! unknown name, a shard finished with a tensor missing, a source that changed), that a refused or
 //! dropped shard leaves no file behind, and that a finished one reads back with the reference crate.
+//! `execute_plan` on a subset of shards, reporting each one once it is in place, and the planned
+//! header bytes of each shard.
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use normalize_core::dtype::Dtype;
 use normalize_core::{
-    execute_plan, Checkpoint, ExecuteOptions, OutputPlan, OutputTensor, PlanBuilder, ShardNaming,
-    ShardWriter, TensorGroup,
+    execute_plan, plan_repack, planned_header, Checkpoint, ExecuteOptions, OutputPlan,
+    OutputTensor, PlanBuilder, ShardNaming, ShardWriter, TensorGroup,
 };
 use safetensors::tensor::TensorView;
 use safetensors::SafeTensors;
@@ -246,10 +248,85 @@ fn execute_plan_notices_a_source_rewritten_during_the_copy() {
         hardlink: false,
     };
 
-    let err = execute_plan(&plan, &out, options, &rewrite_once).unwrap_err();
+    let all: Vec<usize> = (0..plan.shards.len()).collect();
+    let err = execute_plan(&plan, &out, &all, options, &rewrite_once, &|_| {}).unwrap_err();
 
     assert!(rewritten.load(Ordering::Relaxed));
     assert_eq!(err.kind(), "source_changed");
     assert_eq!(err.file(), Some(victim.as_path()));
     assert!(entries(&out).is_empty(), "{:?}", entries(&out));
+}
+
+/// The repack plan of `source`'s checkpoint with every tensor in a shard of its own (two shards),
+/// and an empty output directory.
+fn two_shards(dir: &Path) -> (Arc<OutputPlan>, PathBuf) {
+    let checkpoint = Checkpoint::open(&source(dir)).unwrap();
+    let plan = plan_repack(&checkpoint, 1).unwrap();
+    assert_eq!(plan.shards.len(), 2);
+    let out = dir.join("out");
+    std::fs::create_dir(&out).unwrap();
+    (Arc::new(plan), out)
+}
+
+const ONE_JOB: ExecuteOptions = ExecuteOptions {
+    jobs: 1,
+    hardlink: false,
+};
+
+#[test]
+fn execute_plan_writes_only_the_given_shards_and_reports_each_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, out) = two_shards(dir.path());
+    let done = Mutex::new(Vec::new());
+    let on_done = |shard: usize| {
+        // Reported only once the shard has its final name and its full size.
+        let spec = &plan.shards[shard];
+        let len = std::fs::metadata(out.join(&spec.file_name)).unwrap().len();
+        assert_eq!(len, spec.file_len);
+        done.lock().unwrap().push(shard);
+    };
+    execute_plan(&plan, &out, &[1], ONE_JOB, &|_| true, &on_done).unwrap();
+    assert_eq!(done.into_inner().unwrap(), [1]);
+    assert_eq!(entries(&out), [plan.shards[1].file_name.clone()]);
+    let written = std::fs::read(out.join(&plan.shards[1].file_name)).unwrap();
+    assert!(written.ends_with(&(100..116).collect::<Vec<u8>>()));
+}
+
+#[test]
+fn execute_plan_keeps_the_shards_reported_done_when_a_later_one_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, out) = two_shards(dir.path());
+    let done = Mutex::new(Vec::new());
+    // The first shard's copy passes; the second one's is refused.
+    let budget = AtomicUsize::new(1);
+    let progress = |_n: u64| budget.fetch_sub(1, Ordering::Relaxed) > 0;
+    let on_done = |shard: usize| done.lock().unwrap().push(shard);
+    let error = execute_plan(&plan, &out, &[0, 1], ONE_JOB, &progress, &on_done).unwrap_err();
+    assert_eq!(error.kind(), "cancelled");
+    assert_eq!(done.into_inner().unwrap(), [0]);
+    assert_eq!(entries(&out), [plan.shards[0].file_name.clone()]);
+}
+
+#[test]
+fn planned_header_is_what_each_shard_starts_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, out) = two_shards(dir.path());
+    execute_plan(&plan, &out, &[0, 1], ONE_JOB, &|_| true, &|_| {}).unwrap();
+    for (i, spec) in plan.shards.iter().enumerate() {
+        let header = planned_header(&plan, i).unwrap();
+        assert_eq!(header.len() as u64, spec.data_start());
+        assert!(std::fs::read(out.join(&spec.file_name))
+            .unwrap()
+            .starts_with(&header));
+    }
+    // A whole-file shard's header is its source file's.
+    let checkpoint = Checkpoint::open(&dir.path().join("src")).unwrap();
+    let (mut builder, bases) = PlanBuilder::new(&[&checkpoint]);
+    let norm = OutputTensor::copied(checkpoint.tensor("norm").unwrap(), bases[0]);
+    builder.whole_file(0, vec![norm]);
+    let whole = builder.finish(ShardNaming::Standard).unwrap();
+    let header = planned_header(&whole, 0).unwrap();
+    let source = std::fs::read(dir.path().join("src/a.safetensors")).unwrap();
+    assert_eq!(header.len() as u64, whole.shards[0].data_start());
+    assert_eq!(&source[..header.len()], header.as_slice());
 }

@@ -62,6 +62,23 @@ where
     T: Send,
     F: FnOnce(&(dyn Fn(u64) -> bool + Sync)) -> normalize_core::Result<T> + Send,
 {
+    run_cancellable_with(py, progress, &mut || Ok(()), work)
+}
+
+/// [`run_cancellable`], also calling `on_tick` (with the GIL, on the calling thread) on every
+/// tick and once more after the work ended, whatever its outcome, so that whatever the work
+/// reported is always handed over. An exception from `on_tick` stops the work like one from
+/// `progress`; the first exception raised wins.
+pub fn run_cancellable_with<T, F>(
+    py: Python<'_>,
+    progress: Option<&Bound<'_, PyAny>>,
+    on_tick: &mut dyn FnMut() -> PyResult<()>,
+    work: F,
+) -> PyResult<T>
+where
+    T: Send,
+    F: FnOnce(&(dyn Fn(u64) -> bool + Sync)) -> normalize_core::Result<T> + Send,
+{
     let done_bytes = AtomicU64::new(0);
     let cancel = AtomicBool::new(false);
     let outcome: (Mutex<Option<normalize_core::Result<T>>>, Condvar) =
@@ -86,14 +103,18 @@ where
                 guard.take()
             });
             let bytes = done_bytes.swap(0, Ordering::Relaxed);
-            if raised.is_none() {
-                let reported = match progress {
-                    Some(callback) if bytes > 0 => callback.call1((bytes,)).map(drop),
-                    _ => Ok(()),
-                };
-                if let Err(e) = reported.and_then(|_| py.check_signals()) {
+            let reported = match progress {
+                Some(callback) if bytes > 0 && raised.is_none() => {
+                    callback.call1((bytes,)).map(drop)
+                }
+                _ => Ok(()),
+            };
+            // Each runs whatever the others did: `on_tick` must see the end of the work.
+            let ticked = on_tick();
+            for outcome in [reported, ticked, py.check_signals()] {
+                if let Err(e) = outcome {
                     cancel.store(true, Ordering::Relaxed);
-                    raised = Some(e);
+                    raised.get_or_insert(e);
                 }
             }
             if let Some(result) = finished {

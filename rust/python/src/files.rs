@@ -15,14 +15,6 @@ pub fn check_separate(sources: Vec<PathBuf>, output: PathBuf) -> PyResult<()> {
     output_dir::check_separate(&refs, &output).or_raise()
 }
 
-/// Creates `output` or checks it is empty; with `overwrite`, accepts a non-empty one after
-/// removing its index and leftover temporary files.
-#[pyfunction]
-#[pyo3(signature = (output, overwrite = false))]
-pub fn prepare_output_dir(output: PathBuf, overwrite: bool) -> PyResult<()> {
-    output_dir::prepare_output_dir(&output, overwrite).or_raise()
-}
-
 /// Top-level entries of `dir` that are neither shards nor indexes nor hidden, sorted.
 #[pyfunction]
 pub fn list_aux_files(dir: PathBuf) -> PyResult<Vec<String>> {
@@ -68,6 +60,14 @@ pub fn copy_aux_files(py: Python<'_>, source: PathBuf, output: PathBuf) -> PyRes
             .map(|s| (s.path, s.reason))
             .collect(),
     })
+}
+
+/// Removes this tool's temporary files (`.<name>.partial-<pid>`) anywhere below `output` (symlinks
+/// not followed). Returns their paths relative to `output`, sorted.
+#[pyfunction]
+pub fn remove_temporaries(py: Python<'_>, output: PathBuf) -> PyResult<Vec<String>> {
+    py.detach(|| output_dir::remove_temporaries(&output))
+        .or_raise()
 }
 
 /// Removes `model-NNNNN-of-NNNNN.safetensors` / `model.safetensors` files in `output` that are

@@ -39,10 +39,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fp8::quantize_fp8_blocks, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize::dequantize_fp8_blocks, m)?)?;
     m.add_function(wrap_pyfunction!(files::check_separate, m)?)?;
-    m.add_function(wrap_pyfunction!(files::prepare_output_dir, m)?)?;
     m.add_function(wrap_pyfunction!(files::list_aux_files, m)?)?;
     m.add_function(wrap_pyfunction!(files::copy_aux_files, m)?)?;
     m.add_function(wrap_pyfunction!(files::remove_stale_shards, m)?)?;
+    m.add_function(wrap_pyfunction!(files::remove_temporaries, m)?)?;
     m.add_function(wrap_pyfunction!(files::copy_file, m)?)?;
     m.add("INDEX_FILE", index::INDEX_FILE)?;
     m.add("SINGLE_FILE", index::SINGLE_FILE)?;

@@ -4,14 +4,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use normalize_core::plan::{plan_repack, TensorSource};
-use normalize_core::writer::{execute_plan, write_index, ExecuteOptions};
+use normalize_core::writer::{execute_plan, planned_header, write_index, ExecuteOptions};
 use normalize_core::{Checkpoint, OutputPlan, OutputTensor, PlanBuilder, TensorGroup};
 use pyo3::exceptions::{PyIndexError, PyKeyError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBytes, PyDict};
 
 use crate::checkpoint::PyCheckpoint;
-use crate::errors::{run_cancellable, OrRaise};
+use crate::errors::{run_cancellable_with, OrRaise};
 use crate::kinds;
 use crate::writer::PyShardWriter;
 
@@ -276,6 +276,33 @@ pub struct PyOutputPlan {
     pub inner: Arc<OutputPlan>,
 }
 
+impl PyOutputPlan {
+    fn check_index(&self, index: usize) -> PyResult<()> {
+        let count = self.inner.shards.len();
+        if index >= count {
+            return Err(PyIndexError::new_err(format!(
+                "no shard {index}: the plan has {count} shards"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The given shard indices (each at most once, all in the plan), or every shard.
+    fn shard_selection(&self, shards: Option<Vec<usize>>) -> PyResult<Vec<usize>> {
+        let Some(shards) = shards else {
+            return Ok((0..self.inner.shards.len()).collect());
+        };
+        let mut seen = std::collections::HashSet::new();
+        for &index in &shards {
+            self.check_index(index)?;
+            if !seen.insert(index) {
+                return Err(PyValueError::new_err(format!("shard {index} given twice")));
+            }
+        }
+        Ok(shards)
+    }
+}
+
 #[pymethods]
 impl PyOutputPlan {
     /// The shards, in order.
@@ -331,12 +358,16 @@ impl PyOutputPlan {
         Ok(map)
     }
 
-    /// Writes every shard (all tensors must come from source files), `jobs` at a time, with
-    /// the GIL released. `progress(n)` is called with bytes done since the last call. With
-    /// `hardlink`, whole-file shards are hard-linked (copied where linking fails). On failure
-    /// the shards written by this call are removed. Returns `{"linked": int,
-    /// "link_fallbacks": [(file, reason)]}`. Does not write the index: call `write_index`.
-    #[pyo3(signature = (output_dir, jobs = 1, hardlink = false, progress = None))]
+    /// Writes shards `shards` (indices, each at most once; default: every shard) whose tensors
+    /// all come from source files, `jobs` at a time, with the GIL released. `progress(n)` is
+    /// called with bytes done since the last call, `on_shard_done(index)` (on this thread) once
+    /// a shard is fsynced and renamed into place, for every such shard, even when the call
+    /// fails. With `hardlink`, whole-file shards are hard-linked (copied where linking fails).
+    /// On failure no shard is removed: the caller knows the finished ones from
+    /// `on_shard_done`. Returns `{"linked": int, "link_fallbacks": [(file, reason)]}`. Does not
+    /// write the index: call `write_index`.
+    #[pyo3(signature = (output_dir, jobs = 1, hardlink = false, progress = None, shards = None, on_shard_done = None))]
+    #[allow(clippy::too_many_arguments)]
     fn execute<'py>(
         &self,
         py: Python<'py>,
@@ -344,16 +375,40 @@ impl PyOutputPlan {
         jobs: usize,
         hardlink: bool,
         progress: Option<Bound<'py, PyAny>>,
+        shards: Option<Vec<usize>>,
+        on_shard_done: Option<Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let plan = Arc::clone(&self.inner);
+        let shards = self.shard_selection(shards)?;
         let options = ExecuteOptions { jobs, hardlink };
-        let report = run_cancellable(py, progress.as_ref(), |tick| {
-            execute_plan(&plan, &output_dir, options, tick)
+        let done: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+        let mut hand_over = || -> PyResult<()> {
+            let finished = std::mem::take(&mut *done.lock().unwrap());
+            match &on_shard_done {
+                Some(callback) => finished
+                    .into_iter()
+                    .try_for_each(|i| callback.call1((i,)).map(drop)),
+                None => Ok(()),
+            }
+        };
+        let report = run_cancellable_with(py, progress.as_ref(), &mut hand_over, |tick| {
+            execute_plan(&plan, &output_dir, &shards, options, tick, &|i| {
+                done.lock().unwrap().push(i)
+            })
         })?;
         let result = PyDict::new(py);
         result.set_item("linked", report.linked)?;
         result.set_item("link_fallbacks", report.link_fallbacks)?;
         Ok(result)
+    }
+
+    /// The bytes shard `index`'s file starts with: length prefix, header JSON and padding (a
+    /// whole-file shard's are read from its source file).
+    fn shard_header<'py>(&self, py: Python<'py>, index: usize) -> PyResult<Bound<'py, PyBytes>> {
+        self.check_index(index)?;
+        let plan = Arc::clone(&self.inner);
+        let header = py.detach(|| planned_header(&plan, index)).or_raise()?;
+        Ok(PyBytes::new(py, &header))
     }
 
     /// Opens shard `index` for writing in `output_dir` (temporary file, header written).
@@ -363,12 +418,7 @@ impl PyOutputPlan {
         index: usize,
         output_dir: PathBuf,
     ) -> PyResult<PyShardWriter> {
-        if index >= self.inner.shards.len() {
-            return Err(PyIndexError::new_err(format!(
-                "the plan has {} shards",
-                self.inner.shards.len()
-            )));
-        }
+        self.check_index(index)?;
         let plan = Arc::clone(&self.inner);
         let writer = py
             .detach(|| normalize_core::ShardWriter::create(plan, index, &output_dir))

@@ -1,0 +1,139 @@
+"""Benchmark: to-fp8 over several processes, several jobs, and the cost of ``--resume`` (issue #10).
+
+Builds a synthetic bf16 checkpoint (default 2 GiB in 16 standard-named shards, so the output keeps
+16 shards to split), then measures, each run in its own process(es) and followed by ``sync``, the
+output deleted between runs:
+
+- ``normalize to-fp8 --device cpu`` (one process, the kernel on every core);
+- the same under ``python -m torch.distributed.run --standalone --nproc-per-node 2`` (two ranks
+  over gloo, each on half the cores; includes two torch imports and the rendezvous);
+- ``--jobs 2`` (one process, two shards at a time, each on half the cores);
+- resume at 50 %: a run killed (SIGKILL) once half its shards are marked done, then ``--resume``
+  timed against a full run.
+
+After one untimed run (the source written back and in the page cache), prints the median of
+``--rounds`` runs of each and the ratios to the one-process run.
+
+    python benches/scale.py [--size-gib 2] [--rounds 3] [--workdir DIR]
+    python benches/scale.py --size-gib 0.05 --rounds 1      # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GIB = 1 << 30
+SHARDS = 16
+DONE_DIR = ".normalize-run.done"
+
+
+def write_source(directory: Path, size_gib: float) -> int:
+    """``SHARDS`` standard shards of square bf16 projections (and one norm each) holding about
+    ``size_gib`` GiB; returns the checkpoint's bytes."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    edge = 2048 if size_gib >= 1 else 512
+    per_tensor = edge * edge * 2
+    count = max(SHARDS, round(size_gib * GIB / per_tensor))
+    directory.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+    for shard in range(SHARDS):
+        file_name = f"model-{shard + 1:05d}-of-{SHARDS:05d}.safetensors"
+        tensors = {}
+        for i in range(shard, count, SHARDS):
+            tensors[f"model.layers.{i}.mlp.down_proj.weight"] = torch.randn(edge, edge, generator=generator).bfloat16()
+            tensors[f"model.layers.{i}.post_attention_layernorm.weight"] = torch.ones(edge)
+        save_file(tensors, directory / file_name, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(tensors, file_name)
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    (directory / "config.json").write_text('{"model_type": "llama"}')
+    return total
+
+
+def to_fp8(source: Path, output: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "normalize_core", "to-fp8", "-s", str(source), "-o", str(output), "-q", *extra]
+
+
+def torchrun(ranks: int, command: list[str]) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    return [*launcher, *command[1:]]
+
+
+def timed(command: list[str], output: Path) -> float:
+    """Seconds for ``command`` and a ``sync``; the output is removed afterwards."""
+    started = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["sync"], check=True)
+    elapsed = time.perf_counter() - started
+    shutil.rmtree(output)
+    return elapsed
+
+
+def resume_at_half(command: list[str], output: Path) -> float:
+    """Kills ``command`` once half the shards are marked done, then times ``--resume`` and a sync."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    while process.poll() is None:
+        done = len(os.listdir(output / DONE_DIR)) if (output / DONE_DIR).exists() else 0
+        if done >= SHARDS // 2:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.001)
+    process.wait()
+    if process.returncode == 0:
+        raise SystemExit("the run finished before half its shards were marked done: use a larger --size-gib")
+    subprocess.run(["sync"], check=True)
+    return timed([*command, "--resume"], output)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-gib", type=float, default=2.0, help="checkpoint size (default 2)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=None, help="where to build it (default: a temporary dir)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="normalize-scale-", dir=args.workdir))
+    try:
+        source, output = work / "source", work / "out"
+        size = write_source(source, args.size_gib)
+        one = to_fp8(source, output, "--device", "cpu")
+        # The source's dirty pages written back, and its pages read once: every run starts alike.
+        subprocess.run(["sync"], check=True)
+        timed(one, output)
+        runs = {
+            "1 process": one,
+            "torchrun, 2 ranks": torchrun(2, one),
+            "--jobs 2": [*one, "--jobs", "2"],
+        }
+        times: dict[str, list[float]] = {name: [] for name in [*runs, "resume at 50 %"]}
+        for _ in range(args.rounds):
+            for name, command in runs.items():
+                times[name].append(timed(command, output))
+            times["resume at 50 %"].append(resume_at_half(one, output))
+        print(f"to-fp8 of {size / GIB:.2f} GiB in {SHARDS} shards, {os.cpu_count()} cores, {args.rounds} rounds")
+        base = statistics.median(times["1 process"])
+        for name, samples in times.items():
+            median = statistics.median(samples)
+            print(f"  {name:<18} {median:7.2f} s  {size / median / GIB:6.2f} GiB/s  ×{base / median:.2f} vs 1 process")
+        resume = statistics.median(times["resume at 50 %"])
+        print(f"  finishing a run killed at 50 % takes {resume / base:.0%} of a full run")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
