@@ -15,7 +15,7 @@ import pytest
 
 from builders import INDEX, make_tensors, read_output_bytes, snapshot, write_checkpoint
 from normalize_core import NormalizeError, PlacementError, place, repack
-from normalize_core._core import prepare_output_dir
+from normalize_core._core import remove_temporaries
 from normalize_core.errors import normalize_error
 from test_place import SHARD, SPEC
 
@@ -88,15 +88,16 @@ def test_a_failed_fsync_with_nothing_set_aside_is_the_cores_error_and_leaves_no_
 
 
 def test_a_writer_clearing_its_output_keeps_a_set_aside_config_json(tmp_path: Path) -> None:
-    """What the names are for: an ``--overwrite`` output's cleanup removes temporary files (a dead placement's
-    copy among them) but never the config.json a killed placement set aside."""
+    """What the names are for: an ``--overwrite`` or ``--resume`` output's cleanup (``remove_temporaries``, see
+    ``output.py``) removes temporary files (a dead placement's copy among them) but never the config.json a
+    killed placement set aside."""
     directory = tmp_path / "checkpoint"
     directory.mkdir()
     (directory / ".config.json.previous-place-999999999").write_text("{}")
     (directory / ".model-00001-of-00001.safetensors.partial-place-999999999").write_bytes(b"half")
     (directory / ".tokenizer.json.partial-999999999").write_bytes(b"half")
     before = snapshot(directory)
-    prepare_output_dir(directory, overwrite=True)
+    remove_temporaries(directory)
     assert sorted(p.name for p in directory.iterdir()) == [".config.json.previous-place-999999999"]
     assert (
         snapshot(directory)[".config.json.previous-place-999999999"] == before[".config.json.previous-place-999999999"]
