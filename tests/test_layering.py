@@ -89,9 +89,22 @@ def modules_after_command(*args: str) -> set[str]:
     )
 
 
+#: Library modules a command imports in its body when it runs: building the command line (``--help``, or
+#: dispatching to another command) must not pay for them.
+WRITE_MACHINERY = {
+    "normalize_core.output",
+    "normalize_core.repack",
+    "normalize_core.merge",
+    "normalize_core.distributed",
+    "normalize_core.fp8.convert",
+    "normalize_core.bf16.convert",
+}
+
+
 def test_help_needs_neither_rich_nor_torch() -> None:
     loaded = modules_after_command("--help")
     assert {m for m in loaded if m.split(".")[0] in ("rich", "torch", "numpy", "pydantic")} == set()
+    assert loaded & WRITE_MACHINERY == set(), "command modules import the library inside their bodies"
 
 
 def test_inspect_diff_verify_off_a_terminal_need_neither_rich_nor_torch(tmp_path: Path) -> None:

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from normalize_core._core import Checkpoint, OutputPlan, PlanBuilder
+from normalize_core.devices import DEFAULT_JOBS
 from normalize_core.diff import CheckpointDiff, changed_aux_files, diff
 from normalize_core.distributed import SOLO, Group, joined, run_everywhere
 from normalize_core.errors import normalize_error
 from normalize_core.fp8.layout import FP8_DTYPES, SCALE_SUFFIX, is_scale_name
 from normalize_core.output import RunSpec, WriteResult, write_output
-from normalize_core.repack import DEFAULT_JOBS
 from normalize_core.sizes import GIB
 
 

@@ -13,13 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from normalize_core._core import Checkpoint, OutputPlan, plan_shards
+from normalize_core.devices import DEFAULT_JOBS
 from normalize_core.distributed import SOLO, Group, joined, run_everywhere
 from normalize_core.output import RunSpec, WriteResult, write_output
 from normalize_core.sizes import GIB
 
-DEFAULT_JOBS = min(4, os.cpu_count() or 1)
-
-__all__ = ["DEFAULT_JOBS", "WriteResult", "plan_repack", "repack", "write_repack"]
+__all__ = ["WriteResult", "plan_repack", "repack", "write_repack"]
 
 
 def plan_repack(source: str | os.PathLike, max_shard_bytes: int = 4 * GIB) -> tuple[Checkpoint, OutputPlan]:

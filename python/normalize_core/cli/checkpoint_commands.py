@@ -28,7 +28,7 @@ from normalize_core.cli.app import (
     shard_limit,
 )
 from normalize_core.cli.console import print_finding, print_table, say, write_line
-from normalize_core.repack import DEFAULT_JOBS
+from normalize_core.devices import DEFAULT_JOBS
 from normalize_core.sizes import format_bytes
 from normalize_core.words import plural
 
