@@ -255,8 +255,9 @@ def remove_entry(path: Path) -> None:
 
 
 def mark_done(output: Path, record: RunRecord, shard: int) -> None:
-    """Records shard ``shard`` as finished; call only once it has its final name."""
-    sync_dir(output)
+    """Records shard ``shard`` as finished; call only once its final name is durable (the writers sync
+    the directory after each rename), so a marker never outlives the rename it stands for. A marker
+    lost to a crash costs only that shard's rewrite."""
     planned = record.shards[shard]
     write_atomically(output / DONE_DIR / planned["file"], json.dumps(_marker(record, shard)).encode())
 

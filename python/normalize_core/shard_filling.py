@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from pathlib import Path
 from typing import Protocol
 
-from normalize_core._core import Checkpoint, OutputPlan, ShardPlan, ShardWriter
+from normalize_core._core import Checkpoint, OutputPlan, ShardPlan, ShardWriter, sync_dir
 
 #: ``advance(n_bytes, items=0)``: progress of a write (``items``: e.g. tensors quantized).
 Advance = Callable[..., None]
@@ -109,6 +109,7 @@ def write_filled_shard(
     except BaseException:
         writer.abort()
         raise
+    sync_dir(output)
     on_done(shard)
 
 
