@@ -16,7 +16,8 @@
 //! [`regular_file`] opens and reads sources safely and notices when they change, [`copy`]
 //! moves byte ranges, [`atomic_file`] makes files appear only when complete, [`output_dir`]
 //! guards the destination, [`aux_files`] copies non-tensor files, [`verify`] reports problems,
-//! [`scale_values`] checks the values of FP8 scale tensors.
+//! [`scale_values`] checks the values of FP8 scale tensors, [`stripes`] is what the two block-FP8
+//! kernels ([`fp8`], [`dequantize`]) share.
 
 pub mod atomic_file;
 pub mod aux_files;
@@ -34,6 +35,7 @@ pub mod output_dir;
 pub mod plan;
 pub mod regular_file;
 pub mod scale_values;
+pub mod stripes;
 pub mod verify;
 pub mod writer;
 
