@@ -474,6 +474,38 @@ pub fn natural_cmp(a: &str, b: &str) -> Ordering {
     x.len().cmp(&y.len()).then_with(|| a.cmp(b))
 }
 
+/// Checkpoints made for the kernels' tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// `dir/model.safetensors` holding `tensors` (name, dtype, shape, little-endian bytes),
+    /// opened.
+    pub fn single_file_checkpoint(
+        dir: &Path,
+        tensors: &[(&str, safetensors::Dtype, &[usize], &[u8])],
+    ) -> Checkpoint {
+        let views = tensors.iter().map(|&(name, dtype, shape, bytes)| {
+            let view = safetensors::tensor::TensorView::new(dtype, shape.to_vec(), bytes).unwrap();
+            (name, view)
+        });
+        let file = safetensors::tensor::serialize(views, None).unwrap();
+        std::fs::write(dir.join(SINGLE_FILE), file).unwrap();
+        Checkpoint::open(dir).unwrap()
+    }
+
+    /// Rewrites byte `offset` of `path` in place (same size, a new ctime), after a pause long
+    /// enough for the file system's clock to move on.
+    pub fn rewrite_in_place(path: &Path, offset: u64) {
+        use std::os::unix::fs::FileExt;
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let file = File::options().read(true).write(true).open(path).unwrap();
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, offset).unwrap();
+        file.write_all_at(&[byte[0] ^ 1], offset).unwrap();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -504,6 +536,58 @@ mod tests {
             .read_tensor(&checkpoint.tensors[0], &mut byte)
             .unwrap();
         assert_eq!(byte, [7]);
+    }
+
+    #[test]
+    fn an_open_tensor_reads_only_its_own_bytes_and_notices_a_shrunk_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes: Vec<u8> = (0..100).collect();
+        let checkpoint = testing::single_file_checkpoint(
+            dir.path(),
+            &[
+                ("a", safetensors::Dtype::U8, &[40], &bytes[..40]),
+                ("b", safetensors::Dtype::U8, &[60], &bytes[40..]),
+            ],
+        );
+        let entry = checkpoint.tensor("b").unwrap();
+        let tensor = checkpoint.open_tensor(entry).unwrap();
+        assert_eq!(tensor.len(), 60);
+        let mut part = [0u8; 5];
+        tensor.read_at(55, &mut part).unwrap();
+        assert_eq!(part, [95, 96, 97, 98, 99]);
+        let path = dir.path().join(SINGLE_FILE);
+        let err = tensor.read_at(56, &mut part).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: bytes 56..61 of tensor 'b', which has 60",
+                path.display()
+            )
+        );
+        tensor.verify().unwrap();
+
+        let end = entry.file_offset + 60;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(end - 10)
+            .unwrap();
+        let err = tensor.read_at(40, &mut [0u8; 20]).unwrap_err();
+        assert_eq!(err.kind(), "source_changed");
+        assert!(
+            err.to_string()
+                .contains(&format!("it shrank: it ends before byte {end}")),
+            "{err}"
+        );
+        assert!(tensor
+            .verify()
+            .unwrap_err()
+            .to_string()
+            .contains("bytes, now"));
+        let err = checkpoint.open_tensor(entry).unwrap_err();
+        assert_eq!(err.kind(), "source_changed");
+        checkpoint.prefetch(entry);
     }
 
     #[test]

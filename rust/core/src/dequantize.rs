@@ -773,4 +773,94 @@ mod tests {
             ]
         );
     }
+
+    #[test]
+    fn checkpoint_tensors_are_read_stripe_by_stripe_and_every_change_is_noticed() {
+        use crate::checkpoint::testing::{rewrite_in_place, single_file_checkpoint};
+        use safetensors::Dtype as Stored;
+        let layout = TileLayout {
+            batch: 2,
+            rows: 150,
+            cols: 200,
+            block_rows: 128,
+            block_cols: 128,
+        };
+        let q = pseudo_random_codes(layout.elements(), 5);
+        let scales: Vec<u8> = (0..layout.scales())
+            .flat_map(|i| (0.01f32 + i as f32 * 0.37).to_le_bytes())
+            .collect();
+        let dequantized = |input: Fp8Input<'_>, threads| {
+            let mut out = vec![0u8; layout.elements() * 2];
+            dequantize_blocks(input, TargetFloat::BF16, &mut out, threads).map(|()| out)
+        };
+        let input = |fp8, scales| Fp8Input {
+            tensor: "w",
+            fp8,
+            scales,
+            scale: ScaleFloat::F32,
+            layout,
+        };
+        let expected = dequantized(input(Input::Memory(&q), Input::Memory(&scales)), 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let tensors: [(&str, Stored, &[usize], &[u8]); 2] = [
+            ("w", Stored::F8_E4M3, &[2, 150, 200], &q),
+            ("w_scale_inv", Stored::F32, &[2, 2, 2], &scales),
+        ];
+        let checkpoint = single_file_checkpoint(dir.path(), &tensors);
+        let (weight, scale) = (
+            checkpoint.tensor("w").unwrap(),
+            checkpoint.tensor("w_scale_inv").unwrap(),
+        );
+        for threads in [1, 2, 3] {
+            let mut out = vec![0u8; layout.elements() * 2];
+            let target = TargetFloat::BF16;
+            dequantize_tensor(
+                &checkpoint,
+                weight,
+                scale,
+                layout,
+                target,
+                &mut out,
+                threads,
+            )
+            .unwrap();
+            assert_eq!(out, expected, "{threads}");
+        }
+        let mut out = vec![0u8; layout.elements() * 2];
+        let refusals = [(scale, weight), (weight, weight)].map(|(w, s)| {
+            dequantize_tensor(&checkpoint, w, s, layout, TargetFloat::BF16, &mut out, 1)
+                .unwrap_err()
+                .to_string()
+        });
+        assert_eq!(
+            refusals,
+            [
+                "tensor 'w_scale_inv': is F32; only F8_E4M3 weights are dequantized",
+                "tensor 'w': its scale 'w' is F8_E4M3; scales are F32, BF16, F16 or F8_E8M0",
+            ]
+        );
+
+        // The weight's file shrinks after the identity check, in the middle of the weight.
+        let path = dir.path().join(crate::format::SINGLE_FILE);
+        let open = |entry| Input::File(checkpoint.open_tensor(entry).unwrap());
+        let from_file = input(open(weight), open(scale));
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(weight.file_offset + 20_000).unwrap();
+        let err = dequantized(from_file, 2).unwrap_err();
+        assert_eq!(err.kind(), "source_changed");
+        assert!(err.to_string().contains("it shrank"), "{err}");
+
+        // Rewritten in place while being read: the bytes read mix two versions; refused.
+        let checkpoint = single_file_checkpoint(dir.path(), &tensors);
+        let (weight, scale) = (
+            checkpoint.tensor("w").unwrap(),
+            checkpoint.tensor("w_scale_inv").unwrap(),
+        );
+        let open = |entry| Input::File(checkpoint.open_tensor(entry).unwrap());
+        let from_file = input(open(weight), open(scale));
+        rewrite_in_place(&path, scale.file_offset + 3);
+        let err = dequantized(from_file, 2).unwrap_err();
+        assert_eq!(err.kind(), "source_changed");
+        assert!(err.to_string().contains("it was modified"), "{err}");
+    }
 }

@@ -627,4 +627,97 @@ mod tests {
             "tensor 'w': contains NaN or Inf (matrix 0, rows 0..2); refusing to quantize it"
         );
     }
+
+    /// Bytes of a checkpoint tensor quantized by [`quantize_tensor`] or [`quantize_blocks`].
+    fn quantized(
+        run: impl FnOnce(BlockOutput<'_>) -> Result<()>,
+        layout: TileLayout,
+    ) -> Result<(Vec<u8>, Vec<u8>)> {
+        let (mut q, mut s) = (vec![0u8; layout.elements()], vec![0u8; layout.scales() * 4]);
+        run(BlockOutput {
+            fp8: &mut q,
+            scales: &mut s,
+        })?;
+        Ok((q, s))
+    }
+
+    #[test]
+    fn a_checkpoint_tensor_is_read_stripe_by_stripe_and_every_change_is_noticed() {
+        use crate::checkpoint::testing::{rewrite_in_place, single_file_checkpoint};
+        use safetensors::Dtype as Stored;
+        let layout = TileLayout::square(2, 150, 130, 128); // stripes of 128 and 22 rows
+        let values: Vec<u8> = (0..layout.elements())
+            .flat_map(|i| {
+                let x = ((i * 7919) % 2000) as f32 / 100.0 - 10.0;
+                ((x.to_bits() >> 16) as u16).to_le_bytes()
+            })
+            .collect();
+        let format = ScaleFormat {
+            ue8m0: false,
+            bf16: false,
+        };
+        let input = |bytes| BlockInput {
+            tensor: "w",
+            bytes,
+            source: SourceFloat::BF16,
+            layout,
+        };
+        let expected = quantized(
+            |out| quantize_blocks(input(Input::Memory(&values)), format, out, 1),
+            layout,
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let tensors: [(&str, Stored, &[usize], &[u8]); 2] = [
+            ("w", Stored::BF16, &[2, 150, 130], &values),
+            ("ids", Stored::U8, &[3], &[1, 2, 3]),
+        ];
+        let checkpoint = single_file_checkpoint(dir.path(), &tensors);
+        let entry = checkpoint.tensor("w").unwrap();
+        for threads in [1, 2, 3] {
+            let run = |out: BlockOutput<'_>| {
+                quantize_tensor(&checkpoint, entry, layout, format, out, threads)
+            };
+            assert_eq!(quantized(run, layout).unwrap(), expected, "{threads}");
+        }
+        let ids = checkpoint.tensor("ids").unwrap();
+        let run = |out: BlockOutput<'_>| quantize_tensor(&checkpoint, ids, layout, format, out, 1);
+        let err = quantized(run, layout).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "tensor 'ids': is U8; only BF16, F16 and F32 are quantized"
+        );
+        let run = |out: BlockOutput<'_>| {
+            quantize_tensor(
+                &checkpoint,
+                entry,
+                TileLayout { batch: 1, ..layout },
+                format,
+                out,
+                1,
+            )
+        };
+        let err = quantized(run, TileLayout { batch: 1, ..layout }).unwrap_err();
+        assert!(err.to_string().contains("input has 78000 bytes"), "{err}");
+
+        // The file shrinks after the identity check, in the middle of the tensor.
+        let path = dir.path().join(crate::format::SINGLE_FILE);
+        let from_file = input(Input::File(checkpoint.open_tensor(entry).unwrap()));
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(entry.file_offset + 50_000).unwrap();
+        let run = |out: BlockOutput<'_>| quantize_blocks(from_file, format, out, 2);
+        let err = quantized(run, layout).unwrap_err();
+        assert_eq!(err.kind(), "source_changed");
+        assert!(err.to_string().contains("it shrank"), "{err}");
+
+        // Rewritten in place while being read: the bytes read mix two versions; refused.
+        let checkpoint = single_file_checkpoint(dir.path(), &tensors);
+        let entry = checkpoint.tensor("w").unwrap();
+        let from_file = input(Input::File(checkpoint.open_tensor(entry).unwrap()));
+        rewrite_in_place(&path, entry.file_offset + 70_000);
+        let run = |out: BlockOutput<'_>| quantize_blocks(from_file, format, out, 2);
+        let err = quantized(run, layout).unwrap_err();
+        assert_eq!(err.kind(), "source_changed");
+        assert!(err.to_string().contains("it was modified"), "{err}");
+    }
 }
