@@ -774,46 +774,68 @@ mod tests {
         );
     }
 
-    #[test]
-    fn checkpoint_tensors_are_read_stripe_by_stripe_and_every_change_is_noticed() {
-        use crate::checkpoint::testing::{rewrite_in_place, single_file_checkpoint};
+    /// Two matrices of 150 rows: stripes of 128 and 22 rows.
+    const TWO_MATRICES: TileLayout = TileLayout {
+        batch: 2,
+        rows: 150,
+        cols: 200,
+        block_rows: 128,
+        block_cols: 128,
+    };
+
+    /// `dir/model.safetensors` holding FP8 `w` ([`TWO_MATRICES`]) and its F32 `w_scale_inv`, and
+    /// their bytes.
+    fn fp8_checkpoint(dir: &std::path::Path) -> (Checkpoint, Vec<u8>, Vec<u8>) {
         use safetensors::Dtype as Stored;
-        let layout = TileLayout {
-            batch: 2,
-            rows: 150,
-            cols: 200,
-            block_rows: 128,
-            block_cols: 128,
-        };
-        let q = pseudo_random_codes(layout.elements(), 5);
-        let scales: Vec<u8> = (0..layout.scales())
+        let q = pseudo_random_codes(TWO_MATRICES.elements(), 5);
+        let scales: Vec<u8> = (0..TWO_MATRICES.scales())
             .flat_map(|i| (0.01f32 + i as f32 * 0.37).to_le_bytes())
             .collect();
-        let dequantized = |input: Fp8Input<'_>, threads| {
-            let mut out = vec![0u8; layout.elements() * 2];
-            dequantize_blocks(input, TargetFloat::BF16, &mut out, threads).map(|()| out)
-        };
-        let input = |fp8, scales| Fp8Input {
-            tensor: "w",
-            fp8,
-            scales,
-            scale: ScaleFloat::F32,
-            layout,
-        };
-        let expected = dequantized(input(Input::Memory(&q), Input::Memory(&scales)), 1).unwrap();
-        let dir = tempfile::tempdir().unwrap();
         let tensors: [(&str, Stored, &[usize], &[u8]); 2] = [
             ("w", Stored::F8_E4M3, &[2, 150, 200], &q),
             ("w_scale_inv", Stored::F32, &[2, 2, 2], &scales),
         ];
-        let checkpoint = single_file_checkpoint(dir.path(), &tensors);
-        let (weight, scale) = (
-            checkpoint.tensor("w").unwrap(),
-            checkpoint.tensor("w_scale_inv").unwrap(),
-        );
+        let checkpoint = crate::checkpoint::testing::single_file_checkpoint(dir, &tensors);
+        (checkpoint, q, scales)
+    }
+
+    fn f32_scaled<'a>(fp8: Input<'a>, scales: Input<'a>) -> Fp8Input<'a> {
+        Fp8Input {
+            tensor: "w",
+            fp8,
+            scales,
+            scale: ScaleFloat::F32,
+            layout: TWO_MATRICES,
+        }
+    }
+
+    fn to_bf16(input: Fp8Input<'_>, threads: usize) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; TWO_MATRICES.elements() * 2];
+        dequantize_blocks(input, TargetFloat::BF16, &mut out, threads).map(|()| out)
+    }
+
+    /// Both tensors of [`fp8_checkpoint`], opened for reading.
+    fn from_file(checkpoint: &Checkpoint) -> Fp8Input<'_> {
+        let open = |name| {
+            Input::File(
+                checkpoint
+                    .open_tensor(checkpoint.tensor(name).unwrap())
+                    .unwrap(),
+            )
+        };
+        f32_scaled(open("w"), open("w_scale_inv"))
+    }
+
+    #[test]
+    fn checkpoint_tensors_dequantize_as_their_bytes_in_memory_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let (checkpoint, q, scales) = fp8_checkpoint(dir.path());
+        let expected = to_bf16(f32_scaled(Input::Memory(&q), Input::Memory(&scales)), 1).unwrap();
+        let weight = checkpoint.tensor("w").unwrap();
+        let scale = checkpoint.tensor("w_scale_inv").unwrap();
+        let (layout, target) = (TWO_MATRICES, TargetFloat::BF16);
+        let mut out = vec![0u8; layout.elements() * 2];
         for threads in [1, 2, 3] {
-            let mut out = vec![0u8; layout.elements() * 2];
-            let target = TargetFloat::BF16;
             dequantize_tensor(
                 &checkpoint,
                 weight,
@@ -826,9 +848,8 @@ mod tests {
             .unwrap();
             assert_eq!(out, expected, "{threads}");
         }
-        let mut out = vec![0u8; layout.elements() * 2];
         let refusals = [(scale, weight), (weight, weight)].map(|(w, s)| {
-            dequantize_tensor(&checkpoint, w, s, layout, TargetFloat::BF16, &mut out, 1)
+            dequantize_tensor(&checkpoint, w, s, layout, target, &mut out, 1)
                 .unwrap_err()
                 .to_string()
         });
@@ -839,27 +860,29 @@ mod tests {
                 "tensor 'w': its scale 'w' is F8_E4M3; scales are F32, BF16, F16 or F8_E8M0",
             ]
         );
+    }
 
-        // The weight's file shrinks after the identity check, in the middle of the weight.
+    #[test]
+    fn checkpoint_tensors_that_shrink_or_are_rewritten_while_being_read_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(crate::format::SINGLE_FILE);
-        let open = |entry| Input::File(checkpoint.open_tensor(entry).unwrap());
-        let from_file = input(open(weight), open(scale));
+        // Shrunk after the identity checks, in the middle of the weight: a stripe's read comes
+        // up short.
+        let (checkpoint, _, _) = fp8_checkpoint(dir.path());
+        let input = from_file(&checkpoint);
+        let weight = checkpoint.tensor("w").unwrap();
         let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         file.set_len(weight.file_offset + 20_000).unwrap();
-        let err = dequantized(from_file, 2).unwrap_err();
+        let err = to_bf16(input, 2).unwrap_err();
         assert_eq!(err.kind(), "source_changed");
         assert!(err.to_string().contains("it shrank"), "{err}");
 
-        // Rewritten in place while being read: the bytes read mix two versions; refused.
-        let checkpoint = single_file_checkpoint(dir.path(), &tensors);
-        let (weight, scale) = (
-            checkpoint.tensor("w").unwrap(),
-            checkpoint.tensor("w_scale_inv").unwrap(),
-        );
-        let open = |entry| Input::File(checkpoint.open_tensor(entry).unwrap());
-        let from_file = input(open(weight), open(scale));
-        rewrite_in_place(&path, scale.file_offset + 3);
-        let err = dequantized(from_file, 2).unwrap_err();
+        // Rewritten in place (a scale): every read succeeds, but the bytes may mix two versions.
+        let (checkpoint, _, _) = fp8_checkpoint(dir.path());
+        let input = from_file(&checkpoint);
+        let scale = checkpoint.tensor("w_scale_inv").unwrap();
+        crate::checkpoint::testing::rewrite_in_place(&path, scale.file_offset + 3);
+        let err = to_bf16(input, 2).unwrap_err();
         assert_eq!(err.kind(), "source_changed");
         assert!(err.to_string().contains("it was modified"), "{err}");
     }

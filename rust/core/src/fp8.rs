@@ -628,7 +628,7 @@ mod tests {
         );
     }
 
-    /// Bytes of a checkpoint tensor quantized by [`quantize_tensor`] or [`quantize_blocks`].
+    /// Bytes of a tensor quantized by `run` (into outputs for `layout`).
     fn quantized(
         run: impl FnOnce(BlockOutput<'_>) -> Result<()>,
         layout: TileLayout,
@@ -641,82 +641,100 @@ mod tests {
         Ok((q, s))
     }
 
-    #[test]
-    fn a_checkpoint_tensor_is_read_stripe_by_stripe_and_every_change_is_noticed() {
-        use crate::checkpoint::testing::{rewrite_in_place, single_file_checkpoint};
+    const FLOAT_SCALES: ScaleFormat = ScaleFormat {
+        ue8m0: false,
+        bf16: false,
+    };
+    /// Two matrices of 150 rows: stripes of 128 and 22 rows.
+    const TWO_MATRICES: TileLayout = TileLayout {
+        batch: 2,
+        rows: 150,
+        cols: 130,
+        block_rows: 128,
+        block_cols: 128,
+    };
+
+    /// `dir/model.safetensors` holding bf16 `w` ([`TWO_MATRICES`]) and a U8 `ids`, and `w`'s bytes.
+    fn bf16_checkpoint(dir: &std::path::Path) -> (Checkpoint, Vec<u8>) {
         use safetensors::Dtype as Stored;
-        let layout = TileLayout::square(2, 150, 130, 128); // stripes of 128 and 22 rows
-        let values: Vec<u8> = (0..layout.elements())
+        let values: Vec<u8> = (0..TWO_MATRICES.elements())
             .flat_map(|i| {
                 let x = ((i * 7919) % 2000) as f32 / 100.0 - 10.0;
                 ((x.to_bits() >> 16) as u16).to_le_bytes()
             })
             .collect();
-        let format = ScaleFormat {
-            ue8m0: false,
-            bf16: false,
-        };
-        let input = |bytes| BlockInput {
-            tensor: "w",
-            bytes,
-            source: SourceFloat::BF16,
-            layout,
-        };
-        let expected = quantized(
-            |out| quantize_blocks(input(Input::Memory(&values)), format, out, 1),
-            layout,
-        )
-        .unwrap();
-        let dir = tempfile::tempdir().unwrap();
         let tensors: [(&str, Stored, &[usize], &[u8]); 2] = [
             ("w", Stored::BF16, &[2, 150, 130], &values),
             ("ids", Stored::U8, &[3], &[1, 2, 3]),
         ];
-        let checkpoint = single_file_checkpoint(dir.path(), &tensors);
+        let checkpoint = crate::checkpoint::testing::single_file_checkpoint(dir, &tensors);
+        (checkpoint, values)
+    }
+
+    fn bf16_input(bytes: Input<'_>) -> BlockInput<'_> {
+        BlockInput {
+            tensor: "w",
+            bytes,
+            source: SourceFloat::BF16,
+            layout: TWO_MATRICES,
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_tensor_quantizes_as_its_bytes_in_memory_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let (checkpoint, values) = bf16_checkpoint(dir.path());
+        let layout = TWO_MATRICES;
+        let in_memory = |out: BlockOutput<'_>| {
+            quantize_blocks(bf16_input(Input::Memory(&values)), FLOAT_SCALES, out, 1)
+        };
+        let expected = quantized(in_memory, layout).unwrap();
         let entry = checkpoint.tensor("w").unwrap();
         for threads in [1, 2, 3] {
             let run = |out: BlockOutput<'_>| {
-                quantize_tensor(&checkpoint, entry, layout, format, out, threads)
+                quantize_tensor(&checkpoint, entry, layout, FLOAT_SCALES, out, threads)
             };
             assert_eq!(quantized(run, layout).unwrap(), expected, "{threads}");
         }
+
         let ids = checkpoint.tensor("ids").unwrap();
-        let run = |out: BlockOutput<'_>| quantize_tensor(&checkpoint, ids, layout, format, out, 1);
+        let run =
+            |out: BlockOutput<'_>| quantize_tensor(&checkpoint, ids, layout, FLOAT_SCALES, out, 1);
         let err = quantized(run, layout).unwrap_err();
         assert_eq!(
             err.to_string(),
             "tensor 'ids': is U8; only BF16, F16 and F32 are quantized"
         );
-        let run = |out: BlockOutput<'_>| {
-            quantize_tensor(
-                &checkpoint,
-                entry,
-                TileLayout { batch: 1, ..layout },
-                format,
-                out,
-                1,
-            )
-        };
-        let err = quantized(run, TileLayout { batch: 1, ..layout }).unwrap_err();
+        let one = TileLayout { batch: 1, ..layout };
+        let run =
+            |out: BlockOutput<'_>| quantize_tensor(&checkpoint, entry, one, FLOAT_SCALES, out, 1);
+        let err = quantized(run, one).unwrap_err();
         assert!(err.to_string().contains("input has 78000 bytes"), "{err}");
+    }
 
-        // The file shrinks after the identity check, in the middle of the tensor.
+    #[test]
+    fn a_checkpoint_tensor_that_shrinks_or_is_rewritten_while_being_read_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(crate::format::SINGLE_FILE);
-        let from_file = input(Input::File(checkpoint.open_tensor(entry).unwrap()));
+        // Shrunk after the identity check, in the middle of the tensor: a stripe's read comes up
+        // short.
+        let (checkpoint, _) = bf16_checkpoint(dir.path());
+        let entry = checkpoint.tensor("w").unwrap();
+        let from_file = bf16_input(Input::File(checkpoint.open_tensor(entry).unwrap()));
         let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         file.set_len(entry.file_offset + 50_000).unwrap();
-        let run = |out: BlockOutput<'_>| quantize_blocks(from_file, format, out, 2);
-        let err = quantized(run, layout).unwrap_err();
+        let run = |out: BlockOutput<'_>| quantize_blocks(from_file, FLOAT_SCALES, out, 2);
+        let err = quantized(run, TWO_MATRICES).unwrap_err();
         assert_eq!(err.kind(), "source_changed");
         assert!(err.to_string().contains("it shrank"), "{err}");
 
-        // Rewritten in place while being read: the bytes read mix two versions; refused.
-        let checkpoint = single_file_checkpoint(dir.path(), &tensors);
+        // Rewritten in place: every read succeeds, but the bytes may mix two versions.
+        let (checkpoint, _) = bf16_checkpoint(dir.path());
         let entry = checkpoint.tensor("w").unwrap();
-        let from_file = input(Input::File(checkpoint.open_tensor(entry).unwrap()));
-        rewrite_in_place(&path, entry.file_offset + 70_000);
-        let run = |out: BlockOutput<'_>| quantize_blocks(from_file, format, out, 2);
-        let err = quantized(run, layout).unwrap_err();
+        let from_file = bf16_input(Input::File(checkpoint.open_tensor(entry).unwrap()));
+        crate::checkpoint::testing::rewrite_in_place(&path, entry.file_offset + 70_000);
+        let run = |out: BlockOutput<'_>| quantize_blocks(from_file, FLOAT_SCALES, out, 2);
+        let err = quantized(run, TWO_MATRICES).unwrap_err();
         assert_eq!(err.kind(), "source_changed");
         assert!(err.to_string().contains("it was modified"), "{err}");
     }
