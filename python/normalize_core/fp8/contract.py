@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from normalize_core._core import Checkpoint, TensorEntry
+from normalize_core.config_file import quantization_config_of
 from normalize_core.engines.verdicts import block_size_of
+from normalize_core.findings import Finding
 from normalize_core.fp8.config import FLOATING_DTYPES
 from normalize_core.fp8.groups import module_of, split_fused_groups
 from normalize_core.fp8.layout import (
@@ -124,34 +126,51 @@ def fp8_findings(
     *,
     read_scales: bool = True,
     entries: Sequence[TensorEntry] | None = None,
-) -> list[tuple[str, str]]:
+) -> list[Finding]:
     """``(severity, message)`` for every way this checkpoint breaks the block-FP8 contract.
     Empty for checkpoints without FP8 weights, scale tensors and an FP8 ``quantization_config``.
     With ``read_scales=False`` only headers are read (scale values are not checked); ``entries`` are
     ``checkpoint.tensors`` when the caller already has them."""
-    qconfig = config.get("quantization_config") if isinstance(config, dict) else None
-    qconfig = qconfig if isinstance(qconfig, dict) else {}
+    qconfig = quantization_config_of(config)
     is_fp8_config = qconfig.get("quant_method") == "fp8"
     tensors = {t.name: t for t in (checkpoint.tensors if entries is None else entries)}
     fp8 = [t for t in tensors.values() if t.dtype == FP8_WEIGHT_DTYPE]
     findings = orphan_scale_findings(tensors)
-    if not fp8 and not is_fp8_config:
-        return findings
     if not fp8:
-        findings.append(
-            (
-                "error",
-                "config.json has an FP8 quantization_config but no weight is FP8: engines would read the "
-                "unquantized weights as FP8 (a stale quantization_config)",
+        if is_fp8_config:
+            findings.append(
+                (
+                    "error",
+                    "config.json has an FP8 quantization_config but no weight is FP8: engines would read the "
+                    "unquantized weights as FP8 (a stale quantization_config)",
+                )
             )
-        )
         return findings
     block = block_size_of(config)
+    block_scheme = bool(qconfig.get("weight_block_size")) or any(f"{t.name}{SCALE_SUFFIX}" in tensors for t in fp8)
+    findings += _scheme_findings(qconfig, block, block_scheme, tensors, fp8)
+    if block_scheme:
+        ue8m0 = qconfig.get("scale_fmt") == "ue8m0"
+        findings += _block_scale_findings(checkpoint, tensors, fp8, block, ue8m0, read_scales)
+    if not is_fp8_config:
+        findings.append(("error", "FP8 weights but config.json has no quantization_config with quant_method 'fp8'"))
+        return findings
+    return findings + _config_findings(qconfig, tensors, fp8)
+
+
+def _scheme_findings(
+    qconfig: dict[str, Any],
+    block: tuple[int, int],
+    block_scheme: bool,
+    tensors: dict[str, TensorEntry],
+    fp8: list[TensorEntry],
+) -> list[Finding]:
+    """Whether ``weight_block_size`` says what the scales are: block scales need it, and per-tensor or
+    per-channel FP8 (``<name>_scale``) needs a scale for every weight."""
+    findings = []
     if qconfig.get("weight_block_size") not in (None, list(block)):
         findings.append(("error", f"weight_block_size {qconfig['weight_block_size']!r} is not [block_n, block_k]"))
-    block_scheme = bool(qconfig.get("weight_block_size")) or any(f"{t.name}{SCALE_SUFFIX}" in tensors for t in fp8)
-    ue8m0 = qconfig.get("scale_fmt") == "ue8m0"
-    if block_scheme and is_fp8_config and not qconfig.get("weight_block_size"):
+    if block_scheme and qconfig.get("quant_method") == "fp8" and not qconfig.get("weight_block_size"):
         findings.append(
             (
                 "error",
@@ -164,34 +183,48 @@ def fp8_findings(
         unscaled = [t.name for t in fp8 if f"{t.name}_scale" not in tensors]
         if unscaled:
             findings.append(("error", f"{_count(unscaled, 'FP8 weight')} without any scale tensor, e.g. {unscaled[0]}"))
+    return findings
 
-    if block_scheme:
-        checked = [(f"{w.name}{SCALE_SUFFIX}", _block_scale_finding(w, tensors, block)) for w in fp8]
-        readable = [scale for scale, finding in checked if finding is None] if read_scales else []
-        # One call reads every scale: a large MoE checkpoint has tens of thousands of them.
-        values = dict(zip(readable, checkpoint.scale_properties(readable), strict=True))
-        for scale, finding in checked:
-            found = values.get(scale)
-            if finding is not None:
-                findings.append(finding)
-            elif found is None:
-                continue  # values not read (read_scales=False)
-            elif not found.finite_positive:
-                findings.append(("error", f"{scale} holds a zero, negative, NaN or infinite scale"))
-            elif ue8m0 and not found.powers_of_two:
-                findings.append(
-                    (
-                        "error",
-                        f"scale_fmt is ue8m0 but {scale} has scales that are not powers of two "
-                        "(transformers would round them and corrupt the weights)",
-                    )
+
+def _block_scale_findings(
+    checkpoint: Checkpoint,
+    tensors: dict[str, TensorEntry],
+    fp8: list[TensorEntry],
+    block: tuple[int, int],
+    ue8m0: bool,
+    read_scales: bool,
+) -> list[Finding]:
+    """Each FP8 weight's ``_scale_inv``: present, of a dtype and shape engines take, and (with
+    ``read_scales``) holding finite positive values, powers of two under ``ue8m0``."""
+    findings = []
+    checked = [(f"{w.name}{SCALE_SUFFIX}", _block_scale_finding(w, tensors, block)) for w in fp8]
+    readable = [scale for scale, finding in checked if finding is None] if read_scales else []
+    # One call reads every scale: a large MoE checkpoint has tens of thousands of them.
+    values = dict(zip(readable, checkpoint.scale_properties(readable), strict=True))
+    for scale, finding in checked:
+        found = values.get(scale)
+        if finding is not None:
+            findings.append(finding)
+        elif found is None:
+            continue  # values not read (read_scales=False)
+        elif not found.finite_positive:
+            findings.append(("error", f"{scale} holds a zero, negative, NaN or infinite scale"))
+        elif ue8m0 and not found.powers_of_two:
+            findings.append(
+                (
+                    "error",
+                    f"scale_fmt is ue8m0 but {scale} has scales that are not powers of two "
+                    "(transformers would round them and corrupt the weights)",
                 )
+            )
+    return findings
 
-    if fp8 and not is_fp8_config:
-        findings.append(("error", "FP8 weights but config.json has no quantization_config with quant_method 'fp8'"))
-        return findings
-    if not is_fp8_config:
-        return findings
+
+def _config_findings(qconfig: dict[str, Any], tensors: dict[str, TensorEntry], fp8: list[TensorEntry]) -> list[Finding]:
+    """An FP8 ``quantization_config`` against the weights: ``activation_scheme`` present, a skip list
+    naming real modules, none of them FP8, every unquantized 2-D weight in it, fused groups of one
+    precision."""
+    findings = []
     if qconfig.get("activation_scheme") is None:
         findings.append(("error", "quantization_config lacks activation_scheme (vLLM and SGLang require it)"))
     fp8_modules = {m for t in fp8 if (m := module_of(t.name))}

@@ -44,6 +44,16 @@ def is_scale_name(name: str) -> bool:
     return name.endswith(SCALE_SUFFIXES)
 
 
+def is_fp8_weight(name: str, dtype: str) -> bool:
+    """Whether a tensor is a quantized weight of some FP8 scheme: 8-bit floats, not a scale."""
+    return dtype in FP8_DTYPES and not is_scale_name(name)
+
+
+def marks_quantization(name: str, dtype: str) -> bool:
+    """Whether a tensor shows its checkpoint is quantized: 8-bit floats, or a scale's name."""
+    return dtype in FP8_DTYPES or is_scale_name(name)
+
+
 def scale_dtype_of(dtype: str | None) -> ScaleDtype | None:
     """The ``ScaleDtype`` of scale tensors stored as safetensors ``dtype`` (None for other dtypes)."""
     return next((scale for scale, stored in SCALE_TENSOR_DTYPES.items() if stored == dtype), None)
