@@ -22,6 +22,7 @@ from normalize_core.diff import CheckpointDiff, changed_aux_files, diff
 from normalize_core.distributed import SOLO, Group, joined, run_everywhere
 from normalize_core.errors import normalize_error
 from normalize_core.fp8.layout import SCALE_SUFFIX, marks_quantization
+from normalize_core.kinds import Naming
 from normalize_core.output import RunSpec, WriteResult, write_output
 from normalize_core.sizes import GIB
 
@@ -99,7 +100,7 @@ def plan_merge(
         base=base_ckpt,
         extra=extra_ckpt,
         diff=comparison,
-        plan=builder.finish(naming="standard"),
+        plan=builder.finish(naming=Naming.STANDARD),
         extra_aux_left_out=changed_aux_files(extra_ckpt.dir, base_ckpt.dir),
         mixed_quantization=mixed,
     )

@@ -52,6 +52,7 @@ from normalize_core._core import (
 )
 from normalize_core.distributed import SOLO, Group, assign_shards, run_everywhere
 from normalize_core.errors import normalize_error
+from normalize_core.kinds import ShardKind
 from normalize_core.output_lock import LOCK_FILE, OutputLock
 from normalize_core.run_record import (
     RunRecord,
@@ -142,7 +143,7 @@ def write_output(
 
 def default_shard_work(shards) -> list[tuple[int, int]]:
     """The bytes the kernel reports copying for each shard."""
-    return [(s.file_len if s.kind == "whole_file" else s.data_len, 0) for s in shards]
+    return [(s.file_len if s.kind == ShardKind.WHOLE_FILE else s.data_len, 0) for s in shards]
 
 
 class OutputRun:

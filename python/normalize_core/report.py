@@ -18,6 +18,7 @@ from normalize_core.engines.verdicts import engine_findings
 from normalize_core.findings import Finding, findings_as_json, has_errors
 from normalize_core.fp8.contract import fp8_findings
 from normalize_core.fp8.layout import SCALE_SUFFIX, is_fp8_weight
+from normalize_core.kinds import Layout, Severity
 
 
 def naming_style(checkpoint: Checkpoint) -> str:
@@ -25,7 +26,7 @@ def naming_style(checkpoint: Checkpoint) -> str:
     or ``engine`` (several shards, no index)."""
     if checkpoint.has_standard_names:
         return "standard"
-    return {"single_file": "single_file", "indexed": "indexed_custom"}.get(checkpoint.layout, "engine")
+    return {Layout.SINGLE_FILE: "single_file", Layout.INDEXED: "indexed_custom"}.get(checkpoint.layout, "engine")
 
 
 def quantization_summary(checkpoint: Checkpoint, config: dict[str, Any] | None) -> dict[str, Any]:
@@ -110,7 +111,7 @@ def verify_checkpoint(path: str | os.PathLike) -> VerifyReport:
     try:
         checkpoint = Checkpoint.open(directory)
     except NormalizeError as e:
-        return VerifyReport(directory, ok=False, findings=[("error", str(e))])
+        return VerifyReport(directory, ok=False, findings=[(Severity.ERROR, str(e))])
     findings = list(checkpoint.problems())
     config = read_config(directory)
     findings += fp8_findings(checkpoint, config)

@@ -23,9 +23,7 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import stat
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from typing import Any
 
 from normalize_core._core import Checkpoint, OutputPlan, ShardPlan, __version__, sync_dir, write_atomically
 from normalize_core.errors import normalize_error
+from normalize_core.processes import this_process
 
 RECORD_FILE = ".normalize-run.json"
 DONE_DIR = ".normalize-run.done"
@@ -167,8 +166,9 @@ def describe_run(spec: RunSpec, plan: OutputPlan, shards: Sequence[ShardPlan]) -
         {"file": s.file_name, "size": s.file_len, "header_sha256": hashlib.sha256(plan.shard_header(i)).hexdigest()}
         for i, s in enumerate(shards)
     ]
-    owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
-    return RunRecord(spec.command, __version__, dict(spec.options), sources, planned, secrets.token_hex(8), owner)
+    return RunRecord(
+        spec.command, __version__, dict(spec.options), sources, planned, secrets.token_hex(8), this_process()
+    )
 
 
 def source_identity(path: Path) -> dict[str, Any]:

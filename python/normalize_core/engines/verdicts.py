@@ -13,6 +13,7 @@ from normalize_core.engines.architecture import architecture_of, mtp_findings
 from normalize_core.engines.layers import EngineLayer, engine_layers
 from normalize_core.engines.tp_rules import Parallelism, RuleBook
 from normalize_core.fp8.layout import DEFAULT_BLOCK_SIZE, FP8_WEIGHT_DTYPE
+from normalize_core.kinds import Severity
 
 
 @dataclass(frozen=True)
@@ -85,4 +86,6 @@ def engine_findings(entries: Sequence[TensorEntry], config: dict[str, Any] | Non
     weights = ((entry.name, entry.shape, entry.dtype == FP8_WEIGHT_DTYPE) for entry in entries)
     layers = engine_layers(weights, architecture)
     verdict = tp_verdict(layers, Parallelism(1, block=block_size_of(config)), RuleBook())
-    return findings + [("error", f"vLLM cannot load it at TP 1: {failure.line()}") for failure in verdict.failures]
+    return findings + [
+        (Severity.ERROR, f"vLLM cannot load it at TP 1: {failure.line()}") for failure in verdict.failures
+    ]

@@ -14,9 +14,8 @@ from typing import Any
 from normalize_core.config_file import load_config, write_config
 from normalize_core.errors import normalize_error
 from normalize_core.fp8.groups import module_of, split_fused_groups
+from normalize_core.fp8.layout import FLOATING_DTYPES
 from normalize_core.kinds import ScaleFormat
-
-FLOATING_DTYPES = frozenset({"BF16", "F16", "F32", "F64"})
 
 
 def module_sets(quantized: Iterable[str], kept: Iterable[str], dtypes: Mapping[str, str]) -> tuple[set[str], set[str]]:

@@ -16,15 +16,17 @@ from normalize_core._core import Checkpoint, TensorEntry
 from normalize_core.config_file import quantization_config_of
 from normalize_core.engines.verdicts import block_size_of
 from normalize_core.findings import Finding
-from normalize_core.fp8.config import FLOATING_DTYPES
 from normalize_core.fp8.groups import module_of, split_fused_groups
 from normalize_core.fp8.layout import (
+    FLOATING_DTYPES,
     FP8_WEIGHT_DTYPE,
     SCALE_SUFFIX,
     SCALE_TENSOR_DTYPES,
     halves_need_splitting,
     tiling,
 )
+from normalize_core.kinds import Severity
+from normalize_core.words import plural
 
 
 def block_scale_shapes(shape: list[int], block: tuple[int, int]) -> list[list[int]]:
@@ -45,12 +47,12 @@ def _block_scale_finding(
     if scale is None:
         other = next((n for n in (f"{weight.name}_scale", f"{weight.name[:-7]}.weight_scale") if n in tensors), None)
         hint = f"; it has {other}, which block-FP8 loaders ignore" if other else ""
-        return ("error", f"{weight.name} is FP8 but has no {weight.name}{SCALE_SUFFIX}{hint}")
+        return (Severity.ERROR, f"{weight.name} is FP8 but has no {weight.name}{SCALE_SUFFIX}{hint}")
     if scale.dtype not in SCALE_TENSOR_DTYPES.values():
-        return ("error", f"{scale.name} is {scale.dtype}; engines expect F32 or BF16 scales")
+        return (Severity.ERROR, f"{scale.name} is {scale.dtype}; engines expect F32 or BF16 scales")
     if scale.shape not in block_scale_shapes(weight.shape, block):
         return (
-            "error",
+            Severity.ERROR,
             f"{scale.name} has shape {scale.shape}, expected {block_scale_shapes(weight.shape, block)[0]} "
             f"for {weight.shape} in {block[0]}x{block[1]} blocks",
         )
@@ -73,8 +75,8 @@ def orphan_scale_findings(tensors: dict[str, Any]) -> list[tuple[str, str]]:
     if missing:
         findings.append(
             (
-                "error",
-                f"orphan scales: {_count(missing, 'scale tensor')} for weights absent from this checkpoint, "
+                Severity.ERROR,
+                f"orphan scales: {plural(len(missing), 'scale tensor')} for weights absent from this checkpoint, "
                 f"e.g. {missing[0]}",
             )
         )
@@ -82,16 +84,12 @@ def orphan_scale_findings(tensors: dict[str, Any]) -> list[tuple[str, str]]:
         scale, weight = not_fp8[0]
         findings.append(
             (
-                "error",
-                f"orphan scales: {_count(not_fp8, 'scale tensor')} for weights that are not FP8, e.g. {scale} for "
+                Severity.ERROR,
+                f"orphan scales: {plural(len(not_fp8), 'scale tensor')} for weights that are not FP8, e.g. {scale} for "
                 f"{weight.name} ({weight.dtype}); engines have no parameter to load them into",
             )
         )
     return findings
-
-
-def _count(items: list, noun: str, plural: str | None = None) -> str:
-    return f"1 {noun}" if len(items) == 1 else f"{len(items)} {plural or noun + 's'}"
 
 
 def unknown_skip_entries(skip: list[str], tensors: dict[str, Any]) -> list[str]:
@@ -140,7 +138,7 @@ def fp8_findings(
         if is_fp8_config:
             findings.append(
                 (
-                    "error",
+                    Severity.ERROR,
                     "config.json has an FP8 quantization_config but no weight is FP8: engines would read the "
                     "unquantized weights as FP8 (a stale quantization_config)",
                 )
@@ -153,7 +151,9 @@ def fp8_findings(
         ue8m0 = qconfig.get("scale_fmt") == "ue8m0"
         findings += _block_scale_findings(checkpoint, tensors, fp8, block, ue8m0, read_scales)
     if not is_fp8_config:
-        findings.append(("error", "FP8 weights but config.json has no quantization_config with quant_method 'fp8'"))
+        findings.append(
+            (Severity.ERROR, "FP8 weights but config.json has no quantization_config with quant_method 'fp8'")
+        )
         return findings
     return findings + _config_findings(qconfig, tensors, fp8)
 
@@ -169,11 +169,12 @@ def _scheme_findings(
     per-channel FP8 (``<name>_scale``) needs a scale for every weight."""
     findings = []
     if qconfig.get("weight_block_size") not in (None, list(block)):
-        findings.append(("error", f"weight_block_size {qconfig['weight_block_size']!r} is not [block_n, block_k]"))
+        found = qconfig["weight_block_size"]
+        findings.append((Severity.ERROR, f"weight_block_size {found!r} is not [block_n, block_k]"))
     if block_scheme and qconfig.get("quant_method") == "fp8" and not qconfig.get("weight_block_size"):
         findings.append(
             (
-                "error",
+                Severity.ERROR,
                 "quantization_config has no weight_block_size, but the FP8 weights have block scales "
                 f"(*{SCALE_SUFFIX}): engines would load them as per-tensor FP8",
             )
@@ -182,7 +183,8 @@ def _scheme_findings(
         # Per-tensor and per-channel FP8 name the scale <name>_scale (``….weight_scale``).
         unscaled = [t.name for t in fp8 if f"{t.name}_scale" not in tensors]
         if unscaled:
-            findings.append(("error", f"{_count(unscaled, 'FP8 weight')} without any scale tensor, e.g. {unscaled[0]}"))
+            message = f"{plural(len(unscaled), 'FP8 weight')} without any scale tensor, e.g. {unscaled[0]}"
+            findings.append((Severity.ERROR, message))
     return findings
 
 
@@ -208,11 +210,11 @@ def _block_scale_findings(
         elif found is None:
             continue  # values not read (read_scales=False)
         elif not found.finite_positive:
-            findings.append(("error", f"{scale} holds a zero, negative, NaN or infinite scale"))
+            findings.append((Severity.ERROR, f"{scale} holds a zero, negative, NaN or infinite scale"))
         elif ue8m0 and not found.powers_of_two:
             findings.append(
                 (
-                    "error",
+                    Severity.ERROR,
                     f"scale_fmt is ue8m0 but {scale} has scales that are not powers of two "
                     "(transformers would round them and corrupt the weights)",
                 )
@@ -226,7 +228,7 @@ def _config_findings(qconfig: dict[str, Any], tensors: dict[str, TensorEntry], f
     precision."""
     findings = []
     if qconfig.get("activation_scheme") is None:
-        findings.append(("error", "quantization_config lacks activation_scheme (vLLM and SGLang require it)"))
+        findings.append((Severity.ERROR, "quantization_config lacks activation_scheme (vLLM and SGLang require it)"))
     fp8_modules = {m for t in fp8 if (m := module_of(t.name))}
     kept_modules = {
         m
@@ -240,13 +242,13 @@ def _config_findings(qconfig: dict[str, Any], tensors: dict[str, TensorEntry], f
     if skip is None:
         skip = qconfig.get("ignored_layers") or []
     for module in sorted(set(skip) & fp8_modules):
-        findings.append(("error", f"{module} is listed in modules_to_not_convert but its weight is FP8"))
+        findings.append((Severity.ERROR, f"{module} is listed in modules_to_not_convert but its weight is FP8"))
     if unknown := unknown_skip_entries(list(skip), tensors):
         findings.append(
             (
-                "error",
-                f"modules_to_not_convert: {_count(unknown, 'entry', 'entries')} naming no module of this checkpoint, "
-                f"e.g. {unknown[0]!r} (written for another layout? the modules meant are then not skipped)",
+                Severity.ERROR,
+                f"modules_to_not_convert: {plural(len(unknown), 'entry', 'entries')} naming no module of this "
+                f"checkpoint, e.g. {unknown[0]!r} (written for another layout? the modules meant are then not skipped)",
             )
         )
     unlisted = sorted(
@@ -257,11 +259,11 @@ def _config_findings(qconfig: dict[str, Any], tensors: dict[str, TensorEntry], f
     if unlisted:
         findings.append(
             (
-                "warning",
+                Severity.WARNING,
                 f"{len(unlisted)} unquantized 2-D weights are not in modules_to_not_convert "
                 f"(an engine may expect FP8 there), e.g. {unlisted[0]}",
             )
         )
     for problem in split_fused_groups(fp8_modules, kept_modules):
-        findings.append(("error", problem))
+        findings.append((Severity.ERROR, problem))
     return findings
