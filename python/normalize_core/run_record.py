@@ -29,7 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from normalize_core._core import Checkpoint, OutputPlan, ShardPlan, __version__, sync_dir, write_atomically
+from normalize_core._core import (
+    LEN_PREFIX,
+    MAX_HEADER_LEN,
+    Checkpoint,
+    OutputPlan,
+    ShardPlan,
+    __version__,
+    sync_dir,
+    write_atomically,
+)
 from normalize_core.errors import normalize_error
 from normalize_core.processes import this_process
 
@@ -37,10 +46,6 @@ RECORD_FILE = ".normalize-run.json"
 DONE_DIR = ".normalize-run.done"
 #: Version of the record's own layout.
 RECORD_FORMAT = 1
-#: Bytes before a safetensors header's JSON (its little-endian length).
-LEN_PREFIX = 8
-#: The reference reader's cap on the header JSON.
-MAX_HEADER_LEN = 100_000_000
 
 
 @dataclass(frozen=True)
