@@ -181,6 +181,12 @@ MaxShardOpt = Annotated[
     typer.Option("--max-shard-size", help="Largest shard as a size string: 5GB (decimal, like HF) or 4GiB."),
 ]
 JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1, help="Shards written at the same time.")]
+#: ``--jobs`` of the conversions, whose jobs compute on the CPU (one by default: the kernel already
+#: spreads one tensor over every core).
+ConversionJobsOpt = Annotated[
+    int,
+    typer.Option("--jobs", "-j", min=1, help="Shards converted at the same time on the CPU (they share the cores)."),
+]
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="Write into a non-empty output, replacing only files this tool writes.")
 ]

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from normalize_core.cli.app import (
+    ConversionJobsOpt,
     DeviceOpt,
     DistributedOpt,
     MaxShardOpt,
@@ -93,12 +94,7 @@ def to_bf16_command(
             help="With --dry-run: one JSON object (format, dequantize/copy/drop lists, shards, total_size).",
         ),
     ] = False,
-    jobs: Annotated[
-        int,
-        typer.Option(
-            "--jobs", "-j", min=1, help="Shards dequantized at the same time on the CPU (they share the cores)."
-        ),
-    ] = 1,
+    jobs: ConversionJobsOpt = 1,
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
     distributed: DistributedOpt = False,

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from normalize_core.cli.app import (
+    ConversionJobsOpt,
     DeviceOpt,
     DistributedOpt,
     MaxShardOpt,
@@ -146,12 +147,7 @@ def to_fp8_command(
             "--json", help="With --dry-run: one JSON object {quantize: [...], keep: [...], kept_to_load: {layer: why}}."
         ),
     ] = False,
-    jobs: Annotated[
-        int,
-        typer.Option(
-            "--jobs", "-j", min=1, help="Shards quantized at the same time on the CPU (they share the cores)."
-        ),
-    ] = 1,
+    jobs: ConversionJobsOpt = 1,
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
     distributed: DistributedOpt = False,
