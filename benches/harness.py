@@ -5,6 +5,7 @@ with medians, the throughput ratio and each one's peak RSS (``wait4``)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -54,6 +55,18 @@ def is_quantized(name: str, shape: tuple[int, ...]) -> bool:
     """Whether to-fp8's rules quantize this tensor of ``moe_shapes``: the attention and expert
     matrices (not the embedding, the router or ``lm_head``)."""
     return len(shape) == 2 and not name.endswith(("embed_tokens.weight", "mlp.gate.weight", "lm_head.weight"))
+
+
+def add_write_source_option(parser: argparse.ArgumentParser) -> None:
+    """``--write-source DIR``: only write the bench's source checkpoint into ``DIR`` (printing its
+    largest tensor's bytes) and exit. ``compare_with_straightforward`` writes its source so, in a
+    child process, and ``gpu.sh`` to get a source of its own."""
+    parser.add_argument(
+        "--write-source",
+        type=Path,
+        metavar="DIR",
+        help="only write the source checkpoint into DIR (printing its largest tensor's bytes), then exit",
+    )
 
 
 def save_standard_checkpoint(directory: Path, groups: Iterable[dict], config: dict) -> None:

@@ -28,6 +28,7 @@ from harness import (
     HIDDEN,
     MOE_INTERMEDIATE,
     VOCAB,
+    add_write_source_option,
     compare_with_straightforward,
     is_quantized,
     moe_shapes,
@@ -104,7 +105,7 @@ def main() -> None:
     parser.add_argument("--size", type=float, default=2.2, help="GiB of source tensors (FP8 weights, scales, bf16)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--write-source", type=Path, help=argparse.SUPPRESS)
+    add_write_source_option(parser)
     args = parser.parse_args()
 
     if args.write_source:

@@ -12,6 +12,7 @@ and reports GB/s against the time to just read the source.
 
     python benches/to_fp8.py [--layers 4] [--rounds 3] [--workdir DIR] [--gpu]
     python benches/to_fp8.py --layers 1 --experts 8 --rounds 1     # a quick check
+    python benches/to_fp8.py --layers 4 --write-source DIR         # only the source (gpu.sh)
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness import MIB, compare_with_straightforward, moe_shapes, save_standard_checkpoint, timed
+from harness import (
+    MIB,
+    add_write_source_option,
+    compare_with_straightforward,
+    moe_shapes,
+    save_standard_checkpoint,
+    timed,
+)
 
 STRAIGHTFORWARD = r'''
 import json, math, sys
@@ -97,7 +105,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--gpu", action="store_true", help="also run the GPU path once (needs CUDA)")
-    parser.add_argument("--write-source", type=Path, help=argparse.SUPPRESS)
+    add_write_source_option(parser)
     args = parser.parse_args()
 
     if args.write_source:
