@@ -2,7 +2,8 @@
 this project), so a test compares the tool against the reference implementation, not against itself.
 
 - Models: ``make_tensors`` (random values of given dtypes and shapes), ``random_tensor`` (random bit
-  patterns of any dtype), ``moe_tensors`` (a small MoE-shaped model).
+  patterns of any dtype), ``moe_tensors`` (a small MoE-shaped model), ``tiny_model`` (a small
+  transformers model to ``save_pretrained`` and load back).
 - Layouts: ``save_engine_checkpoint`` / ``save_standard_checkpoint`` write explicit shards;
   ``write_checkpoint`` splits a state dict into an indexed, single-file or engine-named checkpoint;
   ``write_tiny_shard`` writes tens of thousands of tiny tensors fast.
@@ -82,6 +83,59 @@ def moe_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
         "lm_head.weight": rand(300, 256),
     }
     return tensors
+
+
+#: The sizes of ``tiny_model``: two layers, two query heads and one KV head of 128 (whole 128-blocks
+#: everywhere), untied embeddings.
+TINY_MODEL_SIZES: dict[str, Any] = {
+    "vocab_size": 512,
+    "hidden_size": 256,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 128,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": False,
+}
+#: What a tiny MoE adds: four experts, two per token, in every layer.
+TINY_MOE_SIZES: dict[str, Any] = {
+    "num_experts": 4,
+    "num_experts_per_tok": 2,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+}
+
+
+def tiny_model(
+    architecture: str, seed: int, *, dtype: torch.dtype = torch.bfloat16, like_trained: bool = False, **sizes: Any
+):
+    """A random transformers ``{architecture}ForCausalLM`` (``"Qwen3"``, ``"Qwen3Moe"``, ``"Llama"``)
+    of ``TINY_MODEL_SIZES`` (and ``TINY_MOE_SIZES`` for an MoE) with ``sizes`` overriding them, in
+    ``dtype`` and eval mode. ``like_trained`` spreads the weights like a trained LLM's: a residual
+    stream (embeddings, ``lm_head``) large against each block's update, small matrices and biases,
+    norms near 1. In a fully random network any perturbation is amplified chaotically, so that
+    quantization error would swamp what a logits comparison is meant to see."""
+    import transformers
+
+    config_class = getattr(transformers, f"{architecture}Config")
+    model_class = getattr(transformers, f"{architecture}ForCausalLM")
+    defaults = TINY_MODEL_SIZES | (TINY_MOE_SIZES if architecture.endswith("Moe") else {})
+    config = config_class(**(defaults | sizes))
+    torch.manual_seed(seed)
+    model = model_class(config)
+    if like_trained:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "embed_tokens" in name or "lm_head" in name:
+                    parameter.normal_(0.0, 1.0)
+                elif parameter.dim() >= 2:
+                    parameter.normal_(0.0, 0.05)
+                elif name.endswith(".bias"):
+                    parameter.normal_(0.0, 0.1)
+                else:
+                    parameter.uniform_(0.5, 1.5)
+    return model.to(dtype).eval()
 
 
 def engine_shard_name(i: int) -> str:

@@ -11,10 +11,13 @@ from typer.testing import CliRunner
 from normalize_core.cli import app
 
 
-def run_normalize(*args: str, cwd: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    """``normalize ARGS`` in a child process (stdout and stderr are pipes, not a terminal)."""
+def run_normalize(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess:
+    """``normalize ARGS`` (``python -m normalize_core``) in a child process, in ``env`` (default:
+    this one's), killed after ``timeout`` seconds; stdout and stderr are pipes, not a terminal."""
     command = [sys.executable, "-m", "normalize_core", *args]
-    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 
 def invoke(*args: str) -> subprocess.CompletedProcess:

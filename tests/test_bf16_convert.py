@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,7 @@ from bf16_util import (
     write_checkpoint,
 )
 from builders import engine_shard_name, read_tensors
+from cli_util import run_normalize
 from normalize_core import plan_bf16, to_bf16, to_fp8, verify_checkpoint
 from normalize_core.cli import app
 
@@ -294,9 +293,9 @@ def test_cpu_conversion_never_imports_torch(tmp_path):
     blocker.mkdir()
     (blocker / "torch.py").write_text("raise ImportError('torch must not be imported on the CPU path')\n")
     env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    command = [sys.executable, "-m", "normalize_core", "to-bf16", "-s", str(source), "-o", str(tmp_path / "out")]
+    args = ["to-bf16", "-s", str(source), "-o", str(tmp_path / "out")]
     for extra in (["--dry-run"], ["--device", "cpu"]):
-        completed = subprocess.run(command + extra, capture_output=True, text=True, env=env, timeout=120)
+        completed = run_normalize(*args, *extra, env=env, timeout=120)
         assert completed.returncode == 0, completed.stderr
     assert verify_checkpoint(tmp_path / "out").ok
 

@@ -9,9 +9,9 @@ import gzip
 import json
 import math
 import struct
-import subprocess
-import sys
 from pathlib import Path
+
+from cli_util import run_normalize
 
 FIXTURE = Path(__file__).parent / "fixtures" / "realdata" / "kimi_k2_instruct_fp8_trimmed.index.json.gz"
 
@@ -89,12 +89,7 @@ def test_kimi_k2_dry_run_consumes_every_scale_and_plans_bf16_sizes(tmp_path):
     config = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "kimi_k2", "hidden_size": HIDDEN}
     (source / "config.json").write_text(json.dumps(config | {"quantization_config": KIMI_QUANTIZATION_CONFIG}))
 
-    completed = subprocess.run(
-        [sys.executable, "-m", "normalize_core", "to-bf16", "-s", str(source), "--dry-run", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    completed = run_normalize("to-bf16", "-s", str(source), "--dry-run", "--json", timeout=120)
     assert completed.returncode == 0, completed.stderr
     summary = json.loads(completed.stdout)
 

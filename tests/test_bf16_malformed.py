@@ -7,8 +7,6 @@ The same cases through the API raise ``NormalizeError`` of the stated kind."""
 from __future__ import annotations
 
 import hashlib
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ import pytest
 import torch
 
 from bf16_util import FP8_CONFIG, compressed_tensors_config, fp8_tensor, random_codes, write_checkpoint
+from cli_util import run_normalize
 from normalize_core import NormalizeError, to_bf16
 
 Tensors = dict[str, torch.Tensor]
@@ -219,12 +218,7 @@ def test_refused_in_one_line_with_nothing_written(case, tmp_path):
     case, source = case
     before = digest(source)
     output = tmp_path / "out"
-    completed = subprocess.run(
-        [sys.executable, "-m", "normalize_core", "to-bf16", "-s", str(source), "-o", str(output), "--device", "cpu"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    completed = run_normalize("to-bf16", "-s", str(source), "-o", str(output), "--device", "cpu", timeout=120)
     assert completed.returncode == 2, completed.stderr
     lines = completed.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), completed.stderr

@@ -10,43 +10,15 @@ import shutil
 
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import AutoModelForCausalLM
 
 from bf16_util import reference_quantize_dequantize
-from builders import read_tensors
+from builders import read_tensors, tiny_model
 from normalize_core import to_bf16, to_fp8
 
 
-def tiny_qwen3_moe() -> Qwen3MoeForCausalLM:
-    config = Qwen3MoeConfig(
-        vocab_size=384,
-        hidden_size=256,
-        intermediate_size=256,
-        moe_intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=128,
-        num_experts=4,
-        num_experts_per_tok=2,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(7)
-    model = Qwen3MoeForCausalLM(config)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.dim() >= 2:
-                parameter.normal_(0.0, 1.0 if "embed_tokens" in name or "lm_head" in name else 0.05)
-            else:
-                parameter.uniform_(0.5, 1.5)
-    return model.to(torch.bfloat16).eval()
-
-
 def test_round_trip_loads_as_bf16_with_the_reference_logits(tmp_path):
-    model = tiny_qwen3_moe()
+    model = tiny_model("Qwen3Moe", 7, like_trained=True, vocab_size=384, moe_intermediate_size=192)
     model.save_pretrained(tmp_path / "bf16", max_shard_size="1MB")
     # Experts of 192 rows (1.5 blocks) are kept by default as vLLM cannot load them; quantize them
     # anyway, for their edge tiles.

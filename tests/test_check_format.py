@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from builders import write_checkpoint
+from cli_util import run_normalize
 from normalize_core import check, verify_checkpoint
 
 HIDDEN, INTERMEDIATE = 256, 512
@@ -84,10 +84,7 @@ def fp8_checkpoint(directory: Path, change: Callable[[dict, dict], None] = lambd
 
 def run(*args: str) -> subprocess.CompletedProcess:
     """The CLI in its own process; a wide COLUMNS so that no line of the reports is wrapped."""
-    env = {**os.environ, "COLUMNS": "1000"}
-    return subprocess.run(
-        [sys.executable, "-m", "normalize_core", *args], capture_output=True, text=True, timeout=120, env=env
-    )
+    return run_normalize(*args, env={**os.environ, "COLUMNS": "1000"}, timeout=120)
 
 
 def drop_down_scale(tensors, config):

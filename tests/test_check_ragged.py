@@ -11,40 +11,28 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
+
+from builders import tiny_model
+from cli_util import run_normalize
 
 MLP = ("gate_proj", "up_proj", "down_proj")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "1000"}
-    return subprocess.run(
-        [sys.executable, "-m", "normalize_core", *args], capture_output=True, text=True, timeout=300, env=env
-    )
+    """The CLI in its own process; a wide COLUMNS so that no line of the reports is wrapped."""
+    return run_normalize(*args, env={**os.environ, "COLUMNS": "1000"}, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def ragged_qwen3(tmp_path_factory) -> tuple[Path, Qwen3ForCausalLM]:
-    config = Qwen3Config(
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=576,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=128,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(config).to(torch.bfloat16).eval()
+    model = tiny_model("Qwen3", 0, intermediate_size=576)
     source = tmp_path_factory.mktemp("ragged") / "qwen3-576"
     model.save_pretrained(source)
     return source, model

@@ -19,13 +19,12 @@ Expected tables are worked out by hand from the engine rules as the issue quotes
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 
+from cli_util import run_normalize
 from normalize_core import check
 from normalize_core.engines.loadability import kept_layers
 from normalize_core.fp8.convert import decide, plan_fp8
@@ -97,13 +96,8 @@ def test_qwen3_235b_fails_at_tp8_only_on_the_experts_and_loads_with_expert_paral
     assert (failure.layer, failure.kind, failure.layers) == ("model.layers.0.mlp.experts", "fused MoE", 94)
     assert check(standins("qwen3_235b_a22b_instruct_2507_fp8"), tp=(8,), expert_parallel=True).ok
     # SGLang needs the 128 experts spread evenly: 16 per rank at EP 8.
-    completed = subprocess.run(
-        [sys.executable, "-m", "normalize_core", "check", str(standins("qwen3_235b_a22b_instruct_2507_fp8"))]
-        + ["--tp", "8", "--ep", "--engine", "sglang"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    source = standins("qwen3_235b_a22b_instruct_2507_fp8")
+    completed = run_normalize("check", str(source), "--tp", "8", "--ep", "--engine", "sglang", timeout=120)
     assert completed.returncode == 0, completed.stdout
     assert completed.stdout.splitlines()[0].endswith("(Qwen3MoeForCausalLM: Qwen3-MoE; block FP8; SGLang with EP)")
 
@@ -119,23 +113,13 @@ def test_deepseek_v3_at_tp32_names_the_dense_and_the_expert_layers(standins):
 
 def test_cli_prints_the_table_and_exits_1_when_a_size_fails(standins):
     source = standins("qwen3_235b_a22b_instruct_2507_fp8")
-    completed = subprocess.run(
-        [sys.executable, "-m", "normalize_core", "check", str(source), "--tp", "1,2", "--tp", "4,8"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    completed = run_normalize("check", str(source), "--tp", "1,2", "--tp", "4,8", timeout=120)
     assert completed.returncode == 1, completed.stderr
     lines = completed.stdout.splitlines()
     assert lines[1:5] == ["TP 1: loads", "TP 2: loads", "TP 4: loads", "TP 8: fails"]
     assert lines[5].startswith("  model.layers.0.mlp.experts (fused MoE): expert intermediate size per partition")
     assert lines[-1] == "FAILED loads at TP 1, 2, 4; fails at TP 8"
-    ok = subprocess.run(
-        [sys.executable, "-m", "normalize_core", "check", str(source), "--tp", "4", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    ok = run_normalize("check", str(source), "--tp", "4", "--json", timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["tp"] == [{"tp": 4, "loads": True, "failures": []}]
 

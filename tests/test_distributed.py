@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_util import run_normalize
 from normalize_core import NormalizeError, merge, repack, to_fp8
 from normalize_core.distributed import SOLO, assign_shards, device_for_rank, kernel_threads, run_everywhere
 from output_util import (
@@ -260,9 +261,7 @@ def test_devices_and_cores_per_rank():
 def test_distributed_without_its_environment_is_one_line(engine_source: Path, tmp_path: Path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     args = ["repack", "-s", str(engine_source), "-o", str(tmp_path / "out"), "--distributed"]
-    result = subprocess.run(
-        [sys.executable, "-m", "normalize_core", *args], capture_output=True, text=True, env=env, timeout=TIMEOUT
-    )
+    result = run_normalize(*args, env=env, timeout=TIMEOUT)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "error: --distributed needs RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment (torchrun sets "
@@ -278,9 +277,7 @@ def test_distributed_without_torch_is_one_line(engine_source: Path, tmp_path: Pa
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(blocker), os.environ.get("PYTHONPATH")]))}
     env.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     args = ["repack", "-s", str(engine_source), "-o", str(tmp_path / "out"), "--distributed"]
-    result = subprocess.run(
-        [sys.executable, "-m", "normalize_core", *args], capture_output=True, text=True, env=env, timeout=TIMEOUT
-    )
+    result = run_normalize(*args, env=env, timeout=TIMEOUT)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "error: --distributed coordinates the ranks with torch.distributed, and torch is not installed "
@@ -291,8 +288,6 @@ def test_distributed_without_torch_is_one_line(engine_source: Path, tmp_path: Pa
 def test_a_distributed_merge_never_asks(tmp_path: Path):
     base = write_indexed_checkpoint(tmp_path / "base", llama_tensors(2), files=1)
     args = ["merge", "-b", str(base), "-e", str(base), "-o", str(tmp_path / "out"), "--distributed"]
-    result = subprocess.run(
-        [sys.executable, "-m", "normalize_core", *args], capture_output=True, text=True, timeout=TIMEOUT
-    )
+    result = run_normalize(*args, timeout=TIMEOUT)
     assert result.returncode == 2
     assert result.stderr.splitlines() == ["error: a distributed merge never asks for confirmation; pass --yes"]

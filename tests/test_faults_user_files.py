@@ -19,8 +19,7 @@ from builders import INDEX, make_tensors, snapshot, write_checkpoint
 from cli_util import one_error_line, run_normalize
 from normalize_core import NormalizeError, repack, to_fp8
 from normalize_core._core import files_equal, read_regular_file
-from normalize_core.config_file import CONFIG_MAX_BYTES
-from normalize_core.report import read_config
+from normalize_core.config_file import CONFIG_MAX_BYTES, read_config
 from normalize_core.sizes import MIB
 from test_faults_sources import NOT_REGULAR, temporary_files
 

@@ -15,48 +15,20 @@ import math
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import AutoModelForCausalLM
 
+from builders import tiny_model
 from normalize_core.fp8.convert import to_fp8
 
 BLOCK = 128
 
 
-def tiny_qwen3_moe(attention_bias: bool) -> Qwen3MoeForCausalLM:
-    config = Qwen3MoeConfig(
-        vocab_size=512,
-        hidden_size=256,
-        intermediate_size=256,
-        moe_intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=128,
-        num_experts=4,
-        num_experts_per_tok=2,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        max_position_embeddings=256,
-        attention_bias=attention_bias,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(1234)
-    model = Qwen3MoeForCausalLM(config)
-    # Like a trained LLM, the residual stream (embeddings) is large against each block's update:
-    # in a fully random network any perturbation is amplified chaotically (a 2.5% weight error
-    # moves the logits' cosine to ~0.996 whatever the quantizer). Blocks still matter here:
-    # doubling every quantized weight moves the cosine to ~0.63.
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "embed_tokens" in name or "lm_head" in name:
-                parameter.normal_(0.0, 1.0)
-            elif parameter.dim() >= 2:
-                parameter.normal_(0.0, 0.05)
-            elif name.endswith(".bias"):
-                parameter.normal_(0.0, 0.1)
-            else:
-                parameter.uniform_(0.5, 1.5)
-    return model.to(torch.bfloat16).eval()
+def tiny_qwen3_moe(attention_bias: bool):
+    """Whole 128-blocks everywhere (experts of 128 rows), trained-like weights (see ``tiny_model``):
+    doubling every quantized weight moves the logits' cosine to ~0.63, so the checks below see the
+    blocks."""
+    sizes = {"moe_intermediate_size": 128, "max_position_embeddings": 256, "attention_bias": attention_bias}
+    return tiny_model("Qwen3Moe", 1234, like_trained=True, **sizes)
 
 
 def quantize_dequantize(weight: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -108,27 +109,25 @@ def test_hardlink_shares_inodes(tmp_path: Path) -> None:
     assert read_output_bytes(out) == want
 
 
-def other_file_system(path: Path) -> Path | None:
-    """A writable directory on another file system than ``path`` (tmpfs /dev/shm), or None."""
+@pytest.fixture
+def out_elsewhere(tmp_path: Path) -> Iterator[Path]:
+    """An output path on another file system than ``tmp_path`` (tmpfs /dev/shm), removed after the
+    test; the test is skipped where there is none."""
     shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK) and shm.stat().st_dev != path.stat().st_dev:
-        return shm
-    return None
-
-
-def test_hardlink_falls_back_to_copy_across_file_systems(tmp_path: Path) -> None:
-    other = other_file_system(tmp_path)
-    if other is None:
+    if not (shm.is_dir() and os.access(shm, os.W_OK) and shm.stat().st_dev != tmp_path.stat().st_dev):
         pytest.skip("no second file system (/dev/shm) to link across")
+    with tempfile.TemporaryDirectory(dir=shm) as scratch:
+        yield Path(scratch) / "out"
+
+
+def test_hardlink_falls_back_to_copy_across_file_systems(tmp_path: Path, out_elsewhere: Path) -> None:
     base, extra, want = make_pair(tmp_path)
-    with tempfile.TemporaryDirectory(dir=other) as scratch:
-        out = Path(scratch) / "out"
-        result = merge(base, extra, out, hardlink=True)
-        assert result.linked == 0
-        assert len(result.link_fallbacks) == 3
-        assert all("cross-device" in reason.lower() for _, reason in result.link_fallbacks)
-        assert read_output_bytes(out) == want
-        assert verify_checkpoint(out).ok
+    result = merge(base, extra, out_elsewhere, hardlink=True)
+    assert result.linked == 0
+    assert len(result.link_fallbacks) == 3
+    assert all("cross-device" in reason.lower() for _, reason in result.link_fallbacks)
+    assert read_output_bytes(out_elsewhere) == want
+    assert verify_checkpoint(out_elsewhere).ok
 
 
 @pytest.mark.parametrize("where", ["base", "extra", "inside_base", "parent"])
@@ -308,18 +307,13 @@ def test_cli_asks_on_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         assert "Hard-linked 3 base shards" in result.stdout
 
 
-def test_cli_says_when_links_fell_back(tmp_path: Path) -> None:
-    other = other_file_system(tmp_path)
-    if other is None:
-        pytest.skip("no second file system (/dev/shm) to link across")
+def test_cli_says_when_links_fell_back(tmp_path: Path, out_elsewhere: Path) -> None:
     base, extra, _ = make_pair(tmp_path)
-    with tempfile.TemporaryDirectory(dir=other) as scratch:
-        out = Path(scratch) / "out"
-        args = ["merge", "--base", str(base), "--extra", str(extra), "--out", str(out), "--hardlink", "--yes"]
-        result = CliRunner().invoke(app, args)
-        assert result.exit_code == 0, result.output
-        assert "Could not hard-link 3 base shards" in result.stdout
-        assert "copied them instead" in result.stdout
+    args = ["merge", "--base", str(base), "--extra", str(extra), "--out", str(out_elsewhere), "--hardlink", "--yes"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "Could not hard-link 3 base shards" in result.stdout
+    assert "copied them instead" in result.stdout
 
 
 def test_cli_refuses_nested_output_in_one_line(tmp_path: Path) -> None:

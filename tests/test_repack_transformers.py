@@ -10,25 +10,25 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from builders import INDEX, expected_bytes
+from builders import INDEX, expected_bytes, tiny_model
 from normalize_core import repack
 from repack_util import assert_standard_output
 
 
 def tiny_llama() -> transformers.LlamaForCausalLM:
     """About 115k float32 parameters: several shards at 200 KB."""
-    config = transformers.LlamaConfig(
+    return tiny_model(
+        "Llama",
+        0,
+        dtype=torch.float32,
         vocab_size=256,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
+        head_dim=16,
         max_position_embeddings=64,
-        tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 def logits(model_dir: Path, input_ids: torch.Tensor) -> torch.Tensor:

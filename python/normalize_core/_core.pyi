@@ -224,6 +224,10 @@ def copy_file(source: _Path, dest: _Path, progress: _Progress = None) -> None: .
 
 INDEX_FILE: str
 SINGLE_FILE: str
+#: Bytes of a safetensors file's little-endian header length.
+LEN_PREFIX: int
+#: The reference reader's cap on a header's JSON.
+MAX_HEADER_LEN: int
 
 def read_index(path: _Path) -> tuple[dict[str, str], int | None]: ...
 def write_atomically(path: _Path, data: bytes) -> None: ...

@@ -18,18 +18,19 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from normalize_core._core import Checkpoint, TensorEntry
+from normalize_core.config_file import quantization_config_of, read_config
 from normalize_core.engines import Engine, LayerKind, Parallelism, RuleBook, architecture_of, engine_layers
 from normalize_core.engines.architecture import mtp_findings
 from normalize_core.engines.loadability import keep_unloadable, kept_layers
 from normalize_core.engines.verdicts import TpVerdict, block_size_of, tp_verdict
 from normalize_core.errors import normalize_error
+from normalize_core.findings import Finding, findings_as_json, has_errors
 from normalize_core.fp8.contract import fp8_findings
 from normalize_core.fp8.layout import DEFAULT_BLOCK_SIZE, FP8_DTYPES, FP8_WEIGHT_DTYPE
 from normalize_core.fp8.rules import HeuristicRules, decide_all
-from normalize_core.report import read_config
 
 DEFAULT_TP = (1, 2, 4, 8)
 
@@ -50,7 +51,7 @@ class CheckReport:
     tensors: int
     verdicts: list[TpVerdict]
     #: ``(severity, message)``: errors fail the check at every TP size, warnings do not.
-    findings: list[tuple[str, str]] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     #: Unquantized sources: ``{layer: why}`` for the layers ``to-fp8`` keeps so its output loads at TP 1.
     kept_to_load: dict[str, str] = field(default_factory=dict)
@@ -58,7 +59,7 @@ class CheckReport:
     @property
     def ok(self) -> bool:
         """Every requested TP size loads and no finding is an error."""
-        return all(v.loads for v in self.verdicts) and not any(s == "error" for s, _ in self.findings)
+        return all(v.loads for v in self.verdicts) and not has_errors(self.findings)
 
     def loads_at(self) -> list[int]:
         """The requested TP sizes that load (ignoring format errors, which fail all of them)."""
@@ -77,7 +78,7 @@ class CheckReport:
             "block_size": list(self.block_size),
             "tensors": self.tensors,
             "tp": [v.as_dict() for v in self.verdicts],
-            "findings": [{"severity": s, "message": m} for s, m in self.findings],
+            "findings": findings_as_json(self.findings),
             "notes": self.notes,
             "kept_to_load": self.kept_to_load,
         }
@@ -109,19 +110,57 @@ def check(
     ``ValueError`` for bad arguments.
     """
     sizes = tp_sizes(tp)
-    try:
-        engine_kind = Engine(engine)
-    except ValueError:
-        raise ValueError(f"engine must be vllm or sglang, not {engine!r}") from None
+    engine_kind = _engine(engine)
     directory = Path(path)
     checkpoint = Checkpoint.open(directory)
     config = read_config(directory)
     config = config if isinstance(config, dict) else None
-    quantization = config.get("quantization_config") if config is not None else None
-    quantization = quantization if isinstance(quantization, dict) else {}
-    method = quantization.get("quant_method")
     entries = checkpoint.tensors
-    quantized = any(entry.dtype in FP8_DTYPES for entry in entries)
+    as_written = _as_written(directory, config, entries)
+    findings = fp8_findings(checkpoint, config, read_scales=False, entries=entries)
+    architecture = architecture_of(config)
+    layers = engine_layers(as_written.weights, architecture)
+    findings += mtp_findings(architecture, (e.name for e in entries))
+    book = RuleBook()
+    parallel = [Parallelism(t, expert_parallel, engine_kind, as_written.block) for t in sizes]
+    return CheckReport(
+        path=directory,
+        engine=engine_kind.value,
+        expert_parallel=expert_parallel,
+        architecture=architecture.name,
+        family=architecture.family,
+        checked=as_written.checked,
+        block_size=as_written.block,
+        tensors=len(entries),
+        verdicts=[tp_verdict(layers, p, book) for p in parallel],
+        findings=findings,
+        notes=as_written.notes + _classification_notes(architecture, config, layers),
+        kept_to_load=as_written.kept,
+    )
+
+
+def _engine(engine: str) -> Engine:
+    try:
+        return Engine(engine)
+    except ValueError:
+        raise ValueError(f"engine must be vllm or sglang, not {engine!r}") from None
+
+
+class _Checked(NamedTuple):
+    """The weights as the engine will load them: ``(name, shape, is FP8)``, the block size, what was
+    checked (``CheckReport.checked``), the layers to-fp8 keeps to load, and how it was checked."""
+
+    weights: Iterable[tuple[str, list[int], bool]]
+    block: tuple[int, int]
+    checked: str
+    kept: dict[str, str]
+    notes: list[str]
+
+
+def _as_written(directory: Path, config: dict[str, Any] | None, entries: list[TensorEntry]) -> _Checked:
+    """A block-FP8 checkpoint as it is; an unquantized one as to-fp8 would write it. Raises
+    ``NormalizeError`` for another quantization method."""
+    method = quantization_config_of(config).get("quant_method")
     if method not in (None, "fp8"):
         raise normalize_error(
             "unsupported_quantization",
@@ -129,41 +168,12 @@ def check(
             "and unquantized checkpoints",
             file=str(directory),
         )
-
-    findings = fp8_findings(checkpoint, config, read_scales=False, entries=entries)
-    architecture = architecture_of(config)
-    notes: list[str] = []
-    kept: dict[str, str] = {}
-    if quantized or method == "fp8":
-        checked, block = "fp8", block_size_of(config)
-        weights: Iterable[tuple[str, list[int], bool]] = (
-            (e.name, e.shape, e.dtype == FP8_WEIGHT_DTYPE) for e in entries
-        )
-    else:
-        checked, block = "bf16", (DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE)
-        weights, kept = _as_to_fp8_writes(entries, config)
-        notes.append(
-            "unquantized checkpoint: checked as `normalize to-fp8` would write it (default rules, 128x128 blocks)"
-        )
-    layers = engine_layers(weights, architecture)
-    findings += mtp_findings(architecture, (e.name for e in entries))
-    book = RuleBook()
-    verdicts = [tp_verdict(layers, Parallelism(t, expert_parallel, engine_kind, block), book) for t in sizes]
-    notes += _classification_notes(architecture, config, layers)
-    return CheckReport(
-        path=directory,
-        engine=engine_kind.value,
-        expert_parallel=expert_parallel,
-        architecture=architecture.name,
-        family=architecture.family,
-        checked=checked,
-        block_size=block,
-        tensors=len(entries),
-        verdicts=verdicts,
-        findings=findings,
-        notes=notes,
-        kept_to_load=kept,
-    )
+    if method == "fp8" or any(entry.dtype in FP8_DTYPES for entry in entries):
+        weights = ((e.name, e.shape, e.dtype == FP8_WEIGHT_DTYPE) for e in entries)
+        return _Checked(weights, block_size_of(config), "fp8", {}, [])
+    weights, kept = _as_to_fp8_writes(entries, config)
+    note = "unquantized checkpoint: checked as `normalize to-fp8` would write it (default rules, 128x128 blocks)"
+    return _Checked(weights, (DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE), "bf16", kept, [note])
 
 
 def _as_to_fp8_writes(

@@ -21,7 +21,8 @@ from normalize_core.devices import DEFAULT_JOBS
 from normalize_core.diff import CheckpointDiff, changed_aux_files, diff
 from normalize_core.distributed import SOLO, Group, joined, run_everywhere
 from normalize_core.errors import normalize_error
-from normalize_core.fp8.layout import FP8_DTYPES, SCALE_SUFFIX, is_scale_name
+from normalize_core.fp8.layout import SCALE_SUFFIX, marks_quantization
+from normalize_core.kinds import Naming
 from normalize_core.output import RunSpec, WriteResult, write_output
 from normalize_core.sizes import GIB
 
@@ -99,7 +100,7 @@ def plan_merge(
         base=base_ckpt,
         extra=extra_ckpt,
         diff=comparison,
-        plan=builder.finish(naming="standard"),
+        plan=builder.finish(naming=Naming.STANDARD),
         extra_aux_left_out=changed_aux_files(extra_ckpt.dir, base_ckpt.dir),
         mixed_quantization=mixed,
     )
@@ -121,8 +122,8 @@ def mixed_quantization(base: Checkpoint, extra: Checkpoint, comparison: Checkpoi
     """Why merging these two would mix quantized and unquantized tensors, or None when it would
     not: one holds FP8 weights or scale tensors and the other none, or extra adds scales of
     weights only base holds (they would be orphans beside base's unquantized weights)."""
-    base_marks = [t.name for t in base.tensors if _marks_quantization(t)]
-    extra_marks = [t.name for t in extra.tensors if _marks_quantization(t)]
+    base_marks = [t.name for t in base.tensors if marks_quantization(t.name, t.dtype)]
+    extra_marks = [t.name for t in extra.tensors if marks_quantization(t.name, t.dtype)]
     if bool(base_marks) != bool(extra_marks):
         quantized, plain, marks = ("base", "extra", base_marks) if base_marks else ("extra", "base", extra_marks)
         return (
@@ -137,11 +138,6 @@ def mixed_quantization(base: Checkpoint, extra: Checkpoint, comparison: Checkpoi
             "which base does not quantize"
         )
     return None
-
-
-def _marks_quantization(tensor) -> bool:
-    """Whether this tensor shows its checkpoint is quantized: an FP8 dtype, or a scale's name."""
-    return tensor.dtype in FP8_DTYPES or is_scale_name(tensor.name)
 
 
 def _scaled_weight(name: str) -> str | None:

@@ -1,4 +1,4 @@
-"""The one way every writing command (repack, to-fp8, merge) fills its output directory.
+"""The one way every writing command (repack, to-fp8, to-bf16, merge) fills its output directory.
 
 ``write_output(plan, output, spec, ...)`` does, in order:
 
@@ -17,8 +17,8 @@
 5. Writes the shards: kernel copies in Rust, ``jobs`` at a time; for plans with provided tensors,
    ``fill`` (see ``shard_filling``, e.g. ``ComputedTensors``) writes those while the kernel copies
    the rest. Each shard is marked done once it is fsynced and renamed into place.
-6. Copies the non-tensor files, runs ``before_index`` (to-fp8 writes config.json there), removes
-   stale shards of an earlier run, writes the index, and removes the record last.
+6. Copies the non-tensor files, runs ``before_index`` (to-fp8 and to-bf16 write config.json
+   there), removes stale shards of an earlier run, writes the index, and removes the record last.
 
 A failure removes what this run created (the shards it finished, the files it copied, its record,
 the directory if it made it) and nothing else, except under ``resume``: then the finished shards
@@ -52,6 +52,7 @@ from normalize_core._core import (
 )
 from normalize_core.distributed import SOLO, Group, assign_shards, run_everywhere
 from normalize_core.errors import normalize_error
+from normalize_core.kinds import ShardKind
 from normalize_core.output_lock import LOCK_FILE, OutputLock
 from normalize_core.run_record import (
     RunRecord,
@@ -125,11 +126,7 @@ def write_output(
     try:
         run_everywhere(group, lambda: run.prepare(overwrite))
         run.share_start()
-        work = list(shard_work) if shard_work is not None else default_shard_work(run.shards)
-        reused = set(run.reused)
-        pending = [i for i in range(len(run.shards)) if i not in reused]
-        mine = assign_shards([s.file_len for s in run.shards], pending, group.world_size)[group.rank]
-        advance = SharedProgress(progress, work, run.reused, pending, mine, group.rank == 0)
+        mine, advance = run.share_out(shard_work, progress)
         report = run_everywhere(group, lambda: run.write(mine, fill, jobs, hardlink, advance))
         reports = group.all_gather(report)
         finished = group.broadcast(run_everywhere(group, lambda: run.finish(before_index)))
@@ -141,25 +138,12 @@ def write_output(
         raise
     finally:
         run.release()
-    aux, skipped_aux, stale = finished
-    return WriteResult(
-        output=run.output,
-        shards=[s.file_name for s in run.shards],
-        tensors=sum(len(s.tensor_names) for s in run.shards),
-        total_size=plan.total_size,
-        aux_files=aux,
-        skipped_aux=skipped_aux,
-        removed_stale=stale,
-        reused=[run.shards[i].file_name for i in run.reused],
-        linked=sum(r["linked"] for r in reports),
-        link_fallbacks=[tuple(f) for r in reports for f in r["link_fallbacks"]],
-        seconds=time.monotonic() - started,
-    )
+    return run.result(finished, reports, time.monotonic() - started)
 
 
 def default_shard_work(shards) -> list[tuple[int, int]]:
     """The bytes the kernel reports copying for each shard."""
-    return [(s.file_len if s.kind == "whole_file" else s.data_len, 0) for s in shards]
+    return [(s.file_len if s.kind == ShardKind.WHOLE_FILE else s.data_len, 0) for s in shards]
 
 
 class OutputRun:
@@ -276,6 +260,17 @@ class OutputRun:
         if not self.lead:
             self.record, self.reused, self.created_dir = start
 
+    def share_out(
+        self, shard_work: Sequence[tuple[int, int]] | None, progress: Advance | None
+    ) -> tuple[list[int], SharedProgress]:
+        """This rank's shards (those not kept, split between the ranks by bytes) and the progress
+        it reports them through (see ``write_output`` for ``shard_work``)."""
+        work = list(shard_work) if shard_work is not None else default_shard_work(self.shards)
+        reused = set(self.reused)
+        pending = [i for i in range(len(self.shards)) if i not in reused]
+        mine = assign_shards([s.file_len for s in self.shards], pending, self.group.world_size)[self.group.rank]
+        return mine, SharedProgress(progress, work, self.reused, pending, mine, self.lead)
+
     def write(self, shards: list[int], fill: ShardFiller | None, jobs: int, hardlink: bool, advance: Advance):
         """Writes this rank's shards; returns the kernel's hard-link report."""
         if fill is None:
@@ -312,6 +307,24 @@ class OutputRun:
         self.index_written = True
         discard_record(self.output)
         return aux.copied, [tuple(skip) for skip in aux.skipped], stale
+
+    def result(self, finished, reports: list[dict], seconds: float) -> WriteResult:
+        """The ``WriteResult`` of a finished run, from rank 0's ``finish`` and every rank's
+        kernel report."""
+        aux, skipped_aux, stale = finished
+        return WriteResult(
+            output=self.output,
+            shards=[s.file_name for s in self.shards],
+            tensors=sum(len(s.tensor_names) for s in self.shards),
+            total_size=self.plan.total_size,
+            aux_files=aux,
+            skipped_aux=skipped_aux,
+            removed_stale=stale,
+            reused=[self.shards[i].file_name for i in self.reused],
+            linked=sum(r["linked"] for r in reports),
+            link_fallbacks=[tuple(f) for r in reports for f in r["link_fallbacks"]],
+            seconds=seconds,
+        )
 
     def abandon(self) -> None:
         """After a failure: removes what this process created, unless the output is complete or

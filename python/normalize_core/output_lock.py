@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 
 from normalize_core.errors import normalize_error
+from normalize_core.processes import process_runs, this_process
 
 LOCK_FILE = ".normalize-lock"
 #: ``flock`` errors that mean "not supported here", not "held by someone else".
@@ -126,8 +127,7 @@ def _still_names(path: Path, fd: int) -> bool:
 
 
 def _owner(command: str) -> str:
-    started = time.strftime("%Y-%m-%d %H:%M:%S %z")
-    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command, "started": started})
+    return json.dumps(this_process() | {"command": command})
 
 
 def _holder(fd: int) -> str:
@@ -138,19 +138,9 @@ def _holder(fd: int) -> str:
         try:
             owner = json.loads(os.pread(fd, 4096, 0))
             described = f"normalize {owner['command']}, pid {owner['pid']} on {owner['host']}, since {owner['started']}"
-            if owner["host"] != socket.gethostname() or _alive(int(owner["pid"])):
+            if owner["host"] != socket.gethostname() or process_runs(int(owner["pid"])):
                 return described
         except (OSError, ValueError, KeyError, TypeError):
             pass
         time.sleep(0.005)
     return "its pid is not known yet"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -46,6 +46,8 @@ from pathlib import Path
 from normalize_core._core import INDEX_FILE, Checkpoint, NormalizeError, copy_file, sync_dir
 from normalize_core.config_file import CONFIG_FILE
 from normalize_core.diff import changed_aux_files
+from normalize_core.kinds import Layout
+from normalize_core.processes import process_runs
 from normalize_core.words import plural, short_list
 
 #: Crash tests set this to N: the placing process kills itself (SIGKILL) just before its N-th
@@ -133,7 +135,7 @@ def plan_placement(staging: str | os.PathLike, destination: str | os.PathLike) -
         raise PlacementError(f"{destination}: is the staging directory itself", "placement_is_staging", destination)
     refuse_unusable_destination(destination, staging, str(destination), "staging directory")
     checkpoint = Checkpoint.open(staging)
-    if checkpoint.layout != "indexed":
+    if checkpoint.layout != Layout.INDEXED:
         raise PlacementError(
             f"{staging}: has no {INDEX_FILE}; place copies a written output (shards and index)",
             "placement_without_index",
@@ -317,7 +319,7 @@ def _leftovers(destination: Path) -> Iterator[tuple[Path, str, str]]:
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for file_name in sorted(files):
             match = _LEFTOVER.fullmatch(file_name)
-            if match and not _process_runs(int(match["pid"])):
+            if match and not process_runs(int(match["pid"])):
                 yield Path(root) / file_name, match["kind"], match["name"]
 
 
@@ -341,19 +343,6 @@ def _remove_set_aside_configs(destination: Path) -> list[str]:
             path.unlink()
             removed.append(path.relative_to(destination).as_posix())
     return removed
-
-
-def _process_runs(pid: int) -> bool:
-    """Whether a process with this id runs on this machine (this one counts)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
 
 
 def place(

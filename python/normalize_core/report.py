@@ -6,7 +6,6 @@ small); neither imports torch.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -14,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from normalize_core._core import Checkpoint, NormalizeError, list_aux_files
-from normalize_core.config_file import CONFIG_FILE, read_config_bytes
+from normalize_core.config_file import read_config
 from normalize_core.engines.verdicts import engine_findings
+from normalize_core.findings import Finding, findings_as_json, has_errors
 from normalize_core.fp8.contract import fp8_findings
-from normalize_core.fp8.layout import FP8_DTYPES, SCALE_SUFFIX, is_scale_name
+from normalize_core.fp8.layout import SCALE_SUFFIX, is_fp8_weight
+from normalize_core.kinds import Layout, Severity
 
 
 def naming_style(checkpoint: Checkpoint) -> str:
@@ -25,23 +26,13 @@ def naming_style(checkpoint: Checkpoint) -> str:
     or ``engine`` (several shards, no index)."""
     if checkpoint.has_standard_names:
         return "standard"
-    return {"single_file": "single_file", "indexed": "indexed_custom"}.get(checkpoint.layout, "engine")
-
-
-def read_config(directory: Path) -> dict[str, Any] | None:
-    """``config.json`` parsed, or None when absent or not JSON. Raises ``NormalizeError`` when it is
-    there but cannot be read as a regular file (a FIFO, a directory, …; see ``config_file``)."""
-    text = read_config_bytes(directory / CONFIG_FILE)
-    try:
-        return None if text is None else json.loads(text)
-    except ValueError:
-        return None
+    return {Layout.SINGLE_FILE: "single_file", Layout.INDEXED: "indexed_custom"}.get(checkpoint.layout, "engine")
 
 
 def quantization_summary(checkpoint: Checkpoint, config: dict[str, Any] | None) -> dict[str, Any]:
     """Counts FP8 weights (FP8 tensors that are not scales) and their block scales, and names the scheme."""
     names = set(checkpoint.names())
-    fp8 = [t for t in checkpoint.tensors if t.dtype in FP8_DTYPES and not is_scale_name(t.name)]
+    fp8 = [t for t in checkpoint.tensors if is_fp8_weight(t.name, t.dtype)]
     block_scaled = [t for t in fp8 if t.name + SCALE_SUFFIX in names]
     scale_dtypes = Counter(checkpoint.tensor(t.name + SCALE_SUFFIX).dtype for t in block_scaled)
     if not fp8:
@@ -74,8 +65,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         entry["tensors"] += 1
         entry["bytes"] += t.nbytes
     config = read_config(directory)
-    problems = [{"severity": s, "message": m} for s, m in checkpoint.problems()]
-    problems += [{"severity": s, "message": m} for s, m in fp8_findings(checkpoint, config)]
+    problems = findings_as_json([*checkpoint.problems(), *fp8_findings(checkpoint, config)])
     return {
         "path": str(directory),
         "layout": checkpoint.layout,
@@ -100,15 +90,16 @@ class VerifyReport:
     ok: bool
     tensors: int = 0
     shards: int = 0
-    findings: list[tuple[str, str]] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form (what ``normalize verify --json`` prints)."""
         return {
             "path": str(self.path),
             "ok": self.ok,
             "tensors": self.tensors,
             "shards": self.shards,
-            "findings": [{"severity": s, "message": m} for s, m in self.findings],
+            "findings": findings_as_json(self.findings),
         }
 
 
@@ -120,10 +111,9 @@ def verify_checkpoint(path: str | os.PathLike) -> VerifyReport:
     try:
         checkpoint = Checkpoint.open(directory)
     except NormalizeError as e:
-        return VerifyReport(directory, ok=False, findings=[("error", str(e))])
+        return VerifyReport(directory, ok=False, findings=[(Severity.ERROR, str(e))])
     findings = list(checkpoint.problems())
     config = read_config(directory)
     findings += fp8_findings(checkpoint, config)
     findings += engine_findings(checkpoint.tensors, config)
-    ok = not any(severity == "error" for severity, _ in findings)
-    return VerifyReport(directory, ok, len(checkpoint), len(checkpoint.files), findings)
+    return VerifyReport(directory, not has_errors(findings), len(checkpoint), len(checkpoint.files), findings)

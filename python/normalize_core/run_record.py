@@ -23,25 +23,29 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import stat
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from normalize_core._core import Checkpoint, OutputPlan, ShardPlan, __version__, sync_dir, write_atomically
+from normalize_core._core import (
+    LEN_PREFIX,
+    MAX_HEADER_LEN,
+    Checkpoint,
+    OutputPlan,
+    ShardPlan,
+    __version__,
+    sync_dir,
+    write_atomically,
+)
 from normalize_core.errors import normalize_error
+from normalize_core.processes import this_process
 
 RECORD_FILE = ".normalize-run.json"
 DONE_DIR = ".normalize-run.done"
 #: Version of the record's own layout.
 RECORD_FORMAT = 1
-#: Bytes before a safetensors header's JSON (its little-endian length).
-LEN_PREFIX = 8
-#: The reference reader's cap on the header JSON.
-MAX_HEADER_LEN = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -167,8 +171,9 @@ def describe_run(spec: RunSpec, plan: OutputPlan, shards: Sequence[ShardPlan]) -
         {"file": s.file_name, "size": s.file_len, "header_sha256": hashlib.sha256(plan.shard_header(i)).hexdigest()}
         for i, s in enumerate(shards)
     ]
-    owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
-    return RunRecord(spec.command, __version__, dict(spec.options), sources, planned, secrets.token_hex(8), owner)
+    return RunRecord(
+        spec.command, __version__, dict(spec.options), sources, planned, secrets.token_hex(8), this_process()
+    )
 
 
 def source_identity(path: Path) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Writing shards whose plan holds provided tensors (bytes the caller computes), ``jobs`` shards at a
 time: for each shard the kernel copies its copied tensors on a helper thread while a filler writes
 the provided ones. ``ComputedTensors`` is the filler of commands that compute each provided tensor
-from one source tensor at a time (to-fp8 quantizes; a dequantizing command would do the same)."""
+from one source tensor at a time (to-fp8 quantizes, to-bf16 dequantizes)."""
 
 from __future__ import annotations
 

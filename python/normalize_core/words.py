@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def plural(count: int, noun: str) -> str:
-    """``1 shard``, ``2 shards``, ``0 shards``: the count and the noun in the number it needs."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+def plural(count: int, noun: str, plural_form: str | None = None) -> str:
+    """``1 shard``, ``2 shards``, ``0 shards``: the count and the noun in the number it needs
+    (``plural_form`` where adding an s is wrong: ``2 entries``)."""
+    return f"{count} {noun}" if count == 1 else f"{count} {plural_form or noun + 's'}"
 
 
 def short_list(names: Sequence[str], limit: int = 8) -> str:

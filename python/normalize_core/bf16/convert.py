@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +31,14 @@ from normalize_core.bf16.formats import (
     Fp8Weight,
     TensorRoles,
     assign_roles,
-    read_config,
     recognise_format,
 )
-from normalize_core.distributed import SOLO, Group, device_for_rank, joined, kernel_threads, run_everywhere
+from normalize_core.config_file import CONFIG_FILE, load_config, write_config
+from normalize_core.conversion import ConversionResult, pack, repack_by_default, write_converted
+from normalize_core.distributed import SOLO, Group, joined, run_everywhere
 from normalize_core.errors import normalize_error
-from normalize_core.output import RunSpec, write_output
+from normalize_core.kinds import Naming
+from normalize_core.output import RunSpec
 from normalize_core.shard_filling import ComputedTensors
 from normalize_core.sizes import GIB
 
@@ -87,27 +89,16 @@ class Bf16Plan:
         }
 
 
-@dataclass
-class Bf16Result:
+@dataclass(kw_only=True)
+class Bf16Result(ConversionResult):
     """What ``to_bf16`` wrote."""
 
-    output: Path
-    shards: list[str]
+    #: FP8 weights dequantized, and tensors copied unchanged.
     dequantized: int
     copied: int
     #: Scale tensors consumed and activation scales dropped.
     dropped_scales: int
     dropped_activation_scales: int
-    bytes_before: int
-    bytes_after: int
-    device: str
-    seconds: float
-    aux_files: list[str] = field(default_factory=list)
-    #: ``(name, reason)`` of non-tensor entries not copied (symlinks leaving the source).
-    skipped_aux: list[tuple[str, str]] = field(default_factory=list)
-    removed_stale: list[str] = field(default_factory=list)
-    #: Shards an interrupted earlier run had finished, kept by ``resume``.
-    reused: list[str] = field(default_factory=list)
 
 
 def plan_bf16(
@@ -126,8 +117,8 @@ def plan_bf16(
     if dtype not in OUTPUT_DTYPE_NAMES:
         raise ValueError(f"dtype must be one of {', '.join(OUTPUT_DTYPE_NAMES)}, not {dtype!r}")
     checkpoint = Checkpoint.open(Path(source))
-    config_path = checkpoint.dir / "config.json"
-    config = read_config(config_path)
+    config_path = checkpoint.dir / CONFIG_FILE
+    config = load_config(config_path)
     fmt = recognise_format(config, config_path)
     entries = checkpoint.tensors
     roles = assign_roles(entries, fmt, checkpoint.dir)
@@ -140,8 +131,7 @@ def plan_bf16(
         )
     dropped = set(roles.scales) | set(roles.activation_scales)
     copied = [t for t in entries if t.name not in roles.weights and t.name not in dropped]
-    if repack is None:
-        repack = not (checkpoint.has_standard_names or checkpoint.layout == "single_file")
+    repack = repack_by_default(checkpoint) if repack is None else repack
     plan = build_output_plan(checkpoint, entries, roles, dropped, OUTPUT_DTYPE_NAMES[dtype], repack, max_shard_bytes)
     return Bf16Plan(checkpoint, fmt, dtype, roles, copied, plan, repack, config, max_shard_bytes)
 
@@ -171,11 +161,8 @@ def build_output_plan(
             groups.append(builder.group([weight], home=entry.name))
         else:
             groups.append(builder.group([builder.copied(entry.name)]))
-    if repack:
-        builder.pack_greedy(groups, max_shard_bytes)
-    else:
-        builder.pack_by_source_file(groups)
-    return builder.finish("standard" if repack or checkpoint.has_standard_names else "source")
+    naming = Naming.STANDARD if repack or checkpoint.has_standard_names else Naming.SOURCE
+    return pack(builder, groups, repack, max_shard_bytes, naming)
 
 
 def to_bf16(
@@ -215,42 +202,25 @@ def write_bf16(
 ) -> Bf16Result:
     """Executes a plan made by ``plan_bf16`` (see ``to_bf16``) through ``normalize_core.output``."""
     output = Path(output)
-    checkpoint = bf16.checkpoint
-    filler = run_everywhere(
-        group, lambda: bf16_filler(bf16, device_for_rank(device, group), kernel_threads(jobs, group))
-    )
-
-    def write_config() -> None:
-        write_dequantized_config(bf16.config, output / "config.json", bf16.dtype)
-
-    written = write_output(
+    written = write_converted(
+        RunSpec("to-bf16", [bf16.checkpoint], run_options(bf16)),
         bf16.plan,
         output,
-        RunSpec("to-bf16", [checkpoint], run_options(bf16)),
-        fill=filler,
+        lambda rank_device, threads: bf16_filler(bf16, rank_device, threads),
+        lambda: write_config(output / CONFIG_FILE, dequantized_config(bf16.config, bf16.dtype)),
+        device=device,
         jobs=jobs,
-        before_index=write_config,
         overwrite=overwrite,
         resume=resume,
         group=group,
         progress=progress,
-        shard_work=filler.shard_work(bf16.plan.shards, checkpoint),
     )
     return Bf16Result(
-        output=output,
-        shards=written.shards,
+        **written,
         dequantized=len(bf16.roles.weights),
         copied=len(bf16.copied),
         dropped_scales=len(bf16.roles.scales),
         dropped_activation_scales=len(bf16.roles.activation_scales),
-        bytes_before=checkpoint.total_size,
-        bytes_after=written.total_size,
-        device=filler.device,
-        seconds=written.seconds,
-        aux_files=written.aux_files,
-        skipped_aux=written.skipped_aux,
-        removed_stale=written.removed_stale,
-        reused=written.reused,
     )
 
 
@@ -302,14 +272,3 @@ def dequantized_config(config: dict[str, Any], dtype: str) -> dict[str, Any]:
         if key in result:
             result[key] = dtype
     return result
-
-
-def write_dequantized_config(config: dict[str, Any], output_config: Path, dtype: str) -> None:
-    """Writes ``dequantized_config(config, dtype)`` to ``output_config`` atomically (temporary file,
-    fsync, rename), replacing the copy of the source's."""
-    temporary = output_config.with_name(f".{output_config.name}.partial-{os.getpid()}")
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(json.dumps(dequantized_config(config, dtype), indent=2, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, output_config)

@@ -23,14 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from normalize_core._core import TensorEntry
-from normalize_core.config_file import read_config_bytes
 from normalize_core.errors import normalize_error
 from normalize_core.fp8.layout import (
-    FP8_DTYPES,
     FP8_WEIGHT_DTYPE,
     SCALE_SUFFIX,
     Tiling,
     halves_need_splitting,
+    is_fp8_weight,
     is_scale_name,
     tiling,
 )
@@ -91,21 +90,6 @@ class BlockFp8Format:
 
 def _unknown(message: str, config_path: Path) -> Exception:
     return normalize_error("unknown_quantization", f"{config_path}: {message}; {SUPPORTED}", file=str(config_path))
-
-
-def read_config(config_path: Path) -> dict[str, Any] | None:
-    """``config.json`` as a dict; None when the file does not exist. Raises ``NormalizeError`` for a
-    file that is not a JSON object, or not (a symlink to) a regular file (a FIFO never blocks)."""
-    text = read_config_bytes(config_path)
-    if text is None:
-        return None
-    try:
-        config = json.loads(text)
-    except ValueError as e:
-        raise normalize_error("invalid_config", f"{config_path}: not valid JSON: {e}", file=str(config_path)) from None
-    if not isinstance(config, dict):
-        raise normalize_error("invalid_config", f"{config_path}: not a JSON object", file=str(config_path))
-    return config
 
 
 def _block(block: Any, where: str, config_path: Path) -> tuple[int, int]:
@@ -208,7 +192,7 @@ def assign_roles(entries: list[TensorEntry], fmt: BlockFp8Format, directory: Pat
     by_name = {entry.name: entry for entry in entries}
     weights: dict[str, Fp8Weight] = {}
     for entry in entries:
-        if entry.dtype in FP8_DTYPES and not is_scale_name(entry.name):
+        if is_fp8_weight(entry.name, entry.dtype):
             weights[entry.name] = _pair(entry, by_name, fmt, directory)
     scales = [weight.scale.name for weight in weights.values()]
     consumed = set(scales)

@@ -125,6 +125,28 @@ def shard_limit(shard_size_gb: float | None, max_shard_size: str | None) -> int:
         raise typer.BadParameter(str(e), param_hint=hint) from None
 
 
+def check_write_mode(overwrite: bool, resume: bool) -> None:
+    """``--overwrite`` and ``--resume`` exclude each other."""
+    if overwrite and resume:
+        raise typer.BadParameter("give --overwrite or --resume, not both")
+
+
+def repack_choice(repack: bool, no_repack: bool) -> bool | None:
+    """``--repack`` / ``--no-repack`` as the conversions' ``repack``: True, False, or None when
+    neither is given (the source's layout decides)."""
+    if no_repack and repack:
+        raise typer.BadParameter("give --repack or --no-repack, not both")
+    return True if repack else (False if no_repack else None)
+
+
+def check_dry_run_options(output: Path | None, dry_run: bool, as_json: bool) -> None:
+    """A conversion needs ``--output`` unless it is a ``--dry-run``, and ``--json`` only goes with one."""
+    if output is None and not dry_run:
+        raise typer.BadParameter("--output is required unless --dry-run")
+    if as_json and not dry_run:
+        raise typer.BadParameter("--json goes with --dry-run")
+
+
 def checked_device(value: str) -> str:
     """``--device``: checked by the library's parser (the one ``to_fp8`` uses) before any work."""
     from normalize_core.devices import parse_device
@@ -139,6 +161,17 @@ SourceOpt = Annotated[Path, typer.Option("--source", "-s", help="Checkpoint dire
 OutputOpt = Annotated[
     Path, typer.Option("--output", "-o", help="Directory to write (created; must be empty unless --overwrite).")
 ]
+#: ``--output`` of the conversions, which a ``--dry-run`` does not need.
+OptionalOutputOpt = Annotated[
+    Path | None,
+    typer.Option("--output", "-o", help="Directory to write (created; must be empty unless --overwrite)."),
+]
+NoRepackOpt = Annotated[
+    bool, typer.Option("--no-repack", help="Keep the source's shard files even when their names are not standard.")
+]
+RepackOpt = Annotated[
+    bool, typer.Option("--repack", help="Bin-pack into model-{i:05d}-of-{n:05d} shards even for standard sources.")
+]
 ShardGbOpt = Annotated[
     float | None,
     typer.Option("--shard-size-gb", help="Largest shard in GiB (default 4; fractions allowed: 0.25 = 256 MiB)."),
@@ -148,6 +181,12 @@ MaxShardOpt = Annotated[
     typer.Option("--max-shard-size", help="Largest shard as a size string: 5GB (decimal, like HF) or 4GiB."),
 ]
 JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1, help="Shards written at the same time.")]
+#: ``--jobs`` of the conversions, whose jobs compute on the CPU (one by default: the kernel already
+#: spreads one tensor over every core).
+ConversionJobsOpt = Annotated[
+    int,
+    typer.Option("--jobs", "-j", min=1, help="Shards converted at the same time on the CPU (they share the cores)."),
+]
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="Write into a non-empty output, replacing only files this tool writes.")
 ]

@@ -10,25 +10,32 @@ from typing import Annotated
 import typer
 
 from normalize_core.cli.app import (
+    ConversionJobsOpt,
     DeviceOpt,
     DistributedOpt,
     MaxShardOpt,
+    NoRepackOpt,
+    OptionalOutputOpt,
     OverwriteOpt,
     QuietOpt,
+    RepackOpt,
     ResumeOpt,
     ShardGbOpt,
     SourceOpt,
     app,
+    check_dry_run_options,
+    check_write_mode,
     failed,
+    repack_choice,
     shard_limit,
 )
-from normalize_core.cli.checkpoint_commands import print_reused
-from normalize_core.cli.console import print_finding, print_table, say, write_line
+from normalize_core.cli.console import print_table, say, write_line
+from normalize_core.cli.summaries import print_conversion, print_reused, print_skipped_aux
 from normalize_core.sizes import format_bytes
 from normalize_core.words import plural
 
 
-def print_plan(bf16) -> None:
+def print_bf16_plan(bf16) -> None:
     """The dry run: what happens to which tensors, and the output's size and shards."""
     checkpoint = bf16.checkpoint
     nbytes = {t.name: t.nbytes for t in checkpoint.tensors}
@@ -68,20 +75,13 @@ def note_dropped_activation_scales(bf16) -> None:
 @app.command("to-bf16")
 def to_bf16_command(
     source: SourceOpt,
-    output: Annotated[
-        Path | None,
-        typer.Option("--output", "-o", help="Directory to write (created; must be empty unless --overwrite)."),
-    ] = None,
+    output: OptionalOutputOpt = None,
     dtype: Annotated[
         str, typer.Option("--dtype", help="Output dtype of the dequantized weights: bfloat16, float16 or float32.")
     ] = "bfloat16",
     device: DeviceOpt = "auto",
-    no_repack: Annotated[
-        bool, typer.Option("--no-repack", help="Keep the source's shard files even when their names are not standard.")
-    ] = False,
-    repack: Annotated[
-        bool, typer.Option("--repack", help="Bin-pack into model-{i:05d}-of-{n:05d} shards even for standard sources.")
-    ] = False,
+    no_repack: NoRepackOpt = False,
+    repack: RepackOpt = False,
     shard_size_gb: ShardGbOpt = None,
     max_shard_size: MaxShardOpt = None,
     dry_run: Annotated[
@@ -94,12 +94,7 @@ def to_bf16_command(
             help="With --dry-run: one JSON object (format, dequantize/copy/drop lists, shards, total_size).",
         ),
     ] = False,
-    jobs: Annotated[
-        int,
-        typer.Option(
-            "--jobs", "-j", min=1, help="Shards dequantized at the same time on the CPU (they share the cores)."
-        ),
-    ] = 1,
+    jobs: ConversionJobsOpt = 1,
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
     distributed: DistributedOpt = False,
@@ -118,75 +113,70 @@ def to_bf16_command(
     without its scale, a scale without its weight, a scale of the wrong shape or an unknown
     quantization format stops the run before anything is written.
     """
-    if no_repack and repack:
-        raise typer.BadParameter("give --repack or --no-repack, not both")
+    layout = repack_choice(repack, no_repack)
     if dtype not in ("bfloat16", "float16", "float32"):
         raise typer.BadParameter("--dtype must be bfloat16, float16 or float32")
-    if output is None and not dry_run:
-        raise typer.BadParameter("--output is required unless --dry-run")
-    if as_json and not dry_run:
-        raise typer.BadParameter("--json goes with --dry-run")
+    check_dry_run_options(output, dry_run, as_json)
     limit = shard_limit(shard_size_gb, max_shard_size)
+    check_write_mode(overwrite, resume)
     from normalize_core._core import NormalizeError
-    from normalize_core.bf16.convert import plan_bf16, write_bf16
-    from normalize_core.bf16.dequantizers import dequantizer_for
-    from normalize_core.cli.progress import byte_progress
-    from normalize_core.distributed import device_for_rank, joined, run_everywhere
-
-    if overwrite and resume:
-        raise typer.BadParameter("give --overwrite or --resume, not both")
-
-    def plan():
-        return plan_bf16(
-            source, dtype=dtype, repack=True if repack else (False if no_repack else None), max_shard_bytes=limit
-        )
+    from normalize_core.bf16.convert import plan_bf16
+    from normalize_core.distributed import joined, run_everywhere
 
     try:
         with joined(distributed) as group:
-            lead = group.rank == 0
-            bf16 = run_everywhere(group, plan)
+            bf16 = run_everywhere(group, lambda: plan_bf16(source, dtype=dtype, repack=layout, max_shard_bytes=limit))
             if dry_run:
-                if lead and as_json:
-                    print(json.dumps(bf16.summary()))
-                elif lead:
-                    print_plan(bf16)
-                    note_dropped_activation_scales(bf16)
+                if group.rank == 0:
+                    print_dry_run(bf16, as_json)
                 return
-            target = run_everywhere(
-                group,
-                lambda: (
-                    dequantizer_for(device_for_rank(device, group), bf16.checkpoint, bf16.format.block, dtype).device
-                ),
-            )
-            progress = byte_progress(
-                bf16.source_bytes,
-                f"to-bf16 on {target}" if group.world_size == 1 else f"to-bf16 on {group.world_size} ranks",
-                enabled=not quiet and lead,
-                items_total=len(bf16.roles.weights),
-                items_label="dequantized",
-            )
-            with progress as advance:
-                result = write_bf16(
-                    bf16,
-                    output,
-                    device=target,
-                    jobs=jobs,
-                    overwrite=overwrite,
-                    resume=resume,
-                    group=group,
-                    progress=advance,
-                )
+            result = write_with_progress(bf16, output, device, jobs, overwrite, resume, group, quiet)
     except (NormalizeError, ValueError) as e:
         raise failed(e) from None
-    if not lead:
-        return
-    say(
-        f"Wrote {plural(len(result.shards), 'shard')} to {result.output} on {result.device} in {result.seconds:.1f} s: "
-        f"{plural(result.dequantized, 'FP8 weight')} to {dtype}, {plural(result.copied, 'tensor')} copied, "
-        f"{plural(result.dropped_scales, 'scale')} removed, "
-        f"{format_bytes(result.bytes_before)} → {format_bytes(result.bytes_after)}."
+    if group.rank == 0:
+        print_result(result, bf16)
+
+
+def print_dry_run(bf16, as_json: bool) -> None:
+    """The plan, as a table or (``--json``) one JSON object."""
+    if as_json:
+        print(json.dumps(bf16.summary()))
+    else:
+        print_bf16_plan(bf16)
+        note_dropped_activation_scales(bf16)
+
+
+def write_with_progress(bf16, output: Path, device: str, jobs: int, overwrite: bool, resume: bool, group, quiet: bool):
+    """``write_bf16`` on the device this rank dequantizes on, with a progress bar on rank 0."""
+    from normalize_core.bf16.convert import write_bf16
+    from normalize_core.bf16.dequantizers import dequantizer_for
+    from normalize_core.cli.progress import byte_progress, progress_label
+    from normalize_core.distributed import device_for_rank, run_everywhere
+
+    def target() -> str:
+        return dequantizer_for(device_for_rank(device, group), bf16.checkpoint, bf16.format.block, bf16.dtype).device
+
+    on = run_everywhere(group, target)
+    progress = byte_progress(
+        bf16.source_bytes,
+        progress_label("to-bf16", on, group.world_size),
+        enabled=not quiet and group.rank == 0,
+        items_total=len(bf16.roles.weights),
+        items_label="dequantized",
+    )
+    with progress as advance:
+        return write_bf16(
+            bf16, output, device=on, jobs=jobs, overwrite=overwrite, resume=resume, group=group, progress=advance
+        )
+
+
+def print_result(result, bf16) -> None:
+    """What the conversion did, and what it left out."""
+    print_conversion(
+        result,
+        f"{plural(result.dequantized, 'FP8 weight')} to {bf16.dtype}, {plural(result.copied, 'tensor')} copied, "
+        f"{plural(result.dropped_scales, 'scale')} removed",
     )
     print_reused(result.reused)
     note_dropped_activation_scales(bf16)
-    for name, reason in result.skipped_aux:
-        print_finding("warning", f"{name} not copied: {reason}")
+    print_skipped_aux(result.skipped_aux)

@@ -96,25 +96,31 @@ def check_command(
     if as_json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
-        engine_label = "SGLang" if report.engine == "sglang" else "vLLM"
-        what = "block FP8" if report.checked == "fp8" else "unquantized, as to-fp8 would write it"
-        family = report.family or "not modeled"
-        parallel = f"{engine_label} with EP" if report.expert_parallel else engine_label
-        write_line((str(report.path), "bold"), f"  ({report.architecture}: {family}; {what}; {parallel})")
-        for verdict in report.verdicts:
-            if verdict.loads:
-                write_line((f"TP {verdict.tp}:", "green"), " loads")
-                continue
-            write_line((f"TP {verdict.tp}:", "bold red"), " fails")
-            for failure in verdict.failures:
-                say(f"  {failure.line()}")
-        for severity, message in report.findings:
-            print_finding(severity, message)
-        if report.kept_to_load:
-            say("to-fp8 keeps these layers unquantized so the output loads at TP 1:")
-            print_layer_reasons(report.kept_to_load)
-        for note in report.notes:
-            write_line(("note:", "dim"), f" {note}")
-        write_line(("OK", "green") if report.ok else ("FAILED", "red"), f" {_summary(report)}")
+        print_check_report(report)
     if not report.ok:
         raise typer.Exit(PROBLEMS_FOUND)
+
+
+def print_check_report(report) -> None:
+    """A ``CheckReport`` for humans: a verdict per TP size with its failures, the format findings,
+    the layers to-fp8 would keep, how it was checked, and the outcome."""
+    engine_label = "SGLang" if report.engine == "sglang" else "vLLM"
+    what = "block FP8" if report.checked == "fp8" else "unquantized, as to-fp8 would write it"
+    family = report.family or "not modeled"
+    parallel = f"{engine_label} with EP" if report.expert_parallel else engine_label
+    write_line((str(report.path), "bold"), f"  ({report.architecture}: {family}; {what}; {parallel})")
+    for verdict in report.verdicts:
+        if verdict.loads:
+            write_line((f"TP {verdict.tp}:", "green"), " loads")
+            continue
+        write_line((f"TP {verdict.tp}:", "bold red"), " fails")
+        for failure in verdict.failures:
+            say(f"  {failure.line()}")
+    for severity, message in report.findings:
+        print_finding(severity, message)
+    if report.kept_to_load:
+        say("to-fp8 keeps these layers unquantized so the output loads at TP 1:")
+        print_layer_reasons(report.kept_to_load)
+    for note in report.notes:
+        write_line(("note:", "dim"), f" {note}")
+    write_line(("OK", "green") if report.ok else ("FAILED", "red"), f" {_summary(report)}")

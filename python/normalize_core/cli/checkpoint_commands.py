@@ -23,27 +23,16 @@ from normalize_core.cli.app import (
     SourceOpt,
     YesOpt,
     app,
+    check_write_mode,
     fail,
     failed,
     shard_limit,
 )
 from normalize_core.cli.console import print_finding, print_table, say, write_line
+from normalize_core.cli.summaries import print_reused, print_shard_plan, print_skipped_aux
 from normalize_core.devices import DEFAULT_JOBS
 from normalize_core.sizes import format_bytes
 from normalize_core.words import plural
-
-
-def print_plan(plan) -> None:
-    """The shard plan as a table and a one-line total."""
-    rows = [
-        [shard.file_name, str(len(shard.tensor_names)), format_bytes(shard.data_len), format_bytes(shard.file_len)]
-        for shard in plan.shards
-    ]
-    print_table(["shard", "tensors", "tensor bytes", "file bytes"], rows, right={1, 2, 3}, title="Shard plan")
-    say(
-        f"{plural(len(plan.shards), 'shard')}, {plural(sum(len(s.tensor_names) for s in plan.shards), 'tensor')}, "
-        f"total_size {plan.total_size} bytes ({format_bytes(plan.total_size)})"
-    )
 
 
 def require_directory(directory: Path) -> None:
@@ -80,41 +69,44 @@ def repack(
     --output is a staging area: afterwards you choose (on a terminal, or with --place) whether
     the weights stay there, are copied into --source, or are copied to another directory.
     """
-    from normalize_core._core import NormalizeError
-    from normalize_core.cli.placement import check_place_option, offer_placement
-    from normalize_core.cli.progress import byte_progress
-    from normalize_core.distributed import joined, run_everywhere
-    from normalize_core.repack import plan_repack, write_repack
-
-    if overwrite and resume:
-        raise typer.BadParameter("give --overwrite or --resume, not both")
+    check_write_mode(overwrite, resume)
     limit = shard_limit(shard_size_gb, max_shard_size)
+    from normalize_core._core import NormalizeError
+    from normalize_core.cli.placement import check_place_option, place_output
+    from normalize_core.distributed import joined, run_everywhere
+    from normalize_core.repack import plan_repack
+
     try:
         with joined(distributed) as group:
-            lead = group.rank == 0
             if not dry_run:
                 check_place_option(place, output)
             checkpoint, plan = run_everywhere(group, lambda: plan_repack(source, limit))
             if dry_run:
-                if lead:
-                    print_plan(plan)
+                if group.rank == 0:
+                    print_shard_plan(plan)
                 return
-            total = sum(s.file_len for s in plan.shards)
-            with byte_progress(total, "repack", enabled=not quiet and lead) as advance:
-                result = write_repack(
-                    checkpoint,
-                    plan,
-                    output,
-                    jobs=jobs,
-                    overwrite=overwrite,
-                    resume=resume,
-                    group=group,
-                    progress=advance,
-                )
+            result = write_with_progress(checkpoint, plan, output, jobs, overwrite, resume, group, quiet)
     except NormalizeError as e:
         raise failed(e) from None
-    if not lead:
-        return
+    if group.rank == 0:
+        print_repack_result(result)
+        place_output(result.output, source, place, yes, quiet=quiet, group=group)
+
+
+def write_with_progress(checkpoint, plan, output: Path, jobs: int, overwrite: bool, resume: bool, group, quiet: bool):
+    """``write_repack`` with a progress bar on rank 0."""
+    from normalize_core.cli.progress import byte_progress
+    from normalize_core.repack import write_repack
+
+    total = sum(s.file_len for s in plan.shards)
+    with byte_progress(total, "repack", enabled=not quiet and group.rank == 0) as advance:
+        return write_repack(
+            checkpoint, plan, output, jobs=jobs, overwrite=overwrite, resume=resume, group=group, progress=advance
+        )
+
+
+def print_repack_result(result) -> None:
+    """What the repack wrote, copied, removed and left out."""
     rate = result.total_size / max(result.seconds, 1e-9)
     say(
         f"Wrote {plural(len(result.shards), 'shard')} ({plural(result.tensors, 'tensor')}, "
@@ -128,27 +120,6 @@ def repack(
         say(f"Removed stale shards of an earlier run: {', '.join(result.removed_stale)}")
     if result.ignored_files:
         say(f"Left out source files not referenced by the index: {', '.join(result.ignored_files)}")
-    try:
-        offer_placement(result.output, source, place, yes, show_progress=not quiet, interactive=placement_asks(group))
-    except NormalizeError as e:
-        raise fail(str(e)) from None
-
-
-def print_reused(reused: list[str]) -> None:
-    """The summary line of a resumed run."""
-    if reused:
-        say(f"Kept {plural(len(reused), 'shard')} an interrupted run had finished: {', '.join(sorted(reused))}")
-
-
-def print_skipped_aux(skipped: list[tuple[str, str]]) -> None:
-    """One warning per source symlink the copy of the other files left out."""
-    for path, reason in skipped:
-        print_finding("warning", f"not copied: {path} ({reason})", err=True)
-
-
-def placement_asks(group) -> bool | None:
-    """Placement asks on a terminal, except in a distributed run (never: only --place)."""
-    return None if group.world_size == 1 else False
 
 
 @app.command("inspect", short_help="Describe a checkpoint and the problems it has.")

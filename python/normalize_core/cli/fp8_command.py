@@ -1,5 +1,5 @@
-"""``to-fp8``: convert a bf16/fp16/fp32 checkpoint to per-block FP8. torch is imported only here,
-and only when the command runs."""
+"""``to-fp8``: convert a bf16/fp16/fp32 checkpoint to per-block FP8. torch is imported only for a
+GPU run; the library code only when the command runs."""
 
 from __future__ import annotations
 
@@ -10,23 +10,30 @@ from typing import Annotated
 import typer
 
 from normalize_core.cli.app import (
+    ConversionJobsOpt,
     DeviceOpt,
     DistributedOpt,
     MaxShardOpt,
+    NoRepackOpt,
+    OptionalOutputOpt,
     OverwriteOpt,
     PlaceOpt,
     QuietOpt,
+    RepackOpt,
     ResumeOpt,
     ShardGbOpt,
     SourceOpt,
     YesOpt,
     app,
+    check_dry_run_options,
+    check_write_mode,
     fail,
     failed,
+    repack_choice,
     shard_limit,
 )
-from normalize_core.cli.checkpoint_commands import placement_asks, print_reused, print_skipped_aux
 from normalize_core.cli.console import print_finding, print_table, say, write_line
+from normalize_core.cli.summaries import print_conversion, print_reused, print_skipped_aux
 from normalize_core.sizes import format_bytes
 from normalize_core.words import plural
 
@@ -79,10 +86,7 @@ def print_kept_to_load(decisions) -> None:
 @app.command("to-fp8", short_help="Quantize weights to per-block FP8 with _scale_inv scales.")
 def to_fp8_command(
     source: SourceOpt,
-    output: Annotated[
-        Path | None,
-        typer.Option("--output", "-o", help="Directory to write (created; must be empty unless --overwrite)."),
-    ] = None,
+    output: OptionalOutputOpt = None,
     reference: Annotated[
         Path | None,
         typer.Option(
@@ -101,12 +105,8 @@ def to_fp8_command(
         list[str] | None,
         typer.Option("--skip-pattern", help="Regex (repeatable) of tensors to keep, on top of any rules."),
     ] = None,
-    no_repack: Annotated[
-        bool, typer.Option("--no-repack", help="Keep the source's shard files even when their names are not standard.")
-    ] = False,
-    repack: Annotated[
-        bool, typer.Option("--repack", help="Bin-pack into model-{i:05d}-of-{n:05d} shards even for standard sources.")
-    ] = False,
+    no_repack: NoRepackOpt = False,
+    repack: RepackOpt = False,
     shard_size_gb: ShardGbOpt = None,
     max_shard_size: MaxShardOpt = None,
     device: DeviceOpt = "auto",
@@ -147,12 +147,7 @@ def to_fp8_command(
             "--json", help="With --dry-run: one JSON object {quantize: [...], keep: [...], kept_to_load: {layer: why}}."
         ),
     ] = False,
-    jobs: Annotated[
-        int,
-        typer.Option(
-            "--jobs", "-j", min=1, help="Shards quantized at the same time on the CPU (they share the cores)."
-        ),
-    ] = 1,
+    jobs: ConversionJobsOpt = 1,
     overwrite: OverwriteOpt = False,
     resume: ResumeOpt = False,
     distributed: DistributedOpt = False,
@@ -173,31 +168,16 @@ def to_fp8_command(
     --output is a staging area: afterwards you choose (on a terminal, or with --place) whether
     the weights stay there, are copied into --source, or are copied to another directory.
     """
-    if no_repack and repack:
-        raise typer.BadParameter("give --repack or --no-repack, not both")
-    if scale_fmt not in ("float", "ue8m0"):
-        raise typer.BadParameter("--scale-fmt must be float or ue8m0")
-    if scale_dtype not in (None, "float32", "bfloat16"):
-        raise typer.BadParameter("--scale-dtype must be float32 or bfloat16")
-    if output is None and not dry_run:
-        raise typer.BadParameter("--output is required unless --dry-run")
-    if as_json and not dry_run:
-        raise typer.BadParameter("--json goes with --dry-run")
+    layout = repack_choice(repack, no_repack)
+    check_scale_options(scale_fmt, scale_dtype)
+    check_dry_run_options(output, dry_run, as_json)
     limit = shard_limit(shard_size_gb, max_shard_size)
-    if tp and allow_unloadable:
-        raise fail("give --tp or --allow-unloadable, not both")
-    from normalize_core.cli.check_command import parse_tp_sizes
-
-    loadable_at = parse_tp_sizes(["1", *tp] if tp else None, (1,))
+    loadable_at = tp_sizes_to_load(tp, allow_unloadable)
+    check_write_mode(overwrite, resume)
     from normalize_core._core import NormalizeError
-    from normalize_core.cli.placement import check_place_option, offer_placement
-    from normalize_core.cli.progress import byte_progress
-    from normalize_core.distributed import device_for_rank, joined, run_everywhere
-    from normalize_core.fp8.convert import plan_fp8, write_fp8
-    from normalize_core.fp8.quantizers import quantizer_for
-
-    if overwrite and resume:
-        raise typer.BadParameter("give --overwrite or --resume, not both")
+    from normalize_core.cli.placement import check_place_option, place_output
+    from normalize_core.distributed import joined, run_everywhere
+    from normalize_core.fp8.convert import plan_fp8
 
     def plan():
         return plan_fp8(
@@ -205,7 +185,7 @@ def to_fp8_command(
             reference=reference,
             quantize_patterns=quantize_pattern or (),
             skip_patterns=skip_pattern or (),
-            repack=True if repack else (False if no_repack else None),
+            repack=layout,
             max_shard_bytes=limit,
             scale_fmt=scale_fmt,
             scale_dtype=scale_dtype,
@@ -217,53 +197,69 @@ def to_fp8_command(
 
     try:
         with joined(distributed) as group:
-            lead = group.rank == 0
-            if output is not None and not dry_run:
+            if not dry_run:
                 check_place_option(place, output)
             fp8 = run_everywhere(group, plan)
-            if lead:
+            if group.rank == 0:
                 print_reference_mismatch(fp8)
             if dry_run:
-                if lead:
+                if group.rank == 0:
                     print_dry_run(fp8, as_json)
                 return
-            target = run_everywhere(group, lambda: quantizer_for(device_for_rank(device, group), fp8).device)
-            progress = byte_progress(
-                fp8.checkpoint.total_size,
-                f"to-fp8 on {target}" if group.world_size == 1 else f"to-fp8 on {group.world_size} ranks",
-                enabled=not quiet and lead,
-                items_total=len(fp8.layouts),
-                items_label="quantized",
-            )
-            with progress as advance:
-                result = write_fp8(
-                    fp8,
-                    output,
-                    device=target,
-                    jobs=jobs,
-                    overwrite=overwrite,
-                    resume=resume,
-                    group=group,
-                    progress=advance,
-                )
+            result = write_with_progress(fp8, output, device, jobs, overwrite, resume, group, quiet)
     except (NormalizeError, ValueError) as e:
         raise failed(e) from None
-    if not lead:
-        return
-    say(
-        f"Wrote {plural(len(result.shards), 'shard')} to {result.output} on {result.device} in {result.seconds:.1f} s: "
-        f"{plural(result.quantized, 'tensor')} to FP8, {result.kept} kept, "
-        f"{format_bytes(result.bytes_before)} → {format_bytes(result.bytes_after)}."
+    if group.rank == 0:
+        print_result(result, fp8)
+        place_output(result.output, source, place, yes, quiet=quiet, group=group)
+
+
+def check_scale_options(scale_fmt: str, scale_dtype: str | None) -> None:
+    """``--scale-fmt`` and ``--scale-dtype`` name values the library knows."""
+    if scale_fmt not in ("float", "ue8m0"):
+        raise typer.BadParameter("--scale-fmt must be float or ue8m0")
+    if scale_dtype not in (None, "float32", "bfloat16"):
+        raise typer.BadParameter("--scale-dtype must be float32 or bfloat16")
+
+
+def tp_sizes_to_load(tp: list[str] | None, allow_unloadable: bool) -> tuple[int, ...]:
+    """The TP sizes the output must load at: 1 and every ``--tp`` size."""
+    if tp and allow_unloadable:
+        raise fail("give --tp or --allow-unloadable, not both")
+    from normalize_core.cli.check_command import parse_tp_sizes
+
+    return parse_tp_sizes(["1", *tp] if tp else None, (1,))
+
+
+def write_with_progress(fp8, output: Path, device: str, jobs: int, overwrite: bool, resume: bool, group, quiet: bool):
+    """``write_fp8`` on the device this rank quantizes on, with a progress bar on rank 0."""
+    from normalize_core.cli.progress import byte_progress, progress_label
+    from normalize_core.distributed import device_for_rank, run_everywhere
+    from normalize_core.fp8.convert import write_fp8
+    from normalize_core.fp8.quantizers import quantizer_for
+
+    target = run_everywhere(group, lambda: quantizer_for(device_for_rank(device, group), fp8).device)
+    progress = byte_progress(
+        fp8.checkpoint.total_size,
+        progress_label("to-fp8", target, group.world_size),
+        enabled=not quiet and group.rank == 0,
+        items_total=len(fp8.layouts),
+        items_label="quantized",
     )
+    with progress as advance:
+        return write_fp8(
+            fp8, output, device=target, jobs=jobs, overwrite=overwrite, resume=resume, group=group, progress=advance
+        )
+
+
+def print_result(result, fp8) -> None:
+    """What the conversion did, and what it could not."""
+    print_conversion(result, f"{plural(result.quantized, 'tensor')} to FP8, {result.kept} kept")
     print_kept_to_load(fp8.decisions)
     print_reused(result.reused)
     print_skipped_aux(result.skipped_aux)
     if not result.config_written:
         print_finding("warning", "the source has no config.json, so no quantization_config was written")
-    try:
-        offer_placement(result.output, source, place, yes, show_progress=not quiet, interactive=placement_asks(group))
-    except NormalizeError as e:
-        raise fail(str(e)) from None
 
 
 def print_reference_mismatch(fp8) -> None:

@@ -17,11 +17,13 @@ from normalize_core.cli.app import (
     ResumeOpt,
     ShardGbOpt,
     app,
+    check_write_mode,
     fail,
     failed,
     shard_limit,
 )
 from normalize_core.cli.console import say
+from normalize_core.cli.summaries import print_reused, print_shard_plan, print_skipped_aux
 from normalize_core.devices import DEFAULT_JOBS
 from normalize_core.sizes import format_bytes
 from normalize_core.words import plural
@@ -101,6 +103,7 @@ def print_merge_plan(planned, hardlink: bool) -> None:
 
 
 def print_aux_left_out(left_out: dict[str, str]) -> None:
+    """Extra's non-tensor files that the merge does not copy, and why."""
     if not left_out:
         return
     say("Non-tensor files of extra that are not copied (base's are); merge them by hand if needed:")
@@ -110,8 +113,6 @@ def print_aux_left_out(left_out: dict[str, str]) -> None:
 
 def print_merge_result(result) -> None:
     """What a ``MergeResult`` holds: shards, tensors, links, files left out."""
-    from normalize_core.cli.checkpoint_commands import print_reused, print_skipped_aux
-
     written = result.written
     rate = written.total_size / max(written.seconds, 1e-9)
     say(
@@ -184,47 +185,53 @@ def merge(
     A quantized and an unquantized checkpoint are refused unless --allow-mixed. Declining the
     confirmation writes nothing and exits 0.
     """
-    from normalize_core._core import NormalizeError
-    from normalize_core.cli.checkpoint_commands import print_plan
-    from normalize_core.cli.progress import byte_progress
-    from normalize_core.distributed import joined, run_everywhere
-    from normalize_core.merge import plan_merge, write_merge
-
-    if overwrite and resume:
-        raise typer.BadParameter("give --overwrite or --resume, not both")
+    check_write_mode(overwrite, resume)
     if distributed and not (yes or dry_run):
         raise fail("a distributed merge never asks for confirmation; pass --yes")
     limit = shard_limit(shard_size_gb, max_shard_size)
+    from normalize_core._core import NormalizeError
+    from normalize_core.distributed import joined, run_everywhere
+    from normalize_core.merge import plan_merge
+
     try:
         with joined(distributed) as group:
-            lead = group.rank == 0
             planned = run_everywhere(group, lambda: plan_merge(base, extra, limit, allow_mixed=allow_mixed))
-            if lead:
+            if group.rank == 0:
                 print_diff(planned.diff, planned.extra)
                 print_merge_plan(planned, hardlink)
+                if dry_run:
+                    print_shard_plan(planned.plan)
             if dry_run:
-                if lead:
-                    print_plan(planned.plan)
                 return
             if not (yes or confirmed(out)):
                 say("Nothing written.")
                 return
-            total = sum(s.file_len for s in planned.plan.shards)
-            with byte_progress(total, "merge", enabled=not quiet and lead) as advance:
-                result = write_merge(
-                    planned,
-                    out,
-                    hardlink=hardlink,
-                    jobs=jobs,
-                    overwrite=overwrite,
-                    resume=resume,
-                    group=group,
-                    progress=advance,
-                )
+            result = write_with_progress(planned, out, hardlink, jobs, overwrite, resume, group, quiet)
     except NormalizeError as e:
         raise failed(e) from None
-    if lead:
+    if group.rank == 0:
         print_merge_result(result)
+
+
+def write_with_progress(
+    planned, out: Path, hardlink: bool, jobs: int, overwrite: bool, resume: bool, group, quiet: bool
+):
+    """``write_merge`` with a progress bar on rank 0."""
+    from normalize_core.cli.progress import byte_progress
+    from normalize_core.merge import write_merge
+
+    total = sum(s.file_len for s in planned.plan.shards)
+    with byte_progress(total, "merge", enabled=not quiet and group.rank == 0) as advance:
+        return write_merge(
+            planned,
+            out,
+            hardlink=hardlink,
+            jobs=jobs,
+            overwrite=overwrite,
+            resume=resume,
+            group=group,
+            progress=advance,
+        )
 
 
 def confirmed(out: Path) -> bool:

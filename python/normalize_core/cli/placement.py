@@ -1,10 +1,10 @@
 """The placement step of the commands: where should the output go, and what placing it will do.
 
-``offer_placement`` runs after ``repack`` and ``to-fp8``: it asks on a terminal (or follows
-``--place``) whether the output stays where it was written, is copied into the source, or is
-copied to another directory. ``place_interactively`` lists what a placement would replace and
-which shards it leaves unreferenced, asks what it must, copies (``normalize_core.place``) and
-says where the weights are now.
+``offer_placement`` runs after ``repack`` and ``to-fp8`` (``place_output`` for the commands): it
+asks on a terminal (or follows ``--place``) whether the output stays where it was written, is
+copied into the source, or is copied to another directory. ``place_interactively`` lists what a
+placement would replace and which shards it leaves unreferenced, asks what it must, copies
+(``normalize_core.place``) and says where the weights are now.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import typer
 
-from normalize_core._core import INDEX_FILE, SINGLE_FILE
+from normalize_core._core import INDEX_FILE, SINGLE_FILE, NormalizeError
+from normalize_core.cli.app import fail
 from normalize_core.cli.console import say
 from normalize_core.cli.progress import byte_progress
 from normalize_core.place import (
@@ -42,6 +43,20 @@ def check_place_option(place: str | None, staging: str | os.PathLike) -> None:
     destination, staging = Path(place).expanduser(), Path(staging)
     if destination.resolve() != staging.resolve():
         refuse_unusable_destination(destination, staging, f"--place {place}", "output directory")
+
+
+def placement_asks(group) -> bool | None:
+    """Placement asks on a terminal, except in a distributed run (never: only --place)."""
+    return None if group.world_size == 1 else False
+
+
+def place_output(staging: Path, source: Path, place: str | None, yes: bool, *, quiet: bool, group) -> None:
+    """``offer_placement`` after a write on rank 0 of ``group``; a refusal or failure is one error
+    line (exit 2)."""
+    try:
+        offer_placement(staging, source, place, yes, show_progress=not quiet, interactive=placement_asks(group))
+    except NormalizeError as e:
+        raise fail(str(e)) from None
 
 
 def offer_placement(

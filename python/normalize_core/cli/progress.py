@@ -13,6 +13,11 @@ from normalize_core.cli.console import stderr
 Advance = Callable[..., None]
 
 
+def progress_label(command: str, device: str, world_size: int) -> str:
+    """``to-fp8 on cuda:0``; for a distributed run, ``to-fp8 on 8 ranks`` (rank 0's bar stands for all)."""
+    return f"{command} on {device}" if world_size == 1 else f"{command} on {world_size} ranks"
+
+
 @contextmanager
 def byte_progress(
     total: int, description: str, enabled: bool = True, items_total: int | None = None, items_label: str = ""

@@ -10,6 +10,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from normalize_core.kinds import Severity
+
 #: Architectures whose engine layout (which modules vLLM and SGLang merge, split or replicate) was read
 #: from the engines' model files: Qwen3 (``qwen3.py``/``qwen2.py``), Qwen3-MoE, Qwen3-Next (``qwen3_next.py``),
 #: Qwen3.5 (``qwen3_5.py``), DeepSeek-V2/V3 and Kimi-K2 (``deepseek_v2.py``), MiniMax-M2 (``minimax_m2.py``),
@@ -148,7 +150,7 @@ def mtp_findings(architecture: Architecture, names: Iterable[str]) -> list[tuple
         if beyond:
             findings.append(
                 (
-                    "error",
+                    Severity.ERROR,
                     f"model.layers.{beyond[0]} is beyond num_hidden_layers {layers} + "
                     f"{architecture.mtp_key or 'num_nextn_predict_layers'} {declared or 0}: "
                     "engines have no layer to load it into",
@@ -158,7 +160,7 @@ def mtp_findings(architecture: Architecture, names: Iterable[str]) -> list[tuple
     if declared is not None and present < declared:
         findings.append(
             (
-                "warning",
+                Severity.WARNING,
                 f"config.json declares {declared} MTP layers ({architecture.mtp_key}) but the checkpoint holds "
                 f"{present}: serving loads, MTP speculative decoding does not",
             )
@@ -166,7 +168,7 @@ def mtp_findings(architecture: Architecture, names: Iterable[str]) -> list[tuple
     elif declared is not None and len(qwen_style) > declared:
         findings.append(
             (
-                "warning",
+                Severity.WARNING,
                 f"the checkpoint has {len(qwen_style)} mtp.layers but {architecture.mtp_key} is {declared}; "
                 "engines load only the declared ones",
             )

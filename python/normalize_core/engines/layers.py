@@ -86,21 +86,22 @@ class EngineLayer:
         )
 
 
+#: Layers an engine builds from sibling modules: the layer's last name segment → its kind and the
+#: siblings' last name segments, in the engine's order.
+MERGED_LAYERS: dict[str, tuple[LayerKind, tuple[str, ...]]] = {
+    "qkv_proj": (LayerKind.QKV, ("q_proj", "k_proj", "v_proj")),
+    "gate_up_proj": (LayerKind.MERGED_COLUMN, ("gate_proj", "up_proj")),
+    "w13": (LayerKind.MERGED_COLUMN, ("w1", "w3")),
+    "in_proj_qkvz": (LayerKind.MERGED_COLUMN, ("in_proj_qkv", "in_proj_z")),
+    "in_proj_ba": (LayerKind.MERGED_COLUMN, ("in_proj_b", "in_proj_a")),
+    "fused_qkv_a_proj": (LayerKind.MERGED_REPLICATED, ("q_a_proj", "kv_a_proj_with_mqa")),
+}
+
 #: Last name segment → (engine layer name, kind, position) for modules an engine fuses with siblings.
 MERGED_ROLES: dict[str, tuple[str, LayerKind, int]] = {
-    "q_proj": ("qkv_proj", LayerKind.QKV, 0),
-    "k_proj": ("qkv_proj", LayerKind.QKV, 1),
-    "v_proj": ("qkv_proj", LayerKind.QKV, 2),
-    "gate_proj": ("gate_up_proj", LayerKind.MERGED_COLUMN, 0),
-    "up_proj": ("gate_up_proj", LayerKind.MERGED_COLUMN, 1),
-    "w1": ("w13", LayerKind.MERGED_COLUMN, 0),
-    "w3": ("w13", LayerKind.MERGED_COLUMN, 1),
-    "in_proj_qkv": ("in_proj_qkvz", LayerKind.MERGED_COLUMN, 0),
-    "in_proj_z": ("in_proj_qkvz", LayerKind.MERGED_COLUMN, 1),
-    "in_proj_b": ("in_proj_ba", LayerKind.MERGED_COLUMN, 0),
-    "in_proj_a": ("in_proj_ba", LayerKind.MERGED_COLUMN, 1),
-    "q_a_proj": ("fused_qkv_a_proj", LayerKind.MERGED_REPLICATED, 0),
-    "kv_a_proj_with_mqa": ("fused_qkv_a_proj", LayerKind.MERGED_REPLICATED, 1),
+    part: (layer, kind, position)
+    for layer, (kind, parts) in MERGED_LAYERS.items()
+    for position, part in enumerate(parts)
 }
 
 #: Last name segment → kind, for modules an engine loads on their own.
@@ -292,7 +293,7 @@ def _merged(
     column-parallel, a lone ``kv_a_proj_with_mqa`` replicated)."""
     parent = key.rpartition(".")[0]
     counts = _head_counts(parent, architecture)
-    expected = 3 if kind is LayerKind.QKV else 2
+    expected = len(MERGED_LAYERS[key.rpartition(".")[2]][1])
     if len(parts) != expected:
         alone = []
         for weight, shape, fp8 in parts.values():

@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from normalize_core._core import TensorEntry
+from normalize_core.config_file import quantization_config_of
 from normalize_core.engines.architecture import architecture_of, mtp_findings
 from normalize_core.engines.layers import EngineLayer, engine_layers
 from normalize_core.engines.tp_rules import Parallelism, RuleBook
 from normalize_core.fp8.layout import DEFAULT_BLOCK_SIZE, FP8_WEIGHT_DTYPE
+from normalize_core.kinds import Severity
 
 
 @dataclass(frozen=True)
@@ -68,8 +70,7 @@ def tp_verdict(layers: Sequence[EngineLayer], parallel: Parallelism, book: RuleB
 
 def block_size_of(config: dict[str, Any] | None) -> tuple[int, int]:
     """``quantization_config.weight_block_size`` as ``(block_n, block_k)``, else 128 x 128."""
-    quantization = config.get("quantization_config") if isinstance(config, dict) else None
-    block = quantization.get("weight_block_size") if isinstance(quantization, dict) else None
+    block = quantization_config_of(config).get("weight_block_size")
     if isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block):
         return block[0], block[1]
     return DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZE
@@ -85,4 +86,6 @@ def engine_findings(entries: Sequence[TensorEntry], config: dict[str, Any] | Non
     weights = ((entry.name, entry.shape, entry.dtype == FP8_WEIGHT_DTYPE) for entry in entries)
     layers = engine_layers(weights, architecture)
     verdict = tp_verdict(layers, Parallelism(1, block=block_size_of(config)), RuleBook())
-    return findings + [("error", f"vLLM cannot load it at TP 1: {failure.line()}") for failure in verdict.failures]
+    return findings + [
+        (Severity.ERROR, f"vLLM cannot load it at TP 1: {failure.line()}") for failure in verdict.failures
+    ]

@@ -1,5 +1,5 @@
 """Per-block FP8 conversion.
 
-The rule, layout, config and contract modules need no torch; ``quantize`` and ``convert`` import
-it. Importing this package imports neither.
+The rule, layout, group, config, contract and convert modules need no torch; ``quantize`` (torch
+tensors) imports it, and ``quantizers`` only for a GPU. Importing this package imports neither.
 """

@@ -7,18 +7,15 @@ whose weight is FP8 (vLLM matches these names exactly and would read FP8 bytes a
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from normalize_core._core import write_atomically
-from normalize_core.config_file import read_config_bytes
+from normalize_core.config_file import load_config, write_config
 from normalize_core.errors import normalize_error
 from normalize_core.fp8.groups import module_of, split_fused_groups
+from normalize_core.fp8.layout import FLOATING_DTYPES
 from normalize_core.kinds import ScaleFormat
-
-FLOATING_DTYPES = frozenset({"BF16", "F16", "F32", "F64"})
 
 
 def module_sets(quantized: Iterable[str], kept: Iterable[str], dtypes: Mapping[str, str]) -> tuple[set[str], set[str]]:
@@ -60,18 +57,10 @@ def fp8_quantization_config(
 def write_quantized_config(source_config: Path, output_config: Path, quantization_config: dict[str, Any]) -> bool:
     """Writes ``output_config`` (atomically) as ``source_config`` plus ``quantization_config``, every
     other key and its order kept. Returns False, writing nothing, when the source has no config.json;
-    raises ``NormalizeError`` when it is not JSON, or not a regular file (see ``config_file``)."""
-    text = read_config_bytes(source_config)
-    if text is None:
+    raises ``NormalizeError`` when it is not a JSON object, or not a regular file (see ``config_file``)."""
+    config = load_config(source_config)
+    if config is None:
         return False
-    try:
-        config = json.loads(text)
-    except ValueError as e:
-        raise normalize_error(
-            "invalid_config", f"{source_config}: not valid JSON: {e}", file=str(source_config)
-        ) from None
-    if not isinstance(config, dict):
-        raise normalize_error("invalid_config", f"{source_config}: not a JSON object", file=str(source_config))
     config["quantization_config"] = quantization_config
-    write_atomically(output_config, (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode())
+    write_config(output_config, config)
     return True

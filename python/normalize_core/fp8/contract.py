@@ -13,16 +13,20 @@ from collections.abc import Sequence
 from typing import Any
 
 from normalize_core._core import Checkpoint, TensorEntry
+from normalize_core.config_file import quantization_config_of
 from normalize_core.engines.verdicts import block_size_of
-from normalize_core.fp8.config import FLOATING_DTYPES
+from normalize_core.findings import Finding
 from normalize_core.fp8.groups import module_of, split_fused_groups
 from normalize_core.fp8.layout import (
+    FLOATING_DTYPES,
     FP8_WEIGHT_DTYPE,
     SCALE_SUFFIX,
     SCALE_TENSOR_DTYPES,
     halves_need_splitting,
     tiling,
 )
+from normalize_core.kinds import Severity
+from normalize_core.words import plural
 
 
 def block_scale_shapes(shape: list[int], block: tuple[int, int]) -> list[list[int]]:
@@ -43,12 +47,12 @@ def _block_scale_finding(
     if scale is None:
         other = next((n for n in (f"{weight.name}_scale", f"{weight.name[:-7]}.weight_scale") if n in tensors), None)
         hint = f"; it has {other}, which block-FP8 loaders ignore" if other else ""
-        return ("error", f"{weight.name} is FP8 but has no {weight.name}{SCALE_SUFFIX}{hint}")
+        return (Severity.ERROR, f"{weight.name} is FP8 but has no {weight.name}{SCALE_SUFFIX}{hint}")
     if scale.dtype not in SCALE_TENSOR_DTYPES.values():
-        return ("error", f"{scale.name} is {scale.dtype}; engines expect F32 or BF16 scales")
+        return (Severity.ERROR, f"{scale.name} is {scale.dtype}; engines expect F32 or BF16 scales")
     if scale.shape not in block_scale_shapes(weight.shape, block):
         return (
-            "error",
+            Severity.ERROR,
             f"{scale.name} has shape {scale.shape}, expected {block_scale_shapes(weight.shape, block)[0]} "
             f"for {weight.shape} in {block[0]}x{block[1]} blocks",
         )
@@ -71,8 +75,8 @@ def orphan_scale_findings(tensors: dict[str, Any]) -> list[tuple[str, str]]:
     if missing:
         findings.append(
             (
-                "error",
-                f"orphan scales: {_count(missing, 'scale tensor')} for weights absent from this checkpoint, "
+                Severity.ERROR,
+                f"orphan scales: {plural(len(missing), 'scale tensor')} for weights absent from this checkpoint, "
                 f"e.g. {missing[0]}",
             )
         )
@@ -80,16 +84,12 @@ def orphan_scale_findings(tensors: dict[str, Any]) -> list[tuple[str, str]]:
         scale, weight = not_fp8[0]
         findings.append(
             (
-                "error",
-                f"orphan scales: {_count(not_fp8, 'scale tensor')} for weights that are not FP8, e.g. {scale} for "
+                Severity.ERROR,
+                f"orphan scales: {plural(len(not_fp8), 'scale tensor')} for weights that are not FP8, e.g. {scale} for "
                 f"{weight.name} ({weight.dtype}); engines have no parameter to load them into",
             )
         )
     return findings
-
-
-def _count(items: list, noun: str, plural: str | None = None) -> str:
-    return f"1 {noun}" if len(items) == 1 else f"{len(items)} {plural or noun + 's'}"
 
 
 def unknown_skip_entries(skip: list[str], tensors: dict[str, Any]) -> list[str]:
@@ -124,37 +124,57 @@ def fp8_findings(
     *,
     read_scales: bool = True,
     entries: Sequence[TensorEntry] | None = None,
-) -> list[tuple[str, str]]:
+) -> list[Finding]:
     """``(severity, message)`` for every way this checkpoint breaks the block-FP8 contract.
     Empty for checkpoints without FP8 weights, scale tensors and an FP8 ``quantization_config``.
     With ``read_scales=False`` only headers are read (scale values are not checked); ``entries`` are
     ``checkpoint.tensors`` when the caller already has them."""
-    qconfig = config.get("quantization_config") if isinstance(config, dict) else None
-    qconfig = qconfig if isinstance(qconfig, dict) else {}
+    qconfig = quantization_config_of(config)
     is_fp8_config = qconfig.get("quant_method") == "fp8"
     tensors = {t.name: t for t in (checkpoint.tensors if entries is None else entries)}
     fp8 = [t for t in tensors.values() if t.dtype == FP8_WEIGHT_DTYPE]
     findings = orphan_scale_findings(tensors)
-    if not fp8 and not is_fp8_config:
-        return findings
     if not fp8:
-        findings.append(
-            (
-                "error",
-                "config.json has an FP8 quantization_config but no weight is FP8: engines would read the "
-                "unquantized weights as FP8 (a stale quantization_config)",
+        if is_fp8_config:
+            findings.append(
+                (
+                    Severity.ERROR,
+                    "config.json has an FP8 quantization_config but no weight is FP8: engines would read the "
+                    "unquantized weights as FP8 (a stale quantization_config)",
+                )
             )
-        )
         return findings
     block = block_size_of(config)
-    if qconfig.get("weight_block_size") not in (None, list(block)):
-        findings.append(("error", f"weight_block_size {qconfig['weight_block_size']!r} is not [block_n, block_k]"))
     block_scheme = bool(qconfig.get("weight_block_size")) or any(f"{t.name}{SCALE_SUFFIX}" in tensors for t in fp8)
-    ue8m0 = qconfig.get("scale_fmt") == "ue8m0"
-    if block_scheme and is_fp8_config and not qconfig.get("weight_block_size"):
+    findings += _scheme_findings(qconfig, block, block_scheme, tensors, fp8)
+    if block_scheme:
+        ue8m0 = qconfig.get("scale_fmt") == "ue8m0"
+        findings += _block_scale_findings(checkpoint, tensors, fp8, block, ue8m0, read_scales)
+    if not is_fp8_config:
+        findings.append(
+            (Severity.ERROR, "FP8 weights but config.json has no quantization_config with quant_method 'fp8'")
+        )
+        return findings
+    return findings + _config_findings(qconfig, tensors, fp8)
+
+
+def _scheme_findings(
+    qconfig: dict[str, Any],
+    block: tuple[int, int],
+    block_scheme: bool,
+    tensors: dict[str, TensorEntry],
+    fp8: list[TensorEntry],
+) -> list[Finding]:
+    """Whether ``weight_block_size`` says what the scales are: block scales need it, and per-tensor or
+    per-channel FP8 (``<name>_scale``) needs a scale for every weight."""
+    findings = []
+    if qconfig.get("weight_block_size") not in (None, list(block)):
+        found = qconfig["weight_block_size"]
+        findings.append((Severity.ERROR, f"weight_block_size {found!r} is not [block_n, block_k]"))
+    if block_scheme and qconfig.get("quant_method") == "fp8" and not qconfig.get("weight_block_size"):
         findings.append(
             (
-                "error",
+                Severity.ERROR,
                 "quantization_config has no weight_block_size, but the FP8 weights have block scales "
                 f"(*{SCALE_SUFFIX}): engines would load them as per-tensor FP8",
             )
@@ -163,37 +183,52 @@ def fp8_findings(
         # Per-tensor and per-channel FP8 name the scale <name>_scale (``….weight_scale``).
         unscaled = [t.name for t in fp8 if f"{t.name}_scale" not in tensors]
         if unscaled:
-            findings.append(("error", f"{_count(unscaled, 'FP8 weight')} without any scale tensor, e.g. {unscaled[0]}"))
+            message = f"{plural(len(unscaled), 'FP8 weight')} without any scale tensor, e.g. {unscaled[0]}"
+            findings.append((Severity.ERROR, message))
+    return findings
 
-    if block_scheme:
-        checked = [(f"{w.name}{SCALE_SUFFIX}", _block_scale_finding(w, tensors, block)) for w in fp8]
-        readable = [scale for scale, finding in checked if finding is None] if read_scales else []
-        # One call reads every scale: a large MoE checkpoint has tens of thousands of them.
-        values = dict(zip(readable, checkpoint.scale_properties(readable), strict=True))
-        for scale, finding in checked:
-            found = values.get(scale)
-            if finding is not None:
-                findings.append(finding)
-            elif found is None:
-                continue  # values not read (read_scales=False)
-            elif not found.finite_positive:
-                findings.append(("error", f"{scale} holds a zero, negative, NaN or infinite scale"))
-            elif ue8m0 and not found.powers_of_two:
-                findings.append(
-                    (
-                        "error",
-                        f"scale_fmt is ue8m0 but {scale} has scales that are not powers of two "
-                        "(transformers would round them and corrupt the weights)",
-                    )
+
+def _block_scale_findings(
+    checkpoint: Checkpoint,
+    tensors: dict[str, TensorEntry],
+    fp8: list[TensorEntry],
+    block: tuple[int, int],
+    ue8m0: bool,
+    read_scales: bool,
+) -> list[Finding]:
+    """Each FP8 weight's ``_scale_inv``: present, of a dtype and shape engines take, and (with
+    ``read_scales``) holding finite positive values, powers of two under ``ue8m0``."""
+    findings = []
+    checked = [(f"{w.name}{SCALE_SUFFIX}", _block_scale_finding(w, tensors, block)) for w in fp8]
+    readable = [scale for scale, finding in checked if finding is None] if read_scales else []
+    # One call reads every scale: a large MoE checkpoint has tens of thousands of them.
+    values = dict(zip(readable, checkpoint.scale_properties(readable), strict=True))
+    for scale, finding in checked:
+        found = values.get(scale)
+        if finding is not None:
+            findings.append(finding)
+        elif found is None:
+            continue  # values not read (read_scales=False)
+        elif not found.finite_positive:
+            findings.append((Severity.ERROR, f"{scale} holds a zero, negative, NaN or infinite scale"))
+        elif ue8m0 and not found.powers_of_two:
+            findings.append(
+                (
+                    Severity.ERROR,
+                    f"scale_fmt is ue8m0 but {scale} has scales that are not powers of two "
+                    "(transformers would round them and corrupt the weights)",
                 )
+            )
+    return findings
 
-    if fp8 and not is_fp8_config:
-        findings.append(("error", "FP8 weights but config.json has no quantization_config with quant_method 'fp8'"))
-        return findings
-    if not is_fp8_config:
-        return findings
+
+def _config_findings(qconfig: dict[str, Any], tensors: dict[str, TensorEntry], fp8: list[TensorEntry]) -> list[Finding]:
+    """An FP8 ``quantization_config`` against the weights: ``activation_scheme`` present, a skip list
+    naming real modules, none of them FP8, every unquantized 2-D weight in it, fused groups of one
+    precision."""
+    findings = []
     if qconfig.get("activation_scheme") is None:
-        findings.append(("error", "quantization_config lacks activation_scheme (vLLM and SGLang require it)"))
+        findings.append((Severity.ERROR, "quantization_config lacks activation_scheme (vLLM and SGLang require it)"))
     fp8_modules = {m for t in fp8 if (m := module_of(t.name))}
     kept_modules = {
         m
@@ -207,13 +242,13 @@ def fp8_findings(
     if skip is None:
         skip = qconfig.get("ignored_layers") or []
     for module in sorted(set(skip) & fp8_modules):
-        findings.append(("error", f"{module} is listed in modules_to_not_convert but its weight is FP8"))
+        findings.append((Severity.ERROR, f"{module} is listed in modules_to_not_convert but its weight is FP8"))
     if unknown := unknown_skip_entries(list(skip), tensors):
         findings.append(
             (
-                "error",
-                f"modules_to_not_convert: {_count(unknown, 'entry', 'entries')} naming no module of this checkpoint, "
-                f"e.g. {unknown[0]!r} (written for another layout? the modules meant are then not skipped)",
+                Severity.ERROR,
+                f"modules_to_not_convert: {plural(len(unknown), 'entry', 'entries')} naming no module of this "
+                f"checkpoint, e.g. {unknown[0]!r} (written for another layout? the modules meant are then not skipped)",
             )
         )
     unlisted = sorted(
@@ -224,11 +259,11 @@ def fp8_findings(
     if unlisted:
         findings.append(
             (
-                "warning",
+                Severity.WARNING,
                 f"{len(unlisted)} unquantized 2-D weights are not in modules_to_not_convert "
                 f"(an engine may expect FP8 there), e.g. {unlisted[0]}",
             )
         )
     for problem in split_fused_groups(fp8_modules, kept_modules):
-        findings.append(("error", problem))
+        findings.append((Severity.ERROR, problem))
     return findings

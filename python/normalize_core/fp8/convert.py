@@ -18,16 +18,13 @@ import functools
 import hashlib
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from normalize_core._core import (
-    Checkpoint,
-    OutputPlan,
-    PlanBuilder,
-    TensorEntry,
-)
-from normalize_core.distributed import SOLO, Group, device_for_rank, joined, kernel_threads, run_everywhere
+from normalize_core._core import Checkpoint, OutputPlan, PlanBuilder, TensorEntry
+from normalize_core.config_file import CONFIG_FILE, read_config
+from normalize_core.conversion import ConversionResult, pack, repack_by_default, write_converted
+from normalize_core.distributed import SOLO, Group, joined, run_everywhere
 from normalize_core.engines.loadability import keep_unloadable
 from normalize_core.errors import normalize_error
 from normalize_core.fp8.config import (
@@ -38,10 +35,9 @@ from normalize_core.fp8.config import (
 )
 from normalize_core.fp8.layout import (
     DEFAULT_BLOCK_SIZE,
-    FP8_DTYPES,
     FP8_WEIGHT_DTYPE,
     QuantizedLayout,
-    is_scale_name,
+    marks_quantization,
     quantized_layout,
     scale_dtype_of,
 )
@@ -54,9 +50,8 @@ from normalize_core.fp8.rules import (
     decide_all,
     with_skip_patterns,
 )
-from normalize_core.kinds import Layout, Naming, ScaleDtype, ScaleFormat
-from normalize_core.output import RunSpec, write_output
-from normalize_core.report import read_config
+from normalize_core.kinds import Naming, ScaleDtype, ScaleFormat
+from normalize_core.output import RunSpec
 from normalize_core.shard_filling import ComputedTensors
 from normalize_core.sizes import GIB
 
@@ -101,31 +96,21 @@ class Fp8Plan:
         return sum(layouts[entry.name].nbytes if entry.name in layouts else entry.nbytes for entry in self.entries)
 
 
-@dataclass
-class Fp8Result:
+@dataclass(kw_only=True)
+class Fp8Result(ConversionResult):
     """What ``to_fp8`` wrote."""
 
-    output: Path
-    shards: list[str]
+    #: Tensors quantized, and tensors kept as they were.
     quantized: int
     kept: int
-    bytes_before: int
-    bytes_after: int
-    device: str
-    seconds: float
+    #: False when the source had no config.json (so no quantization_config was written).
     config_written: bool
-    aux_files: list[str] = field(default_factory=list)
-    #: ``(path, reason)`` of source symlinks not copied (they lead outside the source, or nowhere).
-    skipped_aux: list[tuple[str, str]] = field(default_factory=list)
-    removed_stale: list[str] = field(default_factory=list)
-    #: Shards an interrupted earlier run had finished, kept by ``resume``.
-    reused: list[str] = field(default_factory=list)
 
 
 def refuse_quantized_source(checkpoint: Checkpoint, entries: list[TensorEntry]) -> None:
     """An FP8 (or otherwise scaled) source cannot be quantized again."""
     for entry in entries:
-        if entry.dtype in FP8_DTYPES or is_scale_name(entry.name):
+        if marks_quantization(entry.name, entry.dtype):
             raise normalize_error(
                 "already_quantized",
                 f"{checkpoint.dir}: tensor '{entry.name}' ({entry.dtype}) shows the checkpoint is already quantized; "
@@ -196,11 +181,7 @@ def plan_fp8(
     Layers vLLM could not load as FP8 at a TP size in ``loadable_at`` stay unquantized unless
     ``allow_unloadable``.
     """
-    scale_fmt = ScaleFormat(scale_fmt)
-    if scale_dtype is not None:
-        scale_dtype = ScaleDtype(scale_dtype)
-    if block_size <= 0:
-        raise ValueError("block size must be positive")
+    scale_fmt, scale_dtype = checked_scale_options(scale_fmt, scale_dtype, block_size)
     checkpoint = Checkpoint.open(Path(source))
     entries = checkpoint.tensors
     refuse_quantized_source(checkpoint, entries)
@@ -214,11 +195,7 @@ def plan_fp8(
     )
     if scale_dtype is None:
         scale_dtype = scale_dtype_of(getattr(base_rules, "scale_dtype", None)) or ScaleDtype.FLOAT32
-
-    if repack is None:
-        repack = not (checkpoint.has_standard_names or checkpoint.layout == Layout.SINGLE_FILE)
-    names = (t.name for t in entries)
-    mismatch = base_rules.compare(names) if isinstance(base_rules, ReferenceRules) else None
+    repack = repack_by_default(checkpoint) if repack is None else repack
     fp8 = Fp8Plan(
         checkpoint=checkpoint,
         entries=entries,
@@ -229,12 +206,28 @@ def plan_fp8(
         scale_fmt=scale_fmt,
         block_size=block_size,
         quantization_config=fp8_quantization_config(sorted(kept_modules), block_size=block_size, scale_fmt=scale_fmt),
-        reference_mismatch=mismatch,
+        reference_mismatch=reference_mismatch(base_rules, entries),
         max_shard_bytes=max_shard_bytes,
     )
     if build_plan:
         fp8.plan = build_output_plan(checkpoint, decisions, fp8.layouts, repack, max_shard_bytes)
     return fp8
+
+
+def reference_mismatch(rules, entries: list[TensorEntry]) -> tuple[list[str], list[str]] | None:
+    """With ``--reference``: (weights only in the source, weights only in the reference)."""
+    return rules.compare(t.name for t in entries) if isinstance(rules, ReferenceRules) else None
+
+
+def checked_scale_options(
+    scale_fmt: ScaleFormat | str, scale_dtype: ScaleDtype | str | None, block_size: int
+) -> tuple[ScaleFormat, ScaleDtype | None]:
+    """The scale options as ``kinds`` members; ``ValueError`` naming the allowed values otherwise."""
+    scale_fmt = ScaleFormat(scale_fmt)
+    scale_dtype = None if scale_dtype is None else ScaleDtype(scale_dtype)
+    if block_size <= 0:
+        raise ValueError("block size must be positive")
+    return scale_fmt, scale_dtype
 
 
 def quantized_layouts(
@@ -266,11 +259,7 @@ def build_output_plan(
         weight = builder.provided(layout.name, FP8_WEIGHT_DTYPE, list(layout.shape))
         scale = builder.provided(layout.scale_name, layout.scale_tensor_dtype, list(layout.scale_shape))
         groups.append(builder.group([weight, scale], home=decision.name))
-    if repack:
-        builder.pack_greedy(groups, max_shard_bytes)
-    else:
-        builder.pack_by_source_file(groups)
-    return builder.finish(Naming.STANDARD if repack else Naming.SOURCE)
+    return pack(builder, groups, repack, max_shard_bytes, Naming.STANDARD if repack else Naming.SOURCE)
 
 
 def to_fp8(
@@ -315,40 +304,25 @@ def write_fp8(
     ``distributed.joined``) each rank quantizes its own shards on ``cuda:LOCAL_RANK`` where
     ``device`` is ``auto`` (with a GPU) or ``cuda``, else with the CPU kernel."""
     output = Path(output)
-    filler = run_everywhere(group, lambda: fp8_filler(fp8, device_for_rank(device, group), kernel_threads(jobs, group)))
-    checkpoint = fp8.checkpoint
-    source_config = checkpoint.dir / "config.json"
-
-    def write_config() -> None:
-        write_quantized_config(source_config, output / "config.json", fp8.quantization_config)
-
-    written = write_output(
+    source_config = fp8.checkpoint.dir / CONFIG_FILE
+    written = write_converted(
+        RunSpec("to-fp8", [fp8.checkpoint], run_options(fp8)),
         fp8.plan,
         output,
-        RunSpec("to-fp8", [checkpoint], run_options(fp8)),
-        fill=filler,
+        lambda rank_device, threads: fp8_filler(fp8, rank_device, threads),
+        lambda: write_quantized_config(source_config, output / CONFIG_FILE, fp8.quantization_config),
+        device=device,
         jobs=jobs,
-        before_index=write_config,
         overwrite=overwrite,
         resume=resume,
         group=group,
         progress=progress,
-        shard_work=filler.shard_work(fp8.plan.shards, checkpoint),
     )
     return Fp8Result(
-        output=output,
-        shards=written.shards,
+        **written,
         quantized=len(fp8.layouts),
         kept=len(fp8.decisions) - len(fp8.layouts),
-        bytes_before=checkpoint.total_size,
-        bytes_after=written.total_size,
-        device=filler.device,
-        seconds=written.seconds,
         config_written=source_config.is_file(),
-        aux_files=written.aux_files,
-        skipped_aux=written.skipped_aux,
-        removed_stale=written.removed_stale,
-        reused=written.reused,
     )
 
 

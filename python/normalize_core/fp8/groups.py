@@ -9,18 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from normalize_core.engines.layers import MERGED_LAYERS
+
 #: 3-D parameters of a fused-experts module (``...mlp.experts.gate_up_proj`` is ``[E, 2I, H]``).
 FUSED_EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
-#: Sibling modules an engine loads into one fused layer.
-FUSED_SIBLINGS = (
-    ("q_proj", "k_proj", "v_proj"),
-    ("gate_proj", "up_proj"),
-    ("w1", "w3"),
-    ("q_a_proj", "kv_a_proj_with_mqa"),
-    ("in_proj_qkv", "in_proj_z"),
-    ("in_proj_a", "in_proj_b"),
-)
+#: Sibling modules an engine loads into one fused layer (``engines.layers`` says which layer).
+FUSED_SIBLINGS = tuple(parts for _, parts in MERGED_LAYERS.values())
 
 #: Each sibling's group label suffix, e.g. ``k_proj`` → ``{q_proj,k_proj,v_proj}``.
 _SIBLING_LABEL = {member: "{" + ",".join(siblings) + "}" for siblings in FUSED_SIBLINGS for member in siblings}

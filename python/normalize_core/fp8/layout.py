@@ -31,6 +31,8 @@ FP8_WEIGHT_DTYPE = Dtype.F8_E4M3
 FP8_DTYPES = frozenset(dtype for dtype in Dtype if dtype.startswith("F8_"))
 #: The dtypes a tensor must have to be quantized.
 QUANTIZABLE_DTYPES = frozenset({Dtype.BF16, Dtype.F16, Dtype.F32})
+#: Wider floats: a module whose weight is one of these, and stays so, is "not converted".
+FLOATING_DTYPES = frozenset({Dtype.BF16, Dtype.F16, Dtype.F32, Dtype.F64})
 #: The safetensors dtype of each way of storing scales.
 SCALE_TENSOR_DTYPES = {ScaleDtype.FLOAT32: Dtype.F32, ScaleDtype.BFLOAT16: Dtype.BF16}
 _SCALE_ITEMSIZE = {ScaleDtype.FLOAT32: 4, ScaleDtype.BFLOAT16: 2}
@@ -42,6 +44,16 @@ Block = int | tuple[int, int]
 def is_scale_name(name: str) -> bool:
     """Whether ``name`` names a scale tensor of some FP8 scheme."""
     return name.endswith(SCALE_SUFFIXES)
+
+
+def is_fp8_weight(name: str, dtype: str) -> bool:
+    """Whether a tensor is a quantized weight of some FP8 scheme: 8-bit floats, not a scale."""
+    return dtype in FP8_DTYPES and not is_scale_name(name)
+
+
+def marks_quantization(name: str, dtype: str) -> bool:
+    """Whether a tensor shows its checkpoint is quantized: 8-bit floats, or a scale's name."""
+    return dtype in FP8_DTYPES or is_scale_name(name)
 
 
 def scale_dtype_of(dtype: str | None) -> ScaleDtype | None:

@@ -23,8 +23,11 @@ from typing import Protocol
 from normalize_core._core import INDEX_FILE, TensorEntry, read_header, read_index
 from normalize_core.fp8.groups import is_fused_expert_param
 from normalize_core.fp8.layout import FP8_DTYPES, QUANTIZABLE_DTYPES, SCALE_SUFFIX, QuantizedLayout
+from normalize_core.kinds import Dtype
 
-_NOT_FLOATING = frozenset({"BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64"})
+_NOT_FLOATING = frozenset(
+    {Dtype.BOOL, Dtype.U8, Dtype.I8, Dtype.I16, Dtype.U16, Dtype.I32, Dtype.U32, Dtype.I64, Dtype.U64}
+)
 
 #: A whole numeric name segment (a layer or expert index), as in ``layers.12.`` or ``experts.7``.
 _NUMBER_SEGMENT = re.compile(r"\.\d+(?=\.|$)")

@@ -159,44 +159,63 @@ pub fn preallocate(file: FileAt<'_>, len: u64) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
     use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// A source file holding `data` and an empty destination, in a directory of their own.
+    struct Files {
+        _dir: tempfile::TempDir,
+        src: File,
+        src_path: PathBuf,
+        dst: File,
+        dst_path: PathBuf,
+    }
+
+    impl Files {
+        fn new(data: &[u8]) -> Files {
+            let dir = tempfile::tempdir().unwrap();
+            let (src_path, dst_path) = (dir.path().join("src"), dir.path().join("dst"));
+            std::fs::write(&src_path, data).unwrap();
+            Files {
+                src: File::open(&src_path).unwrap(),
+                dst: File::create(&dst_path).unwrap(),
+                _dir: dir,
+                src_path,
+                dst_path,
+            }
+        }
+
+        fn src(&self) -> FileAt<'_> {
+            FileAt {
+                file: &self.src,
+                path: &self.src_path,
+            }
+        }
+
+        fn dst(&self) -> FileAt<'_> {
+            FileAt {
+                file: &self.dst,
+                path: &self.dst_path,
+            }
+        }
+
+        fn written(&self) -> Vec<u8> {
+            std::fs::read(&self.dst_path).unwrap()
+        }
+    }
 
     #[test]
     fn copies_unaligned_ranges_and_reports_progress() {
-        let dir = tempfile::tempdir().unwrap();
-        let src_path = dir.path().join("src");
         let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
-        std::fs::write(&src_path, &data).unwrap();
-        let dst_path = dir.path().join("dst");
-        let src = File::open(&src_path).unwrap();
-        let dst = File::options()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&dst_path)
-            .unwrap();
-        dst.write_all_at(b"HEAD", 0).unwrap();
+        let files = Files::new(&data);
+        files.dst.write_all_at(b"HEAD", 0).unwrap();
         let seen = AtomicU64::new(0);
-        copy_range(
-            FileAt {
-                file: &src,
-                path: &src_path,
-            },
-            1234,
-            FileAt {
-                file: &dst,
-                path: &dst_path,
-            },
-            4,
-            200_001,
-            &|n| {
-                seen.fetch_add(n, Ordering::Relaxed);
-                true
-            },
-        )
+        copy_range(files.src(), 1234, files.dst(), 4, 200_001, &|n| {
+            seen.fetch_add(n, Ordering::Relaxed);
+            true
+        })
         .unwrap();
-        let out = std::fs::read(&dst_path).unwrap();
+        let out = files.written();
         assert_eq!(&out[..4], b"HEAD");
         assert_eq!(&out[4..], &data[1234..1234 + 200_001]);
         assert_eq!(seen.load(Ordering::Relaxed), 200_001);
@@ -204,53 +223,22 @@ mod tests {
 
     #[test]
     fn buffered_path_matches_and_short_sources_fail() {
-        let dir = tempfile::tempdir().unwrap();
-        let src_path = dir.path().join("src");
-        std::fs::write(&src_path, b"0123456789").unwrap();
-        let dst_path = dir.path().join("dst");
-        let src = File::open(&src_path).unwrap();
-        let dst = File::create(&dst_path).unwrap();
-        let (s, d) = (
-            FileAt {
-                file: &src,
-                path: &src_path,
-            },
-            FileAt {
-                file: &dst,
-                path: &dst_path,
-            },
-        );
+        let files = Files::new(b"0123456789");
         let mut buffer = vec![0u8; 3];
-        assert_eq!(buffered_copy(s, 2, d, 0, 7, &mut buffer).unwrap(), 7);
-        assert_eq!(std::fs::read(&dst_path).unwrap(), b"2345678");
-        let err = copy_range(s, 5, d, 0, 20, &|_| true).unwrap_err();
+        assert_eq!(
+            buffered_copy(files.src(), 2, files.dst(), 0, 7, &mut buffer).unwrap(),
+            7
+        );
+        assert_eq!(files.written(), b"2345678");
+        let err = copy_range(files.src(), 5, files.dst(), 0, 20, &|_| true).unwrap_err();
         assert_eq!(err.kind(), "source_changed");
-        assert_eq!(err.file(), Some(src_path.as_path()));
+        assert_eq!(err.file(), Some(files.src_path.as_path()));
     }
 
     #[test]
     fn a_false_progress_cancels() {
-        let dir = tempfile::tempdir().unwrap();
-        let src_path = dir.path().join("src");
-        std::fs::write(&src_path, vec![1u8; 100]).unwrap();
-        let dst_path = dir.path().join("dst");
-        let src = File::open(&src_path).unwrap();
-        let dst = File::create(&dst_path).unwrap();
-        let err = copy_range(
-            FileAt {
-                file: &src,
-                path: &src_path,
-            },
-            0,
-            FileAt {
-                file: &dst,
-                path: &dst_path,
-            },
-            0,
-            100,
-            &|_| false,
-        )
-        .unwrap_err();
+        let files = Files::new(&[1u8; 100]);
+        let err = copy_range(files.src(), 0, files.dst(), 0, 100, &|_| false).unwrap_err();
         assert_eq!(err.kind(), "cancelled");
     }
 }

@@ -12,12 +12,14 @@
 //! ```
 //!
 //! Support modules: [`format`] holds the file-format constants and naming rules (a leaf every
-//! other module may use), [`header`] and [`index`] parse and encode the on-disk formats,
+//! other module may use), [`header`] and [`index`] parse and encode the on-disk formats (through
+//! `json_object`, which refuses a repeated key), [`dtype`] knows element sizes,
 //! [`regular_file`] opens and reads sources safely and notices when they change, [`copy`]
 //! moves byte ranges, [`atomic_file`] makes files appear only when complete, [`output_dir`]
 //! guards the destination, [`aux_files`] copies non-tensor files, [`verify`] reports problems,
-//! [`scale_values`] checks the values of FP8 scale tensors, [`stripes`] is what the two block-FP8
-//! kernels ([`fp8`], [`dequantize`]) share.
+//! [`scale_values`] checks the values of FP8 scale tensors, [`fp8`] and [`dequantize`] are the
+//! CPU kernels of to-fp8 and to-bf16, [`stripes`] is the block-stripe threading both share, and
+//! [`error`] is the one error type.
 
 pub mod atomic_file;
 pub mod aux_files;

@@ -1,7 +1,7 @@
 //! The output plan: every output shard, its header and every tensor's offset, fixed before any
-//! byte moves. One planner serves repack (greedy bin-packing), to-fp8 (tensors whose bytes the
-//! caller computes; optionally keeping the source's shard layout) and merge (whole source files
-//! re-emitted under new names, then packed extras).
+//! byte moves. One planner serves repack (greedy bin-packing), to-fp8 and to-bf16 (tensors whose
+//! bytes the caller computes; optionally keeping the source's shard layout) and merge (whole
+//! source files re-emitted under new names, then packed extras).
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;

@@ -1,8 +1,9 @@
 //! Checks on a checkpoint beyond what opening it already enforces: what a loader would trip
 //! over or what suggests a stale or hand-edited directory.
 
-use crate::checkpoint::{Checkpoint, Layout};
+use crate::checkpoint::{Checkpoint, Layout, SourceFile};
 use crate::dtype::alignment;
+use crate::format::{INDEX_FILE, SINGLE_FILE};
 
 /// How serious a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,68 +26,86 @@ const LOADABLE_FORMATS: [&str; 4] = ["pt", "tf", "flax", "mlx"];
 
 /// Everything suspicious about an (already validated) checkpoint.
 pub fn find_problems(checkpoint: &Checkpoint) -> Vec<Finding> {
-    let mut findings = Vec::new();
-    let mut add = |severity, message: String| findings.push(Finding { severity, message });
+    let mut findings: Vec<Finding> = layout_finding(checkpoint).into_iter().collect();
+    findings.extend(checkpoint.unreferenced_files.iter().map(|name| {
+        Finding::error(format!(
+            "{name} is not referenced by the index (stale shard?)"
+        ))
+    }));
+    for file in &checkpoint.files {
+        findings.extend(format_finding(file));
+        findings.extend(alignment_finding(file));
+    }
+    findings
+}
+
+impl Finding {
+    fn error(message: String) -> Finding {
+        Finding {
+            severity: Severity::Error,
+            message,
+        }
+    }
+
+    fn warning(message: String) -> Finding {
+        Finding {
+            severity: Severity::Warning,
+            message,
+        }
+    }
+}
+
+/// What the way the tensors were found says: an index whose `total_size` is wrong or missing,
+/// or shards without an index, which loaders will not find.
+fn layout_finding(checkpoint: &Checkpoint) -> Option<Finding> {
     let actual = checkpoint.total_size();
     match (&checkpoint.layout, &checkpoint.index) {
         (Layout::Indexed, Some(index)) => match index.total_size {
-            Some(declared) if declared != actual => add(
-                Severity::Error,
-                format!("index metadata.total_size is {declared} but the shards hold {actual} tensor bytes"),
-            ),
-            None => add(Severity::Warning, "index has no numeric metadata.total_size".into()),
-            _ => {}
+            Some(declared) if declared != actual => Some(Finding::error(format!(
+                "index metadata.total_size is {declared} but the shards hold {actual} tensor bytes"
+            ))),
+            None => Some(Finding::warning(
+                "index has no numeric metadata.total_size".into(),
+            )),
+            _ => None,
         },
-        (Layout::Unindexed, _) if checkpoint.files.len() > 1 => add(
-            Severity::Error,
-            format!(
-                "{} shard files but no model.safetensors.index.json; loaders will not find them",
-                checkpoint.files.len()
-            ),
-        ),
-        (Layout::Unindexed, _) => add(
-            Severity::Warning,
-            format!("single shard named {} without an index; loaders look for model.safetensors", checkpoint.files[0].name),
-        ),
-        _ => {}
+        (Layout::Unindexed, _) if checkpoint.files.len() > 1 => Some(Finding::error(format!(
+            "{} shard files but no {INDEX_FILE}; loaders will not find them",
+            checkpoint.files.len()
+        ))),
+        (Layout::Unindexed, _) => Some(Finding::warning(format!(
+            "single shard named {} without an index; loaders look for {SINGLE_FILE}",
+            checkpoint.files[0].name
+        ))),
+        _ => None,
     }
-    for name in &checkpoint.unreferenced_files {
-        add(
-            Severity::Error,
-            format!("{name} is not referenced by the index (stale shard?)"),
-        );
-    }
-    for file in &checkpoint.files {
-        if let Some((_, format)) = file.header.metadata.iter().find(|(k, _)| k == "format") {
-            if !LOADABLE_FORMATS.contains(&format.as_str()) {
-                add(
-                    Severity::Error,
-                    format!(
-                        "{}: __metadata__ format '{format}' is refused by transformers",
-                        file.name
-                    ),
-                );
-            }
-        }
-        let data_start = file.header.data_start();
-        if let Some(t) = file
-            .header
-            .tensors
-            .iter()
-            .find(|t| (data_start + t.data_offsets.0) % alignment(t.dtype) != 0)
-        {
-            add(
-                Severity::Warning,
-                format!(
-                    "{}: tensor '{}' is not aligned to its {}-byte elements; loaders must copy it",
-                    file.name,
-                    t.name,
-                    alignment(t.dtype)
-                ),
-            );
-        }
-    }
-    findings
+}
+
+/// A `__metadata__["format"]` transformers refuses.
+fn format_finding(file: &SourceFile) -> Option<Finding> {
+    let (_, format) = file.header.metadata.iter().find(|(k, _)| k == "format")?;
+    (!LOADABLE_FORMATS.contains(&format.as_str())).then(|| {
+        Finding::error(format!(
+            "{}: __metadata__ format '{format}' is refused by transformers",
+            file.name
+        ))
+    })
+}
+
+/// The first tensor whose data does not start on a multiple of its element size.
+fn alignment_finding(file: &SourceFile) -> Option<Finding> {
+    let data_start = file.header.data_start();
+    let t = file
+        .header
+        .tensors
+        .iter()
+        .find(|t| (data_start + t.data_offsets.0) % alignment(t.dtype) != 0)?;
+    Some(Finding::warning(format!(
+        "{}: tensor '{}' is not aligned to its {}-byte elements; loaders must copy it",
+        file.name,
+        t.name,
+        alignment(t.dtype)
+    )))
 }
 
 #[cfg(test)]

@@ -49,6 +49,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(files::copy_file, m)?)?;
     m.add("INDEX_FILE", index::INDEX_FILE)?;
     m.add("SINGLE_FILE", index::SINGLE_FILE)?;
+    m.add("LEN_PREFIX", normalize_core::format::LEN_PREFIX)?;
+    m.add("MAX_HEADER_LEN", normalize_core::format::MAX_HEADER_LEN)?;
     m.add_function(wrap_pyfunction!(index::read_index, m)?)?;
     m.add_function(wrap_pyfunction!(atomic_file::write_atomically, m)?)?;
     m.add_function(wrap_pyfunction!(atomic_file::sync_dir, m)?)?;
