@@ -79,6 +79,7 @@ class Checkpoint:
     def problems(self) -> list[tuple[Severity, str]]: ...
     def view(self, name: str) -> TensorView: ...
     def read_into(self, name: str, buffer: Buffer) -> None: ...
+    def prefetch(self, names: list[str]) -> None: ...
     def scale_properties(self, names: list[str]) -> list[ScaleProperties]: ...
 
 class ScaleProperties:
@@ -169,11 +170,37 @@ def quantize_fp8_blocks(
     scale_dtype: ScaleDtype | str = ScaleDtype.FLOAT32,
     threads: int = 1,
 ) -> None: ...
+def quantize_fp8_tensor(
+    checkpoint: Checkpoint,
+    tensor: str,
+    batch: int,
+    rows: int,
+    cols: int,
+    fp8_out: Buffer,
+    scale_out: Buffer,
+    block: int = 128,
+    scale_fmt: ScaleFormat | str = ScaleFormat.FLOAT,
+    scale_dtype: ScaleDtype | str = ScaleDtype.FLOAT32,
+    threads: int = 1,
+) -> None: ...
 def dequantize_fp8_blocks(
     tensor: str,
     fp8: Buffer,
     scales: Buffer,
     scale_dtype: Dtype | str,
+    batch: int,
+    rows: int,
+    cols: int,
+    out: Buffer,
+    out_dtype: Dtype | str,
+    block_rows: int = 128,
+    block_cols: int = 128,
+    threads: int = 1,
+) -> None: ...
+def dequantize_fp8_tensor(
+    checkpoint: Checkpoint,
+    tensor: str,
+    scale: str,
     batch: int,
     rows: int,
     cols: int,

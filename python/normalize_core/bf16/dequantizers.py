@@ -1,7 +1,8 @@
 """Where dequantization runs: the Rust kernel on the CPU (no torch), or torch on a GPU.
 
-Both load an FP8 weight and its scale (``load(name)``, called one weight ahead on a helper thread)
-and turn them into the output tensor's bytes for the shard writer (``dequantize(loaded, weight)``).
+Both prepare an FP8 weight and its scale (``load(weight)``, called one weight ahead on a helper
+thread: the kernel asks for their bytes from disk, torch reads them into page-locked memory) and turn
+them into the output tensor's bytes for the shard writer (``dequantize(loaded, weight)``).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from normalize_core._core import Checkpoint, dequantize_fp8_blocks
+from normalize_core._core import Checkpoint, dequantize_fp8_tensor
 from normalize_core.bf16.formats import Fp8Weight
 from normalize_core.devices import AUTO, CPU, CUDA, parse_device, torch_device
 from normalize_core.fp8.quantizers import gpu_present
@@ -38,7 +39,9 @@ def dequantizer_for(
 
 
 class KernelDequantizer:
-    """Dequantizes on the CPU with the Rust kernel."""
+    """Dequantizes on the CPU with the Rust kernel, which reads each FP8 weight and its scale
+    straight from their files, stripe by stripe, into small per-thread buffers: no copy of the
+    whole tensors, and no mapping (a source truncated meanwhile is an error, never a SIGBUS)."""
 
     device = CPU
 
@@ -47,39 +50,31 @@ class KernelDequantizer:
         self.block = block
         self.out_dtype = OUTPUT_DTYPE_NAMES[dtype]
         self.threads = threads or os.cpu_count() or 1
-        # Buffers are reused from tensor to tensor (grown when needed): fresh ones would cost a
-        # page fault and a zeroing per page. Sources come in two slots used in turn: ``load`` runs
-        # one weight ahead, filling one slot while the other is being dequantized.
+        # The output buffer is reused from tensor to tensor (grown when needed): a fresh one would
+        # cost a page fault and a zeroing per page.
         self._out = bytearray()
-        self._sources = [[bytearray(), bytearray()], [bytearray(), bytearray()]]
-        self._next_slot = 0
 
-    def _read(self, name: str, buffers: list[bytearray], index: int) -> memoryview:
-        nbytes = self.checkpoint.tensor(name).nbytes
-        if len(buffers[index]) < nbytes:
-            buffers[index] = bytearray(nbytes)
-        view = memoryview(buffers[index])[:nbytes]
-        self.checkpoint.read_into(name, view)
-        return view
+    def load(self, weight: Fp8Weight) -> tuple[str, str]:
+        """Asks the kernel to start reading the weight and its scale from disk, so that cold bytes
+        arrive while the weight before it is dequantized (``load`` runs one weight ahead); returns
+        their names, which is what ``dequantize`` reads."""
+        names = (weight.name, weight.scale.name)
+        self.checkpoint.prefetch(list(names))
+        return names
 
-    def load(self, weight: Fp8Weight) -> tuple[memoryview, memoryview]:
-        """The weight's and its scale's bytes, read now into the next source slot."""
-        slot, self._next_slot = self._sources[self._next_slot], 1 - self._next_slot
-        return self._read(weight.name, slot, 0), self._read(weight.scale.name, slot, 1)
-
-    def dequantize(self, loaded, weight: Fp8Weight) -> memoryview:
-        """The output bytes, valid until the next call (the buffer is reused)."""
-        q, scale = loaded
+    def dequantize(self, loaded: tuple[str, str], weight: Fp8Weight) -> memoryview:
+        """The output bytes of the weight and scale ``loaded`` names, tiled as ``weight``; valid
+        until the next call (the buffer is reused)."""
+        name, scale_name = loaded
         tiles = weight.tiling
         size = tiles.batch * tiles.rows * tiles.cols * _OUTPUT_SIZES[self.out_dtype]
         if len(self._out) < size:
             self._out = bytearray(size)
         out = memoryview(self._out)[:size]
-        dequantize_fp8_blocks(
-            weight.name,
-            q,
-            scale,
-            weight.scale.dtype,
+        dequantize_fp8_tensor(
+            self.checkpoint,
+            name,
+            scale_name,
             tiles.batch,
             tiles.rows,
             tiles.cols,

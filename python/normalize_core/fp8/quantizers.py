@@ -1,7 +1,8 @@
 """Where quantization runs: the Rust kernel on the CPU (no torch), or torch on a GPU.
 
-Both load a source tensor (``load(name)``, called one tensor ahead on a helper thread) and turn
-it into ``(fp8 bytes, scale bytes)`` buffers for the shard writer (``quantize(source, layout)``).
+Both prepare a source tensor (``load(name)``, called one tensor ahead on a helper thread: the kernel
+asks for its bytes from disk, torch reads them into page-locked memory) and turn it into ``(fp8
+bytes, scale bytes)`` buffers for the shard writer (``quantize(source, layout)``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from normalize_core._core import Checkpoint, quantize_fp8_blocks
+from normalize_core._core import Checkpoint, quantize_fp8_tensor
 from normalize_core.devices import AUTO, CPU, CUDA, parse_device, torch_device
 from normalize_core.fp8.layout import QuantizedLayout
 from normalize_core.kinds import ScaleFormat
@@ -41,8 +42,10 @@ def quantizer_for(device: str, fp8, threads: int | None = None) -> KernelQuantiz
 
 
 class KernelQuantizer:
-    """Quantizes on the CPU with the Rust kernel. Tiles and scale dtype come from each tensor's
-    ``QuantizedLayout``."""
+    """Quantizes on the CPU with the Rust kernel, which reads each source tensor straight from its
+    file, stripe by stripe, into small per-thread buffers: no copy of the whole tensor, and no
+    mapping (a source truncated meanwhile is an error, never a SIGBUS). Tiles and scale dtype come
+    from each tensor's ``QuantizedLayout``."""
 
     device = CPU
 
@@ -54,33 +57,26 @@ class KernelQuantizer:
         # cost a page fault and a zeroing per page of every output byte.
         self._fp8 = bytearray()
         self._scale = bytearray()
-        # Sources too, two in turn: ``load`` runs one tensor ahead, so it fills one while the
-        # other is being quantized, and a tensor is done with before the next-but-one is loaded.
-        self._sources = [bytearray(), bytearray()]
-        self._next_source = 0
 
-    def load(self, name: str) -> memoryview:
-        """The tensor's bytes, read now into the next of the two source buffers."""
-        nbytes = self.checkpoint.tensor(name).nbytes
-        slot, self._next_source = self._next_source, 1 - self._next_source
-        if len(self._sources[slot]) < nbytes:
-            self._sources[slot] = bytearray(nbytes)
-        source = memoryview(self._sources[slot])[:nbytes]
-        self.checkpoint.read_into(name, source)
-        return source
+    def load(self, name: str) -> str:
+        """Asks the kernel to start reading the tensor from disk, so that cold bytes arrive while
+        the tensor before it is quantized (``load`` runs one tensor ahead); returns the name,
+        which is what ``quantize`` reads."""
+        self.checkpoint.prefetch([name])
+        return name
 
-    def quantize(self, source, layout: QuantizedLayout) -> tuple[memoryview, memoryview]:
-        """``(fp8 bytes, scale bytes)``, valid until the next call (the buffers are reused)."""
+    def quantize(self, source: str, layout: QuantizedLayout) -> tuple[memoryview, memoryview]:
+        """``(fp8 bytes, scale bytes)`` of source tensor ``source``, valid until the next call (the
+        buffers are reused)."""
         if len(self._fp8) < layout.elements:
             self._fp8 = bytearray(layout.elements)
         if len(self._scale) < layout.scale_nbytes:
             self._scale = bytearray(layout.scale_nbytes)
         fp8 = memoryview(self._fp8)[: layout.elements]
         scale = memoryview(self._scale)[: layout.scale_nbytes]
-        quantize_fp8_blocks(
-            layout.name,
+        quantize_fp8_tensor(
+            self.checkpoint,
             source,
-            self.checkpoint.tensor(layout.name).dtype,
             layout.batch,
             layout.rows,
             layout.cols,

@@ -3,20 +3,14 @@
 
 use std::time::Instant;
 
-use normalize_core::fp8::{
-    quantize_blocks, BlockInput, BlockLayout, BlockOutput, ScaleFormat, SourceFloat,
-};
+use normalize_core::fp8::{quantize_blocks, BlockInput, BlockOutput, ScaleFormat, SourceFloat};
+use normalize_core::stripes::{Input, TileLayout};
 
 fn main() {
     let threads = std::env::args()
         .nth(1)
         .map_or(1, |t| t.parse().expect("a thread count"));
-    let layout = BlockLayout {
-        batch: 1,
-        rows: 4096,
-        cols: 4096,
-        block: 128,
-    };
+    let layout = TileLayout::square(1, 4096, 4096, 128);
     let input: Vec<u8> = (0..layout.elements())
         .flat_map(|i| {
             let x = ((i * 2_654_435_761) % 1000) as f32 / 500.0 - 1.0;
@@ -33,7 +27,7 @@ fn main() {
         let started = Instant::now();
         let input = BlockInput {
             tensor: "w",
-            bytes: &input,
+            bytes: Input::Memory(&input),
             source: SourceFloat::BF16,
             layout,
         };

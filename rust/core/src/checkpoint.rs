@@ -6,6 +6,7 @@
 
 use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::dtype::{element_count, Dtype};
@@ -13,7 +14,10 @@ use crate::error::{Error, Result};
 use crate::format::{INDEX_FILE, SINGLE_FILE};
 use crate::header::{read_header_of, ShardHeader};
 use crate::index::{read_index, ShardIndex};
-use crate::regular_file::{open_regular, read_exact_at_parallel, regular_metadata, FileIdentity};
+use crate::regular_file::{
+    advise_will_need, open_regular, read_exact_at, read_exact_at_parallel, regular_metadata,
+    FileIdentity,
+};
 
 /// Kept at its first home for callers; it lives in [`crate::format`].
 pub use crate::format::standard_shard_name;
@@ -63,6 +67,57 @@ impl TensorEntry {
     /// Number of elements (1 for a 0-d tensor).
     pub fn numel(&self) -> u64 {
         element_count(&self.shape).unwrap_or(0)
+    }
+}
+
+/// One tensor's file, open for checked positional reads of the tensor's bytes (see
+/// [`Checkpoint::open_tensor`]): never a mapping, so a source truncated meanwhile is an error,
+/// not a SIGBUS.
+#[derive(Debug)]
+pub struct OpenTensor<'a> {
+    source: &'a SourceFile,
+    name: &'a str,
+    file: File,
+    /// Absolute offset of the tensor's first byte in the file.
+    offset: u64,
+    len: u64,
+}
+
+impl OpenTensor<'_> {
+    /// Bytes of the tensor.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the tensor has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Fills `buf` with the tensor's bytes from byte `start` of the tensor on. A range beyond
+    /// the tensor is refused (never a read of the next one); a file that ends early changed
+    /// since it was opened, an error saying so.
+    pub fn read_at(&self, start: u64, buf: &mut [u8]) -> Result<()> {
+        if start
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > self.len)
+        {
+            let detail = format!(
+                "bytes {start}..{} of tensor '{}', which has {}",
+                start.saturating_add(buf.len() as u64),
+                self.name,
+                self.len
+            );
+            let invalid = std::io::Error::new(std::io::ErrorKind::InvalidInput, detail);
+            return Err(Error::io(&self.source.path, invalid));
+        }
+        read_exact_at(&self.file, &self.source.path, self.offset + start, buf)
+    }
+
+    /// Checks that the file is still the version the checkpoint opened (after the reads: with
+    /// the check [`Checkpoint::open_tensor`] made, the bytes read are that version's).
+    pub fn verify(&self) -> Result<()> {
+        self.source.identity.verify(&self.source.path, &self.file)
     }
 }
 
@@ -131,11 +186,34 @@ impl Checkpoint {
         self.by_name.get(name).map(|&i| &self.tensors[i])
     }
 
+    /// Opens tensor `entry`'s file for [`OpenTensor::read_at`], checking that it is still the
+    /// file it was when the checkpoint was opened.
+    pub fn open_tensor<'a>(&'a self, entry: &'a TensorEntry) -> Result<OpenTensor<'a>> {
+        let source = &self.files[entry.file];
+        let (file, _) = open_regular(&source.path)?;
+        source.identity.verify(&source.path, &file)?;
+        Ok(OpenTensor {
+            source,
+            name: &entry.name,
+            file,
+            offset: entry.file_offset,
+            len: entry.nbytes(),
+        })
+    }
+
+    /// Asks the kernel to start reading tensor `entry`'s bytes from disk in the background, for
+    /// a read soon after: the reads then find them cached. Only a hint, so it never fails: a file
+    /// that cannot be opened is reported by the read that follows.
+    pub fn prefetch(&self, entry: &TensorEntry) {
+        if let Ok((file, _)) = open_regular(&self.files[entry.file].path) {
+            advise_will_need(&file, entry.file_offset, entry.nbytes());
+        }
+    }
+
     /// Reads tensor `entry`'s bytes into `buf` (exactly `entry.nbytes()` long) with positional
     /// reads, never a mapping: a source truncated meanwhile is an error, not a SIGBUS. The file
     /// must still be what it was when the checkpoint was opened, before and after the read.
     pub fn read_tensor(&self, entry: &TensorEntry, buf: &mut [u8]) -> Result<()> {
-        let source = &self.files[entry.file];
         if buf.len() as u64 != entry.nbytes() {
             let detail = format!(
                 "a buffer of {} bytes for tensor '{}' of {} bytes",
@@ -144,15 +222,14 @@ impl Checkpoint {
                 entry.nbytes()
             );
             let invalid = std::io::Error::new(std::io::ErrorKind::InvalidInput, detail);
-            return Err(Error::io(&source.path, invalid));
+            return Err(Error::io(&self.files[entry.file].path, invalid));
         }
         if buf.is_empty() {
             return Ok(());
         }
-        let (file, _) = open_regular(&source.path)?;
-        source.identity.verify(&source.path, &file)?;
-        read_exact_at_parallel(&file, &source.path, entry.file_offset, buf)?;
-        source.identity.verify(&source.path, &file)
+        let tensor = self.open_tensor(entry)?;
+        read_exact_at_parallel(&tensor.file, &tensor.source.path, tensor.offset, buf)?;
+        tensor.verify()
     }
 
     /// Sum of tensor bytes (what `metadata.total_size` should say).
@@ -397,6 +474,38 @@ pub fn natural_cmp(a: &str, b: &str) -> Ordering {
     x.len().cmp(&y.len()).then_with(|| a.cmp(b))
 }
 
+/// Checkpoints made for the kernels' tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// `dir/model.safetensors` holding `tensors` (name, dtype, shape, little-endian bytes),
+    /// opened.
+    pub fn single_file_checkpoint(
+        dir: &Path,
+        tensors: &[(&str, safetensors::Dtype, &[usize], &[u8])],
+    ) -> Checkpoint {
+        let views = tensors.iter().map(|&(name, dtype, shape, bytes)| {
+            let view = safetensors::tensor::TensorView::new(dtype, shape.to_vec(), bytes).unwrap();
+            (name, view)
+        });
+        let file = safetensors::tensor::serialize(views, None).unwrap();
+        std::fs::write(dir.join(SINGLE_FILE), file).unwrap();
+        Checkpoint::open(dir).unwrap()
+    }
+
+    /// Rewrites byte `offset` of `path` in place (same size, a new ctime), after a pause long
+    /// enough for the file system's clock to move on.
+    pub fn rewrite_in_place(path: &Path, offset: u64) {
+        use std::os::unix::fs::FileExt;
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let file = File::options().read(true).write(true).open(path).unwrap();
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, offset).unwrap();
+        file.write_all_at(&[byte[0] ^ 1], offset).unwrap();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,6 +536,58 @@ mod tests {
             .read_tensor(&checkpoint.tensors[0], &mut byte)
             .unwrap();
         assert_eq!(byte, [7]);
+    }
+
+    #[test]
+    fn an_open_tensor_reads_only_its_own_bytes_and_notices_a_shrunk_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes: Vec<u8> = (0..100).collect();
+        let checkpoint = testing::single_file_checkpoint(
+            dir.path(),
+            &[
+                ("a", safetensors::Dtype::U8, &[40], &bytes[..40]),
+                ("b", safetensors::Dtype::U8, &[60], &bytes[40..]),
+            ],
+        );
+        let entry = checkpoint.tensor("b").unwrap();
+        let tensor = checkpoint.open_tensor(entry).unwrap();
+        assert_eq!(tensor.len(), 60);
+        let mut part = [0u8; 5];
+        tensor.read_at(55, &mut part).unwrap();
+        assert_eq!(part, [95, 96, 97, 98, 99]);
+        let path = dir.path().join(SINGLE_FILE);
+        let err = tensor.read_at(56, &mut part).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: bytes 56..61 of tensor 'b', which has 60",
+                path.display()
+            )
+        );
+        tensor.verify().unwrap();
+
+        let end = entry.file_offset + 60;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(end - 10)
+            .unwrap();
+        let err = tensor.read_at(40, &mut [0u8; 20]).unwrap_err();
+        assert_eq!(err.kind(), "source_changed");
+        assert!(
+            err.to_string()
+                .contains(&format!("it shrank: it ends before byte {end}")),
+            "{err}"
+        );
+        assert!(tensor
+            .verify()
+            .unwrap_err()
+            .to_string()
+            .contains("bytes, now"));
+        let err = checkpoint.open_tensor(entry).unwrap_err();
+        assert_eq!(err.kind(), "source_changed");
+        checkpoint.prefetch(entry);
     }
 
     #[test]

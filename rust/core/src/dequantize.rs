@@ -10,8 +10,13 @@
 //! the weight, a non-finite scale, or a product beyond the output type's range — corrupt input
 //! either way, never something to hand to training.
 
-use crate::error::{Error, Result};
+use crate::checkpoint::{Checkpoint, TensorEntry};
+use crate::dtype::Dtype;
+use crate::error::Result;
 use crate::fp8::f16_to_f32;
+use crate::stripes::{
+    for_each_stripe, invalid_input, Input, Output, RawBits, StripeBuffer, TileLayout,
+};
 
 /// How scales are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +29,17 @@ pub enum ScaleFloat {
 }
 
 impl ScaleFloat {
+    /// How scales of `dtype` are stored, when the kernel reads that dtype.
+    pub fn of(dtype: Dtype) -> Option<ScaleFloat> {
+        match dtype {
+            Dtype::F32 => Some(ScaleFloat::F32),
+            Dtype::BF16 => Some(ScaleFloat::BF16),
+            Dtype::F16 => Some(ScaleFloat::F16),
+            Dtype::F8_E8M0 => Some(ScaleFloat::E8M0),
+            _ => None,
+        }
+    }
+
     /// Bytes per stored scale.
     pub fn size(self) -> usize {
         match self {
@@ -60,6 +76,16 @@ pub enum TargetFloat {
 }
 
 impl TargetFloat {
+    /// The output type for `dtype`, when the kernel writes that dtype.
+    pub fn of(dtype: Dtype) -> Option<TargetFloat> {
+        match dtype {
+            Dtype::BF16 => Some(TargetFloat::BF16),
+            Dtype::F16 => Some(TargetFloat::F16),
+            Dtype::F32 => Some(TargetFloat::F32),
+            _ => None,
+        }
+    }
+
     /// Bytes per output element.
     pub fn size(self) -> usize {
         match self {
@@ -69,49 +95,50 @@ impl TargetFloat {
     }
 }
 
-/// Shape of one dequantization call: `batch` independent `rows × cols` matrices (experts, or the
-/// halves of a fused projection), each tiled in `block_rows × block_cols` tiles with one scale
-/// per tile, scales laid out `[batch, ceil(rows / block_rows), ceil(cols / block_cols)]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TileLayout {
-    pub batch: usize,
-    pub rows: usize,
-    pub cols: usize,
-    pub block_rows: usize,
-    pub block_cols: usize,
-}
-
-impl TileLayout {
-    /// Tile rows per matrix.
-    pub fn tile_rows(&self) -> usize {
-        self.rows.div_ceil(self.block_rows)
-    }
-
-    /// Tile columns per matrix.
-    pub fn tile_cols(&self) -> usize {
-        self.cols.div_ceil(self.block_cols)
-    }
-
-    /// Elements (FP8 bytes) of the weight.
-    pub fn elements(&self) -> usize {
-        self.batch * self.rows * self.cols
-    }
-
-    /// Number of scales.
-    pub fn scales(&self) -> usize {
-        self.batch * self.tile_rows() * self.tile_cols()
-    }
-}
-
 /// The tensor to dequantize: one e4m3fn byte per element and its per-tile scales.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct Fp8Input<'a> {
     /// Name for error messages.
     pub tensor: &'a str,
-    pub fp8: &'a [u8],
-    pub scales: &'a [u8],
+    pub fp8: Input<'a>,
+    pub scales: Input<'a>,
     pub scale: ScaleFloat,
     pub layout: TileLayout,
+}
+
+/// Dequantizes FP8 tensor `weight` of `checkpoint` with its scale tensor `scale`, seen as
+/// `layout`, into `out` (little-endian `target` elements), reading both from their files stripe
+/// by stripe (see [`crate::stripes`]) on up to `threads` threads.
+pub fn dequantize_tensor(
+    checkpoint: &Checkpoint,
+    weight: &TensorEntry,
+    scale: &TensorEntry,
+    layout: TileLayout,
+    target: TargetFloat,
+    out: &mut [u8],
+    threads: usize,
+) -> Result<()> {
+    let invalid = |detail: String| invalid_input(&weight.name, detail);
+    if weight.dtype != Dtype::F8_E4M3 {
+        return Err(invalid(format!(
+            "is {}; only F8_E4M3 weights are dequantized",
+            weight.dtype
+        )));
+    }
+    let stored = ScaleFloat::of(scale.dtype).ok_or_else(|| {
+        invalid(format!(
+            "its scale '{}' is {}; scales are F32, BF16, F16 or F8_E8M0",
+            scale.name, scale.dtype
+        ))
+    })?;
+    let input = Fp8Input {
+        tensor: &weight.name,
+        fp8: Input::File(checkpoint.open_tensor(weight)?),
+        scales: Input::File(checkpoint.open_tensor(scale)?),
+        scale: stored,
+        layout,
+    };
+    dequantize_blocks(input, target, out, threads)
 }
 
 /// Dequantizes `input` into `out` (little-endian `target` elements, the weight's layout) using
@@ -122,6 +149,16 @@ pub fn dequantize_blocks(
     out: &mut [u8],
     threads: usize,
 ) -> Result<()> {
+    check_sizes(&input, target, out)?;
+    if input.layout.elements() > 0 {
+        dequantize_stripes(&input, target, out, threads)?;
+    }
+    input.fp8.finish()?;
+    input.scales.finish()
+}
+
+/// Checks the block size and that inputs and output have exactly the bytes `layout` needs.
+fn check_sizes(input: &Fp8Input<'_>, target: TargetFloat, out: &[u8]) -> Result<()> {
     let Fp8Input {
         tensor,
         fp8,
@@ -129,110 +166,84 @@ pub fn dequantize_blocks(
         scale,
         layout,
     } = input;
-    let invalid = |detail: String| Error::InvalidQuantizeInput {
-        tensor: tensor.into(),
-        detail,
-    };
-    if layout.block_rows == 0 || layout.block_cols == 0 {
-        return Err(invalid("block size must be positive".into()));
-    }
-    if fp8.len() != layout.elements() {
-        return Err(invalid(format!(
+    layout.check_blocks(tensor)?;
+    let invalid = |detail: String| Err(invalid_input(tensor, detail));
+    if fp8.len() != layout.elements() as u64 {
+        return invalid(format!(
             "fp8 input has {} bytes, {layout:?} needs {}",
             fp8.len(),
             layout.elements()
-        )));
+        ));
     }
-    if scales.len() != layout.scales() * scale.size() {
-        return Err(invalid(format!(
+    if scales.len() != (layout.scales() * scale.size()) as u64 {
+        return invalid(format!(
             "scales have {} bytes, {} scales of {scale:?} need {}",
             scales.len(),
             layout.scales(),
             layout.scales() * scale.size()
-        )));
+        ));
     }
     if out.len() != layout.elements() * target.size() {
-        return Err(invalid(format!(
+        return invalid(format!(
             "output has {} bytes, {} elements of {target:?} need {}",
             out.len(),
             layout.elements(),
             layout.elements() * target.size()
-        )));
-    }
-    if layout.elements() == 0 {
-        return Ok(());
-    }
-
-    // Work unit: one stripe of `block_rows` rows of one matrix, which shares one row of scales.
-    // Stripes are independent, so they are split into contiguous ranges, one per thread.
-    let tile_rows = layout.tile_rows();
-    let stripes = layout.batch * tile_rows;
-    let threads = threads.clamp(1, stripes);
-    let per_thread = stripes.div_ceil(threads);
-    let rows_in = |stripe: usize| {
-        (layout.rows - (stripe % tile_rows) * layout.block_rows).min(layout.block_rows)
-    };
-    let scale_row = layout.tile_cols() * scale.size();
-
-    let bad_stripe = std::sync::Mutex::new(None::<usize>);
-    std::thread::scope(|scope| {
-        let mut fp8_rest = fp8;
-        let mut scale_rest = scales;
-        let mut out_rest = &mut out[..];
-        let mut first = 0;
-        while first < stripes {
-            let last = (first + per_thread).min(stripes);
-            let elements: usize = (first..last).map(|s| rows_in(s) * layout.cols).sum();
-            let (fp8_part, fp8_tail) = fp8_rest.split_at(elements);
-            let (scale_part, scale_tail) = scale_rest.split_at((last - first) * scale_row);
-            let (out_part, out_tail) = out_rest.split_at_mut(elements * target.size());
-            fp8_rest = fp8_tail;
-            scale_rest = scale_tail;
-            out_rest = out_tail;
-            let bad_stripe = &bad_stripe;
-            scope.spawn(move || {
-                let mut fp8_part = fp8_part;
-                let mut out_part = out_part;
-                let mut decoded = vec![0f32; layout.tile_cols()];
-                for (stripe, stripe_scales) in (first..last).zip(scale_part.chunks_exact(scale_row))
-                {
-                    let n = rows_in(stripe) * layout.cols;
-                    let (q, q_tail) = fp8_part.split_at(n);
-                    let (y, y_tail) = out_part.split_at_mut(n * target.size());
-                    for (value, stored) in decoded
-                        .iter_mut()
-                        .zip(stripe_scales.chunks_exact(scale.size()))
-                    {
-                        *value = scale.value(stored);
-                    }
-                    let work = Stripe {
-                        q,
-                        scales: &decoded,
-                        cols: layout.cols,
-                        block_cols: layout.block_cols,
-                        out: y,
-                    };
-                    if !dequantize_stripe(target, work) {
-                        bad_stripe.lock().unwrap().get_or_insert(stripe);
-                        return;
-                    }
-                    fp8_part = q_tail;
-                    out_part = y_tail;
-                }
-            });
-            first = last;
-        }
-    });
-    if let Some(stripe) = bad_stripe.into_inner().unwrap() {
-        let matrix = stripe / tile_rows;
-        let row = (stripe % tile_rows) * layout.block_rows;
-        return Err(invalid(format!(
-            "dequantizes to NaN or Inf (matrix {matrix}, rows {row}..{}): the weight holds an FP8 \
-             NaN code, a scale is not finite, or a value exceeds the range of {target:?}",
-            (row + layout.block_rows).min(layout.rows)
-        )));
+        ));
     }
     Ok(())
+}
+
+/// Dequantizes every stripe of `input` into its part of `out`.
+fn dequantize_stripes(
+    input: &Fp8Input<'_>,
+    target: TargetFloat,
+    out: &mut [u8],
+    threads: usize,
+) -> Result<()> {
+    let Fp8Input {
+        tensor,
+        ref fp8,
+        ref scales,
+        scale,
+        layout,
+    } = *input;
+    let outputs = [Output {
+        bytes: out,
+        per_row: layout.cols * target.size(),
+        per_stripe: 0,
+    }];
+    let scale_row = layout.tile_cols() * scale.size();
+    for_each_stripe(layout, threads, outputs, || {
+        let (mut fp8_buffer, mut scale_buffer) = (StripeBuffer::default(), StripeBuffer::default());
+        let mut decoded = vec![0f32; layout.tile_cols()];
+        move |stripe, [y]| {
+            let stored = scales.bytes(stripe * scale_row, scale_row, &mut scale_buffer)?;
+            for (value, stored) in decoded.iter_mut().zip(stored.chunks_exact(scale.size())) {
+                *value = scale.value(stored);
+            }
+            let n = layout.stripe_rows(stripe) * layout.cols;
+            let start = layout.stripe_start_row(stripe) * layout.cols;
+            let work = Stripe {
+                q: fp8.bytes(start, n, &mut fp8_buffer)?,
+                scales: &decoded,
+                cols: layout.cols,
+                block_cols: layout.block_cols,
+                out: y,
+            };
+            if dequantize_stripe(target, work) {
+                return Ok(());
+            }
+            let at = layout.describe_stripe(stripe);
+            Err(invalid_input(
+                tensor,
+                format!(
+                    "dequantizes to NaN or Inf ({at}): the weight holds an FP8 NaN code, a scale \
+                     is not finite, or a value exceeds the range of {target:?}"
+                ),
+            ))
+        }
+    })
 }
 
 /// One stripe: whole rows of FP8 codes, one decoded scale per tile column, and its output bytes.
@@ -273,13 +284,11 @@ fn dequantize_stripe_portable(target: TargetFloat, stripe: Stripe<'_>) -> bool {
 /// How one output element is stored, for the monomorphized stripe loop. Results are written as
 /// native integers (`Raw`), which lets the loop vectorize.
 trait Target {
-    type Raw: Copy + Default;
+    type Raw: RawBits;
     /// `x` rounded to this type (nearest, ties to even), as little-endian bits.
     fn narrow(x: f32) -> Self::Raw;
     /// 1 when `raw` is an infinity or a NaN, else 0 (an integer, so the loop stays branch-free).
     fn non_finite(raw: Self::Raw) -> u32;
-    /// `raw` as little-endian bytes (for outputs that are not aligned in memory).
-    fn write_le(raw: Self::Raw, out: &mut [u8]);
 }
 
 struct Bf16;
@@ -296,9 +305,6 @@ impl Target for Bf16 {
     fn non_finite(raw: u16) -> u32 {
         u32::from(u16::from_le(raw) & 0x7f80 == 0x7f80)
     }
-    fn write_le(raw: u16, out: &mut [u8]) {
-        out.copy_from_slice(&raw.to_ne_bytes());
-    }
 }
 
 impl Target for Half {
@@ -311,9 +317,6 @@ impl Target for Half {
     fn non_finite(raw: u16) -> u32 {
         u32::from(u16::from_le(raw) & 0x7c00 == 0x7c00)
     }
-    fn write_le(raw: u16, out: &mut [u8]) {
-        out.copy_from_slice(&raw.to_ne_bytes());
-    }
 }
 
 impl Target for Single {
@@ -325,9 +328,6 @@ impl Target for Single {
     #[inline(always)]
     fn non_finite(raw: u32) -> u32 {
         u32::from(u32::from_le(raw) & 0x7f80_0000 == 0x7f80_0000)
-    }
-    fn write_le(raw: u32, out: &mut [u8]) {
-        out.copy_from_slice(&raw.to_ne_bytes());
     }
 }
 
@@ -350,7 +350,7 @@ fn dequantize_stripe_of<T: Target>(stripe: Stripe<'_>) -> bool {
     let mut computed = vec![T::Raw::default(); q.len()];
     let finite = dequantize_rows::<T>(q, scales, cols, block_cols, &mut computed);
     for (&raw, bytes) in computed.iter().zip(out.chunks_exact_mut(size)) {
-        T::write_le(raw, bytes);
+        raw.write_unaligned(bytes);
     }
     finite
 }
@@ -648,8 +648,8 @@ mod tests {
                         let out = &mut buffer[offset..offset + want.len()];
                         let input = Fp8Input {
                             tensor: "w",
-                            fp8: &q,
-                            scales: &stored,
+                            fp8: Input::Memory(&q),
+                            scales: Input::Memory(&stored),
                             scale,
                             layout,
                         };
@@ -677,8 +677,8 @@ mod tests {
             let mut out = vec![0u8; layout.elements() * target.size()];
             let input = Fp8Input {
                 tensor: "w",
-                fp8: q,
-                scales,
+                fp8: Input::Memory(q),
+                scales: Input::Memory(scales),
                 scale: ScaleFloat::F32,
                 layout,
             };
@@ -725,8 +725,8 @@ mod tests {
         let mut out = [0u8; 18];
         let input = |fp8, scales, layout| Fp8Input {
             tensor: "t",
-            fp8,
-            scales,
+            fp8: Input::Memory(fp8),
+            scales: Input::Memory(scales),
             scale: ScaleFloat::BF16,
             layout,
         };
@@ -772,5 +772,118 @@ mod tests {
                 "tensor 't': block size must be positive",
             ]
         );
+    }
+
+    /// Two matrices of 150 rows: stripes of 128 and 22 rows.
+    const TWO_MATRICES: TileLayout = TileLayout {
+        batch: 2,
+        rows: 150,
+        cols: 200,
+        block_rows: 128,
+        block_cols: 128,
+    };
+
+    /// `dir/model.safetensors` holding FP8 `w` ([`TWO_MATRICES`]) and its F32 `w_scale_inv`, and
+    /// their bytes.
+    fn fp8_checkpoint(dir: &std::path::Path) -> (Checkpoint, Vec<u8>, Vec<u8>) {
+        use safetensors::Dtype as Stored;
+        let q = pseudo_random_codes(TWO_MATRICES.elements(), 5);
+        let scales: Vec<u8> = (0..TWO_MATRICES.scales())
+            .flat_map(|i| (0.01f32 + i as f32 * 0.37).to_le_bytes())
+            .collect();
+        let tensors: [(&str, Stored, &[usize], &[u8]); 2] = [
+            ("w", Stored::F8_E4M3, &[2, 150, 200], &q),
+            ("w_scale_inv", Stored::F32, &[2, 2, 2], &scales),
+        ];
+        let checkpoint = crate::checkpoint::testing::single_file_checkpoint(dir, &tensors);
+        (checkpoint, q, scales)
+    }
+
+    fn f32_scaled<'a>(fp8: Input<'a>, scales: Input<'a>) -> Fp8Input<'a> {
+        Fp8Input {
+            tensor: "w",
+            fp8,
+            scales,
+            scale: ScaleFloat::F32,
+            layout: TWO_MATRICES,
+        }
+    }
+
+    fn to_bf16(input: Fp8Input<'_>, threads: usize) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; TWO_MATRICES.elements() * 2];
+        dequantize_blocks(input, TargetFloat::BF16, &mut out, threads).map(|()| out)
+    }
+
+    /// Both tensors of [`fp8_checkpoint`], opened for reading.
+    fn from_file(checkpoint: &Checkpoint) -> Fp8Input<'_> {
+        let open = |name| {
+            Input::File(
+                checkpoint
+                    .open_tensor(checkpoint.tensor(name).unwrap())
+                    .unwrap(),
+            )
+        };
+        f32_scaled(open("w"), open("w_scale_inv"))
+    }
+
+    #[test]
+    fn checkpoint_tensors_dequantize_as_their_bytes_in_memory_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let (checkpoint, q, scales) = fp8_checkpoint(dir.path());
+        let expected = to_bf16(f32_scaled(Input::Memory(&q), Input::Memory(&scales)), 1).unwrap();
+        let weight = checkpoint.tensor("w").unwrap();
+        let scale = checkpoint.tensor("w_scale_inv").unwrap();
+        let (layout, target) = (TWO_MATRICES, TargetFloat::BF16);
+        let mut out = vec![0u8; layout.elements() * 2];
+        for threads in [1, 2, 3] {
+            dequantize_tensor(
+                &checkpoint,
+                weight,
+                scale,
+                layout,
+                target,
+                &mut out,
+                threads,
+            )
+            .unwrap();
+            assert_eq!(out, expected, "{threads}");
+        }
+        let refusals = [(scale, weight), (weight, weight)].map(|(w, s)| {
+            dequantize_tensor(&checkpoint, w, s, layout, target, &mut out, 1)
+                .unwrap_err()
+                .to_string()
+        });
+        assert_eq!(
+            refusals,
+            [
+                "tensor 'w_scale_inv': is F32; only F8_E4M3 weights are dequantized",
+                "tensor 'w': its scale 'w' is F8_E4M3; scales are F32, BF16, F16 or F8_E8M0",
+            ]
+        );
+    }
+
+    #[test]
+    fn checkpoint_tensors_that_shrink_or_are_rewritten_while_being_read_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(crate::format::SINGLE_FILE);
+        // Shrunk after the identity checks, in the middle of the weight: a stripe's read comes
+        // up short.
+        let (checkpoint, _, _) = fp8_checkpoint(dir.path());
+        let input = from_file(&checkpoint);
+        let weight = checkpoint.tensor("w").unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(weight.file_offset + 20_000).unwrap();
+        let err = to_bf16(input, 2).unwrap_err();
+        assert_eq!(err.kind(), "source_changed");
+        assert!(err.to_string().contains("it shrank"), "{err}");
+
+        // Rewritten in place (a scale): every read succeeds, but the bytes may mix two versions.
+        let (checkpoint, _, _) = fp8_checkpoint(dir.path());
+        let input = from_file(&checkpoint);
+        let scale = checkpoint.tensor("w_scale_inv").unwrap();
+        crate::checkpoint::testing::rewrite_in_place(&path, scale.file_offset + 3);
+        let err = to_bf16(input, 2).unwrap_err();
+        assert_eq!(err.kind(), "source_changed");
+        assert!(err.to_string().contains("it was modified"), "{err}");
     }
 }

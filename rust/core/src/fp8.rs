@@ -6,7 +6,12 @@
 //! scales `s` rounded up to the next bfloat16, then `q = e4m3fn_rne(clamp(x * (1/s), ±448))`;
 //! `s` is stored as the `_scale_inv` (dequantization is `x ≈ q * s`).
 
-use crate::error::{Error, Result};
+use crate::checkpoint::{Checkpoint, TensorEntry};
+use crate::dtype::Dtype;
+use crate::error::Result;
+use crate::stripes::{
+    for_each_stripe, invalid_input, Input, Output, RawBits, StripeBuffer, TileLayout,
+};
 
 /// Largest finite `float8_e4m3fn` value.
 pub const E4M3_MAX: f32 = 448.0;
@@ -23,6 +28,16 @@ pub enum SourceFloat {
 }
 
 impl SourceFloat {
+    /// The kind of `dtype`, when it is one that can be quantized.
+    pub fn of(dtype: Dtype) -> Option<SourceFloat> {
+        match dtype {
+            Dtype::BF16 => Some(SourceFloat::BF16),
+            Dtype::F16 => Some(SourceFloat::F16),
+            Dtype::F32 => Some(SourceFloat::F32),
+            _ => None,
+        }
+    }
+
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
@@ -35,7 +50,7 @@ impl SourceFloat {
 /// How one source element is stored, for the monomorphized stripe kernel. Elements are read
 /// as native integers (`Raw`), which lets the loops below vectorize.
 trait Element {
-    type Raw: Copy + Default;
+    type Raw: RawBits;
     /// Bits of the smallest non-finite magnitude; magnitude bits at or above it are Inf/NaN.
     const INFINITY_BITS: u32;
     /// The largest magnitude in `values`, as bits: for IEEE formats the bits of magnitudes
@@ -44,8 +59,6 @@ trait Element {
     /// Converts magnitude bits back to a value.
     fn magnitude_value(bits: u32) -> f32;
     fn value(raw: Self::Raw) -> f32;
-    /// Decodes one little-endian element (for inputs that are not aligned in memory).
-    fn from_le_bytes(bytes: &[u8]) -> Self::Raw;
 }
 
 struct Bf16;
@@ -71,9 +84,6 @@ impl Element for Bf16 {
     fn value(raw: u16) -> f32 {
         f32::from_bits(u32::from(u16::from_le(raw)) << 16)
     }
-    fn from_le_bytes(bytes: &[u8]) -> u16 {
-        u16::from_ne_bytes([bytes[0], bytes[1]])
-    }
 }
 
 impl Element for Half {
@@ -90,9 +100,6 @@ impl Element for Half {
     #[inline(always)]
     fn value(raw: u16) -> f32 {
         f16_to_f32(u16::from_le(raw))
-    }
-    fn from_le_bytes(bytes: &[u8]) -> u16 {
-        u16::from_ne_bytes([bytes[0], bytes[1]])
     }
 }
 
@@ -112,9 +119,6 @@ impl Element for Single {
     #[inline(always)]
     fn value(raw: u32) -> f32 {
         f32::from_bits(u32::from_le(raw))
-    }
-    fn from_le_bytes(bytes: &[u8]) -> u32 {
-        u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
     }
 }
 
@@ -151,53 +155,44 @@ impl ScaleFormat {
     }
 }
 
-/// Shape of one quantization call: `batch` independent `rows × cols` matrices (experts, or the
-/// halves of a fused projection), tiled in `block × block` blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BlockLayout {
-    pub batch: usize,
-    pub rows: usize,
-    pub cols: usize,
-    pub block: usize,
-}
-
-impl BlockLayout {
-    /// Tile rows per matrix: `ceil(rows / block)`.
-    pub fn block_rows(&self) -> usize {
-        self.rows.div_ceil(self.block)
-    }
-
-    /// Tile columns per matrix: `ceil(cols / block)`.
-    pub fn block_cols(&self) -> usize {
-        self.cols.div_ceil(self.block)
-    }
-
-    /// Elements of the input (and bytes of the FP8 output).
-    pub fn elements(&self) -> usize {
-        self.batch * self.rows * self.cols
-    }
-
-    /// Number of scales.
-    pub fn scales(&self) -> usize {
-        self.batch * self.block_rows() * self.block_cols()
-    }
-}
-
 /// The tensor to quantize: little-endian `source` elements laid out as `layout`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct BlockInput<'a> {
     /// Name for error messages.
     pub tensor: &'a str,
-    pub bytes: &'a [u8],
+    pub bytes: Input<'a>,
     pub source: SourceFloat,
-    pub layout: BlockLayout,
+    pub layout: TileLayout,
 }
 
-/// Where results go: one FP8 byte per element and `[batch, block_rows, block_cols]` scales.
+/// Where results go: one FP8 byte per element and `[batch, tile_rows, tile_cols]` scales.
 #[derive(Debug)]
 pub struct BlockOutput<'a> {
     pub fp8: &'a mut [u8],
     pub scales: &'a mut [u8],
+}
+
+/// Quantizes tensor `entry` of `checkpoint`, seen as `layout`, into `output`, reading it from its
+/// file stripe by stripe (see [`crate::stripes`]) on up to `threads` threads.
+pub fn quantize_tensor(
+    checkpoint: &Checkpoint,
+    entry: &TensorEntry,
+    layout: TileLayout,
+    format: ScaleFormat,
+    output: BlockOutput<'_>,
+    threads: usize,
+) -> Result<()> {
+    let source = SourceFloat::of(entry.dtype).ok_or_else(|| {
+        let detail = format!("is {}; only BF16, F16 and F32 are quantized", entry.dtype);
+        invalid_input(&entry.name, detail)
+    })?;
+    let input = BlockInput {
+        tensor: &entry.name,
+        bytes: Input::File(checkpoint.open_tensor(entry)?),
+        source,
+        layout,
+    };
+    quantize_blocks(input, format, output, threads)
 }
 
 /// Quantizes `input` into `output` using up to `threads` threads. Non-finite inputs are
@@ -209,23 +204,10 @@ pub fn quantize_blocks(
     threads: usize,
 ) -> Result<()> {
     check_sizes(&input, format, &output)?;
-    if input.layout.elements() == 0 {
-        return Ok(());
+    if input.layout.elements() > 0 {
+        quantize_stripes(&input, format, output, threads)?;
     }
-    let layout = input.layout;
-    if let Some(stripe) = quantize_stripes(&input, format, output, threads) {
-        let stripes_per_matrix = layout.block_rows();
-        let matrix = stripe / stripes_per_matrix;
-        let row = (stripe % stripes_per_matrix) * layout.block;
-        return Err(Error::InvalidQuantizeInput {
-            tensor: input.tensor.into(),
-            detail: format!(
-                "contains NaN or Inf (matrix {matrix}, rows {row}..{}); refusing to quantize it",
-                (row + layout.block).min(layout.rows)
-            ),
-        });
-    }
-    Ok(())
+    input.bytes.finish()
 }
 
 /// Checks the block size and that input and outputs have exactly the bytes `layout` needs.
@@ -239,18 +221,11 @@ fn check_sizes(
         bytes,
         source,
         layout,
-    } = *input;
-    let invalid = |detail: String| {
-        Err(Error::InvalidQuantizeInput {
-            tensor: tensor.into(),
-            detail,
-        })
-    };
-    if layout.block == 0 {
-        return invalid("block size must be positive".into());
-    }
+    } = input;
+    layout.check_blocks(tensor)?;
+    let invalid = |detail: String| Err(invalid_input(tensor, detail));
     let input_bytes = layout.elements() * source.size();
-    if bytes.len() != input_bytes {
+    if bytes.len() != input_bytes as u64 {
         return invalid(format!(
             "input has {} bytes, {layout:?} of {source:?} needs {input_bytes}",
             bytes.len(),
@@ -273,103 +248,55 @@ fn check_sizes(
     Ok(())
 }
 
-/// Quantizes every stripe (one stripe: `block` rows of one matrix; stripes are independent)
-/// with contiguous ranges of stripes on up to `threads` threads. Returns the first stripe found
-/// holding a non-finite value, if any.
+/// Quantizes every stripe of `input` into its part of `output`.
 fn quantize_stripes(
     input: &BlockInput<'_>,
     format: ScaleFormat,
     output: BlockOutput<'_>,
     threads: usize,
-) -> Option<usize> {
-    let layout = input.layout;
-    let stripes = layout.batch * layout.block_rows();
-    let threads = threads.clamp(1, stripes);
-    let per_thread = stripes.div_ceil(threads);
-    let scale_row = layout.block_cols() * format.size();
-
-    let bad_stripe = std::sync::Mutex::new(None::<usize>);
-    std::thread::scope(|scope| {
-        let mut fp8_rest = &mut output.fp8[..];
-        let mut scale_rest = &mut output.scales[..];
-        let mut first = 0;
-        while first < stripes {
-            let last = (first + per_thread).min(stripes);
-            let elems: usize = (first..last)
-                .map(|s| stripe_rows(layout, s) * layout.cols)
-                .sum();
-            let (fp8_part, fp8_tail) = std::mem::take(&mut fp8_rest).split_at_mut(elems);
-            let (scale_part, scale_tail) =
-                std::mem::take(&mut scale_rest).split_at_mut((last - first) * scale_row);
-            fp8_rest = fp8_tail;
-            scale_rest = scale_tail;
-            let bad_stripe = &bad_stripe;
-            scope.spawn(move || {
-                let outputs = BlockOutput {
-                    fp8: fp8_part,
-                    scales: scale_part,
-                };
-                if let Some(stripe) = quantize_range(input, format, first..last, outputs) {
-                    bad_stripe.lock().unwrap().get_or_insert(stripe);
-                }
-            });
-            first = last;
-        }
-    });
-    bad_stripe.into_inner().unwrap()
-}
-
-/// Quantizes stripes `range` into `output` (their part of the outputs). Returns the first
-/// stripe holding a non-finite value, where it stopped.
-fn quantize_range(
-    input: &BlockInput<'_>,
-    format: ScaleFormat,
-    range: std::ops::Range<usize>,
-    output: BlockOutput<'_>,
-) -> Option<usize> {
+) -> Result<()> {
     let BlockInput {
-        bytes,
+        tensor,
+        ref bytes,
         source,
         layout,
-        ..
     } = *input;
-    let scale_row = layout.block_cols() * format.size();
-    let (mut fp8_rest, mut scale_rest) = (output.fp8, output.scales);
-    let mut elem = first_element(range.start, layout);
-    for stripe in range {
-        let rows = stripe_rows(layout, stripe);
-        let n = rows * layout.cols;
-        let (q, q_tail) = fp8_rest.split_at_mut(n);
-        let (scales, s_tail) = scale_rest.split_at_mut(scale_row);
-        let work = Stripe {
-            src: &bytes[elem * source.size()..(elem + n) * source.size()],
-            rows,
-            cols: layout.cols,
-            block: layout.block,
-            q,
-            scales,
-        };
-        if !quantize_stripe(source, work, format) {
-            return Some(stripe);
+    let outputs = [
+        Output {
+            bytes: output.fp8,
+            per_row: layout.cols,
+            per_stripe: 0,
+        },
+        Output {
+            bytes: output.scales,
+            per_row: 0,
+            per_stripe: layout.tile_cols() * format.size(),
+        },
+    ];
+    let row_bytes = layout.cols * source.size();
+    for_each_stripe(layout, threads, outputs, || {
+        let mut buffer = StripeBuffer::default();
+        move |stripe, [q, scales]| {
+            let rows = layout.stripe_rows(stripe);
+            let start = layout.stripe_start_row(stripe) * row_bytes;
+            let work = Stripe {
+                src: bytes.bytes(start, rows * row_bytes, &mut buffer)?,
+                rows,
+                cols: layout.cols,
+                block_cols: layout.block_cols,
+                q,
+                scales,
+            };
+            if quantize_stripe(source, work, format) {
+                return Ok(());
+            }
+            let at = layout.describe_stripe(stripe);
+            Err(invalid_input(
+                tensor,
+                format!("contains NaN or Inf ({at}); refusing to quantize it"),
+            ))
         }
-        fp8_rest = q_tail;
-        scale_rest = s_tail;
-        elem += n;
-    }
-    None
-}
-
-/// Rows in stripe `stripe`: `block`, fewer in a matrix's last stripe.
-fn stripe_rows(layout: BlockLayout, stripe: usize) -> usize {
-    let row = (stripe % layout.block_rows()) * layout.block;
-    (layout.rows - row).min(layout.block)
-}
-
-fn first_element(stripe: usize, layout: BlockLayout) -> usize {
-    let per_matrix = layout.block_rows();
-    let matrix = stripe / per_matrix;
-    let row = (stripe % per_matrix) * layout.block;
-    (matrix * layout.rows + row) * layout.cols
+    })
 }
 
 /// One stripe of `rows × cols` elements and its outputs.
@@ -377,7 +304,7 @@ struct Stripe<'a> {
     src: &'a [u8],
     rows: usize,
     cols: usize,
-    block: usize,
+    block_cols: usize,
     q: &'a mut [u8],
     scales: &'a mut [u8],
 }
@@ -418,7 +345,7 @@ fn quantize_stripe_of<E: Element>(stripe: Stripe<'_>, format: ScaleFormat) -> bo
         src,
         rows,
         cols,
-        block,
+        block_cols,
         q,
         scales,
     } = stripe;
@@ -430,15 +357,15 @@ fn quantize_stripe_of<E: Element>(stripe: Stripe<'_>, format: ScaleFormat) -> bo
     } else {
         // The tensor starts at an odd address (a hand-made file): decode a copy.
         let size = std::mem::size_of::<E::Raw>();
-        copied = src.chunks_exact(size).map(E::from_le_bytes).collect();
+        copied = src.chunks_exact(size).map(E::Raw::read_unaligned).collect();
         &copied
     };
-    let block_cols = cols.div_ceil(block);
+    let tiles = cols.div_ceil(block_cols);
 
     // Pass 1: each tile's largest magnitude.
-    let mut amax_bits = vec![0u32; block_cols];
+    let mut amax_bits = vec![0u32; tiles];
     for row in values.chunks_exact(cols).take(rows) {
-        for (slot, segment) in amax_bits.iter_mut().zip(row.chunks(block)) {
+        for (slot, segment) in amax_bits.iter_mut().zip(row.chunks(block_cols)) {
             *slot = (*slot).max(E::max_magnitude_bits(segment));
         }
     }
@@ -446,7 +373,7 @@ fn quantize_stripe_of<E: Element>(stripe: Stripe<'_>, format: ScaleFormat) -> bo
         return false;
     }
 
-    let mut inverse = vec![0f32; block_cols];
+    let mut inverse = vec![0f32; tiles];
     for (b, (&m, inv)) in amax_bits.iter().zip(inverse.iter_mut()).enumerate() {
         let s = format.scale_for(E::magnitude_value(m));
         *inv = 1.0 / s;
@@ -460,8 +387,10 @@ fn quantize_stripe_of<E: Element>(stripe: Stripe<'_>, format: ScaleFormat) -> bo
 
     // Pass 2: scale, clamp and round every element (the stripe is still in cache).
     for (row, q_row) in values.chunks_exact(cols).zip(q.chunks_exact_mut(cols)) {
-        for ((segment, q_segment), &inv) in
-            row.chunks(block).zip(q_row.chunks_mut(block)).zip(&inverse)
+        for ((segment, q_segment), &inv) in row
+            .chunks(block_cols)
+            .zip(q_row.chunks_mut(block_cols))
+            .zip(&inverse)
         {
             for (&raw, out) in segment.iter().zip(q_segment.iter_mut()) {
                 *out = f32_to_e4m3fn((E::value(raw) * inv).clamp(-E4M3_MAX, E4M3_MAX));
@@ -604,12 +533,7 @@ mod tests {
 
     #[test]
     fn quantizes_tiles_independently_with_edges_and_batches() {
-        let layout = BlockLayout {
-            batch: 2,
-            rows: 3,
-            cols: 5,
-            block: 2,
-        };
+        let layout = TileLayout::square(2, 3, 5, 2);
         let values: Vec<f32> = (0..layout.elements()).map(|i| i as f32 - 7.0).collect();
         let input: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         let format = ScaleFormat {
@@ -621,7 +545,7 @@ mod tests {
         quantize_blocks(
             BlockInput {
                 tensor: "t",
-                bytes: &input,
+                bytes: Input::Memory(&input),
                 source: SourceFloat::F32,
                 layout,
             },
@@ -656,12 +580,7 @@ mod tests {
 
     #[test]
     fn zero_tiles_give_zeros_and_non_finite_inputs_are_refused() {
-        let layout = BlockLayout {
-            batch: 1,
-            rows: 4,
-            cols: 4,
-            block: 2,
-        };
+        let layout = TileLayout::square(1, 4, 4, 2);
         let input = vec![0u8; 32];
         let format = ScaleFormat {
             ue8m0: true,
@@ -672,7 +591,7 @@ mod tests {
         quantize_blocks(
             BlockInput {
                 tensor: "z",
-                bytes: &input,
+                bytes: Input::Memory(&input),
                 source: SourceFloat::BF16,
                 layout,
             },
@@ -691,7 +610,7 @@ mod tests {
         let err = quantize_blocks(
             BlockInput {
                 tensor: "w",
-                bytes: &bad,
+                bytes: Input::Memory(&bad),
                 source: SourceFloat::BF16,
                 layout,
             },
@@ -707,5 +626,116 @@ mod tests {
             err.to_string(),
             "tensor 'w': contains NaN or Inf (matrix 0, rows 0..2); refusing to quantize it"
         );
+    }
+
+    /// Bytes of a tensor quantized by `run` (into outputs for `layout`).
+    fn quantized(
+        run: impl FnOnce(BlockOutput<'_>) -> Result<()>,
+        layout: TileLayout,
+    ) -> Result<(Vec<u8>, Vec<u8>)> {
+        let (mut q, mut s) = (vec![0u8; layout.elements()], vec![0u8; layout.scales() * 4]);
+        run(BlockOutput {
+            fp8: &mut q,
+            scales: &mut s,
+        })?;
+        Ok((q, s))
+    }
+
+    const FLOAT_SCALES: ScaleFormat = ScaleFormat {
+        ue8m0: false,
+        bf16: false,
+    };
+    /// Two matrices of 150 rows: stripes of 128 and 22 rows.
+    const TWO_MATRICES: TileLayout = TileLayout {
+        batch: 2,
+        rows: 150,
+        cols: 130,
+        block_rows: 128,
+        block_cols: 128,
+    };
+
+    /// `dir/model.safetensors` holding bf16 `w` ([`TWO_MATRICES`]) and a U8 `ids`, and `w`'s bytes.
+    fn bf16_checkpoint(dir: &std::path::Path) -> (Checkpoint, Vec<u8>) {
+        use safetensors::Dtype as Stored;
+        let values: Vec<u8> = (0..TWO_MATRICES.elements())
+            .flat_map(|i| {
+                let x = ((i * 7919) % 2000) as f32 / 100.0 - 10.0;
+                ((x.to_bits() >> 16) as u16).to_le_bytes()
+            })
+            .collect();
+        let tensors: [(&str, Stored, &[usize], &[u8]); 2] = [
+            ("w", Stored::BF16, &[2, 150, 130], &values),
+            ("ids", Stored::U8, &[3], &[1, 2, 3]),
+        ];
+        let checkpoint = crate::checkpoint::testing::single_file_checkpoint(dir, &tensors);
+        (checkpoint, values)
+    }
+
+    fn bf16_input(bytes: Input<'_>) -> BlockInput<'_> {
+        BlockInput {
+            tensor: "w",
+            bytes,
+            source: SourceFloat::BF16,
+            layout: TWO_MATRICES,
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_tensor_quantizes_as_its_bytes_in_memory_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let (checkpoint, values) = bf16_checkpoint(dir.path());
+        let layout = TWO_MATRICES;
+        let in_memory = |out: BlockOutput<'_>| {
+            quantize_blocks(bf16_input(Input::Memory(&values)), FLOAT_SCALES, out, 1)
+        };
+        let expected = quantized(in_memory, layout).unwrap();
+        let entry = checkpoint.tensor("w").unwrap();
+        for threads in [1, 2, 3] {
+            let run = |out: BlockOutput<'_>| {
+                quantize_tensor(&checkpoint, entry, layout, FLOAT_SCALES, out, threads)
+            };
+            assert_eq!(quantized(run, layout).unwrap(), expected, "{threads}");
+        }
+
+        let ids = checkpoint.tensor("ids").unwrap();
+        let run =
+            |out: BlockOutput<'_>| quantize_tensor(&checkpoint, ids, layout, FLOAT_SCALES, out, 1);
+        let err = quantized(run, layout).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "tensor 'ids': is U8; only BF16, F16 and F32 are quantized"
+        );
+        let one = TileLayout { batch: 1, ..layout };
+        let run =
+            |out: BlockOutput<'_>| quantize_tensor(&checkpoint, entry, one, FLOAT_SCALES, out, 1);
+        let err = quantized(run, one).unwrap_err();
+        assert!(err.to_string().contains("input has 78000 bytes"), "{err}");
+    }
+
+    #[test]
+    fn a_checkpoint_tensor_that_shrinks_or_is_rewritten_while_being_read_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(crate::format::SINGLE_FILE);
+        // Shrunk after the identity check, in the middle of the tensor: a stripe's read comes up
+        // short.
+        let (checkpoint, _) = bf16_checkpoint(dir.path());
+        let entry = checkpoint.tensor("w").unwrap();
+        let from_file = bf16_input(Input::File(checkpoint.open_tensor(entry).unwrap()));
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(entry.file_offset + 50_000).unwrap();
+        let run = |out: BlockOutput<'_>| quantize_blocks(from_file, FLOAT_SCALES, out, 2);
+        let err = quantized(run, TWO_MATRICES).unwrap_err();
+        assert_eq!(err.kind(), "source_changed");
+        assert!(err.to_string().contains("it shrank"), "{err}");
+
+        // Rewritten in place: every read succeeds, but the bytes may mix two versions.
+        let (checkpoint, _) = bf16_checkpoint(dir.path());
+        let entry = checkpoint.tensor("w").unwrap();
+        let from_file = bf16_input(Input::File(checkpoint.open_tensor(entry).unwrap()));
+        crate::checkpoint::testing::rewrite_in_place(&path, entry.file_offset + 70_000);
+        let run = |out: BlockOutput<'_>| quantize_blocks(from_file, FLOAT_SCALES, out, 2);
+        let err = quantized(run, TWO_MATRICES).unwrap_err();
+        assert_eq!(err.kind(), "source_changed");
+        assert!(err.to_string().contains("it was modified"), "{err}");
     }
 }

@@ -18,7 +18,8 @@
 //! moves byte ranges, [`atomic_file`] makes files appear only when complete, [`output_dir`]
 //! guards the destination, [`aux_files`] copies non-tensor files, [`verify`] reports problems,
 //! [`scale_values`] checks the values of FP8 scale tensors, [`fp8`] and [`dequantize`] are the
-//! CPU kernels of to-fp8 and to-bf16, and [`error`] is the one error type.
+//! CPU kernels of to-fp8 and to-bf16, [`stripes`] is the block-stripe threading both share, and
+//! [`error`] is the one error type.
 
 pub mod atomic_file;
 pub mod aux_files;
@@ -36,6 +37,7 @@ pub mod output_dir;
 pub mod plan;
 pub mod regular_file;
 pub mod scale_values;
+pub mod stripes;
 pub mod verify;
 pub mod writer;
 

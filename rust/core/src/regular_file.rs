@@ -227,6 +227,15 @@ pub fn read_exact_at_parallel(file: &File, path: &Path, offset: u64, buf: &mut [
     })
 }
 
+/// Tells the kernel that bytes `offset..offset + len` of `file` will be read soon, so that it
+/// starts reading them from disk in the background (`POSIX_FADV_WILLNEED`). Only a hint: cached
+/// bytes cost next to nothing, and a refusal changes nothing but speed, so it is not reported.
+pub fn advise_will_need(file: &File, offset: u64, len: u64) {
+    if let Some(len) = std::num::NonZeroU64::new(len) {
+        let _ = rustix::fs::fadvise(file, offset, Some(len), rustix::fs::Advice::WillNeed);
+    }
+}
+
 /// The error for a source that ends before byte `needed`.
 pub fn shrank(path: &Path, needed: u64) -> Error {
     changed(

@@ -43,7 +43,8 @@ impl PyTensorEntry {
 }
 
 impl PyCheckpoint {
-    fn entry(&self, name: &str) -> PyResult<&TensorEntry> {
+    /// The tensor of that name; KeyError when absent.
+    pub(crate) fn entry(&self, name: &str) -> PyResult<&TensorEntry> {
         self.inner
             .tensor(name)
             .ok_or_else(|| PyKeyError::new_err(name.to_string()))
@@ -237,6 +238,23 @@ impl PyCheckpoint {
             self.inner.read_tensor(entry, bytes)
         })
         .or_raise()
+    }
+
+    /// Asks the kernel to start reading the tensors `names` from disk in the background, for
+    /// reads soon after (`quantize_fp8_tensor`, `dequantize_fp8_tensor`, `read_into`) that then
+    /// find their bytes cached. Only a hint: it reads nothing itself and never fails on a file (a
+    /// read that follows reports any problem). KeyError for a name the checkpoint lacks.
+    fn prefetch(&self, py: Python<'_>, names: Vec<String>) -> PyResult<()> {
+        let entries = names
+            .iter()
+            .map(|name| self.entry(name))
+            .collect::<PyResult<Vec<_>>>()?;
+        py.detach(|| {
+            for entry in entries {
+                self.inner.prefetch(entry);
+            }
+        });
+        Ok(())
     }
 
     /// What holds for every value of each of the scale tensors `names` (F32 or BF16), in

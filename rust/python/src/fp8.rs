@@ -1,26 +1,34 @@
-//! `quantize_fp8_blocks`: the CPU per-block FP8 kernel over Python buffers.
+//! The CPU per-block FP8 kernel, on two inputs: `quantize_fp8_blocks` over a Python buffer,
+//! `quantize_fp8_tensor` straight from a checkpoint's file.
 
-use normalize_core::dtype::Dtype;
 use normalize_core::fp8::{
-    quantize_blocks, BlockInput, BlockLayout, BlockOutput, ScaleFormat, SourceFloat,
+    quantize_blocks, quantize_tensor, BlockInput, BlockOutput, ScaleFormat, SourceFloat,
 };
+use normalize_core::stripes::{Input, TileLayout};
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
+use crate::buffers::{outputs_apart, Region};
+use crate::checkpoint::PyCheckpoint;
 use crate::errors::OrRaise;
 use crate::kinds;
 
-fn writable_region(buffer: &PyBuffer<u8>, what: &str) -> PyResult<(usize, usize)> {
-    if buffer.readonly() {
-        return Err(PyValueError::new_err(format!("{what} buffer is read-only")));
+/// How scales are rounded and stored, from the Python-side names.
+fn scale_format(scale_fmt: kinds::ScaleFormat, scale_dtype: kinds::ScaleDtype) -> ScaleFormat {
+    ScaleFormat {
+        ue8m0: scale_fmt == kinds::ScaleFormat::Ue8m0,
+        bf16: scale_dtype == kinds::ScaleDtype::Bfloat16,
     }
-    if !buffer.is_c_contiguous() {
-        return Err(PyValueError::new_err(format!(
-            "{what} buffer must be C-contiguous"
-        )));
-    }
-    Ok((buffer.buf_ptr() as usize, buffer.len_bytes()))
+}
+
+/// The checked `fp8_out` and `scale_out`, apart from each other and from `inputs`.
+fn output_regions(
+    fp8_out: &PyBuffer<u8>,
+    scale_out: &PyBuffer<u8>,
+    inputs: &[Region],
+) -> PyResult<[Region; 2]> {
+    outputs_apart([(fp8_out, "fp8_out"), (scale_out, "scale_out")], inputs)
 }
 
 /// Quantizes `input` (little-endian `dtype` elements: BF16, F16 or F32, laid out as `batch`
@@ -47,57 +55,67 @@ pub fn quantize_fp8_blocks(
     scale_dtype: kinds::ScaleDtype,
     threads: usize,
 ) -> PyResult<()> {
-    let source = match dtype.0 {
-        Dtype::BF16 => SourceFloat::BF16,
-        Dtype::F16 => SourceFloat::F16,
-        Dtype::F32 => SourceFloat::F32,
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "cannot quantize dtype {other}; expected BF16, F16 or F32"
-            )))
-        }
-    };
-    if !input.is_c_contiguous() {
-        return Err(PyValueError::new_err("input buffer must be C-contiguous"));
-    }
-    let (in_addr, in_len) = (input.buf_ptr() as usize, input.len_bytes());
-    let (q_addr, q_len) = writable_region(&fp8_out, "fp8_out")?;
-    let (s_addr, s_len) = writable_region(&scale_out, "scale_out")?;
-    let ranges = [(in_addr, in_len), (q_addr, q_len), (s_addr, s_len)];
-    for (i, a) in ranges.iter().enumerate() {
-        for b in &ranges[i + 1..] {
-            if a.1 > 0 && b.1 > 0 && a.0 < b.0 + b.1 && b.0 < a.0 + a.1 {
-                return Err(PyValueError::new_err("input and output buffers overlap"));
-            }
-        }
-    }
-    let layout = BlockLayout {
-        batch,
-        rows,
-        cols,
-        block,
-    };
-    let format = ScaleFormat {
-        ue8m0: scale_fmt == kinds::ScaleFormat::Ue8m0,
-        bf16: scale_dtype == kinds::ScaleDtype::Bfloat16,
-    };
+    let source = SourceFloat::of(dtype.0).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "cannot quantize dtype {}; expected BF16, F16 or F32",
+            dtype.0
+        ))
+    })?;
+    let input = Region::input(&input, "input")?;
+    let [q, s] = output_regions(&fp8_out, &scale_out, &[input])?;
+    let layout = TileLayout::square(batch, rows, cols, block);
     py.detach(|| {
         // SAFETY: the three PyBuffers keep their exporters' memory alive and unmoved until this
-        // function returns; the regions were checked not to overlap, outputs are writable.
-        let (input, q, s) = unsafe {
-            (
-                std::slice::from_raw_parts(in_addr as *const u8, in_len),
-                std::slice::from_raw_parts_mut(q_addr as *mut u8, q_len),
-                std::slice::from_raw_parts_mut(s_addr as *mut u8, s_len),
-            )
-        };
+        // function returns; the outputs were checked writable and apart from all else.
+        let (bytes, fp8, scales) = unsafe { (input.bytes(), q.bytes_mut(), s.bytes_mut()) };
         let input = BlockInput {
             tensor,
-            bytes: input,
+            bytes: Input::Memory(bytes),
             source,
             layout,
         };
-        quantize_blocks(input, format, BlockOutput { fp8: q, scales: s }, threads)
+        let output = BlockOutput { fp8, scales };
+        quantize_blocks(input, scale_format(scale_fmt, scale_dtype), output, threads)
+    })
+    .or_raise()
+}
+
+/// `quantize_fp8_blocks` on tensor `tensor` of `checkpoint`, read straight from its file stripe
+/// by stripe (never mapped, never copied whole): checked like `Checkpoint.view`, so a source
+/// that changes or shrinks meanwhile raises NormalizeError (kind "source_changed"). KeyError for
+/// a name the checkpoint lacks.
+#[pyfunction]
+#[pyo3(signature = (checkpoint, tensor, batch, rows, cols, fp8_out, scale_out, block = 128, scale_fmt = kinds::ScaleFormat::Float, scale_dtype = kinds::ScaleDtype::Float32, threads = 1))]
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_fp8_tensor(
+    py: Python<'_>,
+    checkpoint: &Bound<'_, PyCheckpoint>,
+    tensor: &str,
+    batch: usize,
+    rows: usize,
+    cols: usize,
+    fp8_out: PyBuffer<u8>,
+    scale_out: PyBuffer<u8>,
+    block: usize,
+    scale_fmt: kinds::ScaleFormat,
+    scale_dtype: kinds::ScaleDtype,
+    threads: usize,
+) -> PyResult<()> {
+    let checkpoint = checkpoint.get();
+    let entry = checkpoint.entry(tensor)?;
+    let [q, s] = output_regions(&fp8_out, &scale_out, &[])?;
+    let layout = TileLayout::square(batch, rows, cols, block);
+    py.detach(|| {
+        // SAFETY: the PyBuffers keep their exporters' memory alive and unmoved until this
+        // function returns; they were checked writable and apart.
+        let output = unsafe {
+            BlockOutput {
+                fp8: q.bytes_mut(),
+                scales: s.bytes_mut(),
+            }
+        };
+        let format = scale_format(scale_fmt, scale_dtype);
+        quantize_tensor(&checkpoint.inner, entry, layout, format, output, threads)
     })
     .or_raise()
 }

@@ -2,6 +2,7 @@
 //! Heavy work runs with the GIL released; every core error becomes `NormalizeError`.
 
 mod atomic_file;
+mod buffers;
 mod checkpoint;
 mod dequantize;
 mod errors;
@@ -37,7 +38,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(checkpoint::read_header, m)?)?;
     m.add_function(wrap_pyfunction!(plan::plan_shards, m)?)?;
     m.add_function(wrap_pyfunction!(fp8::quantize_fp8_blocks, m)?)?;
+    m.add_function(wrap_pyfunction!(fp8::quantize_fp8_tensor, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize::dequantize_fp8_blocks, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize::dequantize_fp8_tensor, m)?)?;
     m.add_function(wrap_pyfunction!(files::check_separate, m)?)?;
     m.add_function(wrap_pyfunction!(files::list_aux_files, m)?)?;
     m.add_function(wrap_pyfunction!(files::copy_aux_files, m)?)?;
