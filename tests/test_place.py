@@ -323,3 +323,27 @@ def test_pty_repack_offers_the_three_options(engine_checkpoint: Path, tmp_path: 
     child.close()
     assert child.exitstatus == 0
     assert read_output_bytes(tmp_path / "typed") == read_output_bytes(out)
+
+
+# --- placement after the conversions ----------------------------------------------------------
+
+
+def test_both_conversions_place_their_output_like_repack(tmp_path: Path) -> None:
+    """to-fp8 and to-bf16 take the same --place as repack and merge: the written weights are
+    copied to the named directory and the staging output stays intact."""
+    from normalize_core.sample import write_sample_checkpoint
+
+    source = write_sample_checkpoint(tmp_path / "engine")
+    fp8, fp8_final = tmp_path / "fp8", tmp_path / "fp8-final"
+    bf16, bf16_final = tmp_path / "bf16", tmp_path / "bf16-final"
+    runs = [
+        ["to-fp8", "-s", str(source), "-o", str(fp8), "--device", "cpu", "-q", "--place", str(fp8_final)],
+        ["to-bf16", "-s", str(fp8), "-o", str(bf16), "--device", "cpu", "-q", "--place", str(bf16_final)],
+    ]
+    for args, staging, final in zip(runs, (fp8, bf16), (fp8_final, bf16_final)):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert f"to {final}" in result.stdout
+        assert read_output_bytes(final) == read_output_bytes(staging)
+        assert json.loads((final / "config.json").read_text()) == json.loads((staging / "config.json").read_text())
+    assert "quantization_config" not in json.loads((bf16_final / "config.json").read_text())

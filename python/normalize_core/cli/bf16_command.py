@@ -17,11 +17,13 @@ from normalize_core.cli.app import (
     NoRepackOpt,
     OptionalOutputOpt,
     OverwriteOpt,
+    PlaceOpt,
     QuietOpt,
     RepackOpt,
     ResumeOpt,
     ShardGbOpt,
     SourceOpt,
+    YesOpt,
     app,
     check_dry_run_options,
     check_write_mode,
@@ -99,6 +101,8 @@ def to_bf16_command(
     resume: ResumeOpt = False,
     distributed: DistributedOpt = False,
     quiet: QuietOpt = False,
+    place: PlaceOpt = None,
+    yes: YesOpt = False,
 ) -> None:
     """Dequantize a block-FP8 checkpoint (DeepSeek-V3/R1, Kimi-K2, Qwen3-FP8, MiniMax-M2, to-fp8's
     output, llm-compressor FP8_BLOCK) back to bf16, e.g. to train from it.
@@ -112,6 +116,9 @@ def to_bf16_command(
     index gets the new total_size, and config.json loses its quantization_config. An FP8 weight
     without its scale, a scale without its weight, a scale of the wrong shape or an unknown
     quantization format stops the run before anything is written.
+
+    --output is a staging area: afterwards you choose (on a terminal, or with --place) whether
+    the weights stay there, are copied into --source, or are copied to another directory.
     """
     layout = repack_choice(repack, no_repack)
     if dtype not in ("bfloat16", "float16", "float32"):
@@ -121,10 +128,13 @@ def to_bf16_command(
     check_write_mode(overwrite, resume)
     from normalize_core._core import NormalizeError
     from normalize_core.bf16.convert import plan_bf16
+    from normalize_core.cli.placement import check_place_option, place_output
     from normalize_core.distributed import joined, run_everywhere
 
     try:
         with joined(distributed) as group:
+            if not dry_run:
+                check_place_option(place, output)
             bf16 = run_everywhere(group, lambda: plan_bf16(source, dtype=dtype, repack=layout, max_shard_bytes=limit))
             if dry_run:
                 if group.rank == 0:
@@ -135,6 +145,7 @@ def to_bf16_command(
         raise failed(e) from None
     if group.rank == 0:
         print_result(result, bf16)
+        place_output(result.output, source, place, yes, quiet=quiet, group=group)
 
 
 def print_dry_run(bf16, as_json: bool) -> None:

@@ -1,6 +1,6 @@
 """The placement step of the commands: where should the output go, and what placing it will do.
 
-``offer_placement`` runs after ``repack`` and ``to-fp8`` (``place_output`` for the commands): it
+``offer_placement`` runs after every command that writes weights (``place_output`` for them): it
 asks on a terminal (or follows ``--place``) whether the output stays where it was written, is
 copied into the source, or is copied to another directory. ``place_interactively`` lists what a
 placement would replace and which shards it leaves unreferenced, asks what it must, copies
