@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import normalize_core
+from normalize_core.cli.application import COMMAND_MODULES
 from normalize_core.sample import write_sample_checkpoint
 
 PACKAGE = Path(normalize_core.__file__).resolve().parent
@@ -114,3 +115,35 @@ def test_inspect_diff_verify_off_a_terminal_need_neither_rich_nor_torch(tmp_path
         loaded = modules_after_command(*args)
         assert "normalize_core.diff" in loaded or "normalize_core.report" in loaded, "the command ran"
         assert {m for m in loaded if m.split(".")[0] in ("rich", "torch", "numpy")} == set(), args
+
+
+def modules_after_main(*args: str) -> set[str]:
+    """Modules loaded after the console script ran ``normalize ARGS`` in a fresh interpreter."""
+    return modules_after(
+        f"import sys\nsys.argv = ['normalize', *{list(args)!r}]\nfrom normalize_core.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass"
+    )
+
+
+COMMAND_MODULE_NAMES = {f"normalize_core.cli.{module}" for module in COMMAND_MODULES.values()}
+
+
+def test_a_run_declares_only_the_command_it_names(tmp_path: Path) -> None:
+    sample = str(write_sample_checkpoint(tmp_path / "sample"))
+    for args, module in ((["inspect", sample], "checkpoint_commands"), (["diff", sample, sample], "merge_commands")):
+        loaded = modules_after_main(*args)
+        assert loaded & COMMAND_MODULE_NAMES == {f"normalize_core.cli.{module}"}, args
+    assert modules_after_main("--help") >= COMMAND_MODULE_NAMES, "the help lists every command"
+    assert modules_after_main("inspekt") >= COMMAND_MODULE_NAMES, "a misspelt command gets a suggestion"
+
+
+def test_every_command_is_in_the_registry_and_help_lists_them_in_its_order() -> None:
+    from typer.main import get_command
+
+    from normalize_core.cli import app
+
+    group = get_command(app)
+    assert sorted(group.commands) == sorted(COMMAND_MODULES), "a new command must be added to COMMAND_MODULES"
+    assert group.list_commands(None) == list(COMMAND_MODULES)
+    for name, module in COMMAND_MODULES.items():
+        assert group.commands[name].callback.__module__ == f"normalize_core.cli.{module}", name

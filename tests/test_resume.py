@@ -209,7 +209,7 @@ def test_resume_keeps_verified_shards_and_rewrites_the_rest(case: Case, referenc
     leave_unfinished(case, output, monkeypatch)
     shards = shard_names(output)
     assert len(shards) >= 6
-    missing, truncated, unmarked, kept = shards[0], shards[1], shards[2], shards[3:]
+    missing, truncated, unmarked, torn, kept = shards[0], shards[1], shards[2], shards[3], shards[4:]
     # Never finished: no marker, no file, but a temporary cut short by the kill.
     (output / missing).rename(output / f".{missing}.partial-4242")
     os.truncate(output / f".{missing}.partial-4242", 100)
@@ -218,9 +218,12 @@ def test_resume_keeps_verified_shards_and_rewrites_the_rest(case: Case, referenc
     # Full size and header, but no marker (renamed into place, killed before the marker): other
     # bytes, which must not survive.
     (output / DONE_DIR / unmarked).unlink()
-    data = bytearray((output / unmarked).read_bytes())
-    data[-1] ^= 0xFF
-    (output / unmarked).write_bytes(bytes(data))
+    # Its marker left empty (markers are not fsynced, so a crash can do that): the same.
+    (output / DONE_DIR / torn).write_bytes(b"")
+    for name in (unmarked, torn):
+        data = bytearray((output / name).read_bytes())
+        data[-1] ^= 0xFF
+        (output / name).write_bytes(bytes(data))
 
     result = case.api(output, resume=True)
 

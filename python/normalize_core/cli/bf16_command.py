@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from normalize_core.cli.app import (
+from normalize_core.cli.application import (
     ConversionJobsOpt,
     DeviceOpt,
     DistributedOpt,
@@ -74,7 +74,7 @@ def note_dropped_activation_scales(bf16) -> None:
         )
 
 
-@app.command("to-bf16")
+@app.command("to-bf16", short_help="Dequantize a block-FP8 checkpoint back to bf16.")
 def to_bf16_command(
     source: SourceOpt,
     output: OptionalOutputOpt = None,

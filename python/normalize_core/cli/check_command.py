@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from normalize_core.cli.app import PROBLEMS_FOUND, app, fail
+from normalize_core.cli.application import PROBLEMS_FOUND, app, fail
 from normalize_core.cli.console import print_finding, say, write_line
 from normalize_core.words import plural
 
@@ -53,7 +53,7 @@ def _summary(report) -> str:
     return "; ".join(parts)
 
 
-@app.command("check")
+@app.command("check", short_help="Predict whether vLLM or SGLang load it at each TP size.")
 def check_command(
     directory: Annotated[Path, typer.Argument(help="Checkpoint directory (block-FP8, or unquantized).")],
     tp: Annotated[

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from normalize_core.cli.app import (
+from normalize_core.cli.application import (
     ConversionJobsOpt,
     DeviceOpt,
     DistributedOpt,

@@ -16,7 +16,7 @@ from pathlib import Path
 import typer
 
 from normalize_core._core import INDEX_FILE, SINGLE_FILE, NormalizeError
-from normalize_core.cli.app import fail
+from normalize_core.cli.application import fail
 from normalize_core.cli.console import say
 from normalize_core.cli.progress import byte_progress
 from normalize_core.place import (

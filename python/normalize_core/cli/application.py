@@ -25,6 +25,20 @@ from typer.core import TyperGroup
 
 from normalize_core.cli.console import print_finding, say
 
+#: Every command, in the order ``normalize --help`` lists them, and the module that declares it.
+COMMAND_MODULES = {
+    "repack": "checkpoint_commands",
+    "to-fp8": "fp8_command",
+    "to-bf16": "bf16_command",
+    "merge": "merge_commands",
+    "check": "check_command",
+    "diff": "merge_commands",
+    "place": "merge_commands",
+    "inspect": "checkpoint_commands",
+    "verify": "checkpoint_commands",
+    "demo": "checkpoint_commands",
+}
+
 #: Exit status: done, every check holds.
 OK = 0
 #: Exit status: checked and found problems.
@@ -65,6 +79,10 @@ def print_warning(message, category, filename, lineno, file=None, line=None) -> 
 class NormalizeGroup(TyperGroup):
     """The ``normalize`` command group: runs a command and turns every way it can end into an
     exit status and, for errors, one ``error:`` line (see the module docstring)."""
+
+    def list_commands(self, ctx) -> list[str]:
+        order = list(COMMAND_MODULES)
+        return sorted(super().list_commands(ctx), key=lambda name: (order.index(name), name))
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra: Any):
         if not standalone_mode:
