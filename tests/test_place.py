@@ -340,7 +340,7 @@ def test_both_conversions_place_their_output_like_repack(tmp_path: Path) -> None
         ["to-fp8", "-s", str(source), "-o", str(fp8), "--device", "cpu", "-q", "--place", str(fp8_final)],
         ["to-bf16", "-s", str(fp8), "-o", str(bf16), "--device", "cpu", "-q", "--place", str(bf16_final)],
     ]
-    for args, staging, final in zip(runs, (fp8, bf16), (fp8_final, bf16_final)):
+    for args, staging, final in zip(runs, (fp8, bf16), (fp8_final, bf16_final), strict=True):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
         assert f"to {final}" in result.stdout
