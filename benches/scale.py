@@ -12,7 +12,9 @@ output deleted between runs:
   timed against a full run.
 
 After one untimed run (the source written back and in the page cache), prints the median of
-``--rounds`` runs of each and the ratios to the one-process run.
+``--rounds`` runs of each, wall and CPU (user + system of every process the run started, so
+writeback noise on a shared disk shows as the gap between them), and the ratios to the
+one-process run.
 
     python benches/scale.py [--size-gib 2] [--rounds 3] [--workdir DIR]
     python benches/scale.py --size-gib 0.05 --rounds 1      # a quick check
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -74,22 +77,33 @@ def torchrun(ranks: int, command: list[str]) -> list[str]:
     return [*launcher, *command[1:]]
 
 
-def timed(command: list[str], output: Path) -> float:
-    """Seconds for ``command`` and a ``sync``; the output is removed afterwards."""
-    started = time.perf_counter()
+def children_cpu() -> float:
+    """User + system seconds of every child process waited for so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(command: list[str], output: Path) -> tuple[float, float]:
+    """(wall, CPU) seconds for ``command`` and a ``sync``; the output is removed afterwards."""
+    started, cpu = time.perf_counter(), children_cpu()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     subprocess.run(["sync"], check=True)
-    elapsed = time.perf_counter() - started
+    elapsed = time.perf_counter() - started, children_cpu() - cpu
     shutil.rmtree(output)
     return elapsed
 
 
-def resume_at_half(command: list[str], output: Path) -> float:
+def marked_done(output: Path) -> int:
+    """Shards the run has marked finished (a marker still being written has a hidden name)."""
+    markers = output / DONE_DIR
+    return sum(not name.startswith(".") for name in os.listdir(markers)) if markers.exists() else 0
+
+
+def resume_at_half(command: list[str], output: Path) -> tuple[float, float]:
     """Kills ``command`` once half the shards are marked done, then times ``--resume`` and a sync."""
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     while process.poll() is None:
-        done = len(os.listdir(output / DONE_DIR)) if (output / DONE_DIR).exists() else 0
-        if done >= SHARDS // 2:
+        if marked_done(output) >= SHARDS // 2:
             process.send_signal(signal.SIGKILL)
             break
         time.sleep(0.001)
@@ -119,18 +133,24 @@ def main() -> None:
             "torchrun, 2 ranks": torchrun(2, one),
             "--jobs 2": [*one, "--jobs", "2"],
         }
-        times: dict[str, list[float]] = {name: [] for name in [*runs, "resume at 50 %"]}
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in [*runs, "resume at 50 %"]}
         for _ in range(args.rounds):
             for name, command in runs.items():
                 times[name].append(timed(command, output))
             times["resume at 50 %"].append(resume_at_half(one, output))
         print(f"to-fp8 of {size / GIB:.2f} GiB in {SHARDS} shards, {os.cpu_count()} cores, {args.rounds} rounds")
-        base = statistics.median(times["1 process"])
-        for name, samples in times.items():
-            median = statistics.median(samples)
-            print(f"  {name:<18} {median:7.2f} s  {size / median / GIB:6.2f} GiB/s  ×{base / median:.2f} vs 1 process")
-        resume = statistics.median(times["resume at 50 %"])
-        print(f"  finishing a run killed at 50 % takes {resume / base:.0%} of a full run")
+        medians = {name: [statistics.median(c) for c in zip(*samples, strict=True)] for name, samples in times.items()}
+        base_wall, base_cpu = medians["1 process"]
+        for name, (wall, cpu) in medians.items():
+            print(
+                f"  {name:<18} {wall:7.2f} s wall {size / wall / GIB:6.2f} GiB/s  ×{base_wall / wall:.2f} vs 1 process"
+                f"   {cpu:6.2f} s CPU  ×{base_cpu / cpu:.2f}"
+            )
+        wall, cpu = medians["resume at 50 %"]
+        print(
+            f"  finishing a run killed at 50 % takes {wall / base_wall:.0%} of a full run's wall time, "
+            f"{cpu / base_cpu:.0%} of its CPU time"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
