@@ -12,9 +12,9 @@ output deleted between runs:
   timed against a full run.
 
 After one untimed run (the source written back and in the page cache), prints the median of
-``--rounds`` runs of each, wall and CPU (user + system of every process the run started, so
-writeback noise on a shared disk shows as the gap between them), and the ratios to the
-one-process run.
+``--rounds`` runs of each: wall time, user CPU time (the work: every process the run started) and
+system CPU time (page cache and writeback, which swing by 2x on a shared VM disk), and the
+ratios to the one-process run.
 
     python benches/scale.py [--size-gib 2] [--rounds 3] [--workdir DIR]
     python benches/scale.py --size-gib 0.05 --rounds 1      # a quick check
@@ -77,20 +77,20 @@ def torchrun(ranks: int, command: list[str]) -> list[str]:
     return [*launcher, *command[1:]]
 
 
-def children_cpu() -> float:
-    """User + system seconds of every child process waited for so far."""
+def children_cpu() -> tuple[float, float]:
+    """(user, system) CPU seconds of every child process waited for so far."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+    return usage.ru_utime, usage.ru_stime
 
 
-def timed(command: list[str], output: Path) -> tuple[float, float]:
-    """(wall, CPU) seconds for ``command`` and a ``sync``; the output is removed afterwards."""
-    started, cpu = time.perf_counter(), children_cpu()
+def timed(command: list[str], output: Path) -> tuple[float, float, float]:
+    """(wall, user, system) seconds for ``command`` and a ``sync``; the output is removed afterwards."""
+    started, (user, system) = time.perf_counter(), children_cpu()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     subprocess.run(["sync"], check=True)
-    elapsed = time.perf_counter() - started, children_cpu() - cpu
+    wall, (user_after, system_after) = time.perf_counter() - started, children_cpu()
     shutil.rmtree(output)
-    return elapsed
+    return wall, user_after - user, system_after - system
 
 
 def marked_done(output: Path) -> int:
@@ -99,7 +99,7 @@ def marked_done(output: Path) -> int:
     return sum(not name.startswith(".") for name in os.listdir(markers)) if markers.exists() else 0
 
 
-def resume_at_half(command: list[str], output: Path) -> tuple[float, float]:
+def resume_at_half(command: list[str], output: Path) -> tuple[float, float, float]:
     """Kills ``command`` once half the shards are marked done, then times ``--resume`` and a sync."""
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     while process.poll() is None:
@@ -133,23 +133,23 @@ def main() -> None:
             "torchrun, 2 ranks": torchrun(2, one),
             "--jobs 2": [*one, "--jobs", "2"],
         }
-        times: dict[str, list[tuple[float, float]]] = {name: [] for name in [*runs, "resume at 50 %"]}
+        times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in [*runs, "resume at 50 %"]}
         for _ in range(args.rounds):
             for name, command in runs.items():
                 times[name].append(timed(command, output))
             times["resume at 50 %"].append(resume_at_half(one, output))
         print(f"to-fp8 of {size / GIB:.2f} GiB in {SHARDS} shards, {os.cpu_count()} cores, {args.rounds} rounds")
         medians = {name: [statistics.median(c) for c in zip(*samples, strict=True)] for name, samples in times.items()}
-        base_wall, base_cpu = medians["1 process"]
-        for name, (wall, cpu) in medians.items():
+        base_wall, base_user, _ = medians["1 process"]
+        for name, (wall, user, system) in medians.items():
             print(
-                f"  {name:<18} {wall:7.2f} s wall {size / wall / GIB:6.2f} GiB/s  ×{base_wall / wall:.2f} vs 1 process"
-                f"   {cpu:6.2f} s CPU  ×{base_cpu / cpu:.2f}"
+                f"  {name:<18} {wall:6.2f} s wall  {size / wall / GIB:5.2f} GiB/s  ×{base_wall / wall:.2f} vs 1 process"
+                f"  | CPU {user:5.2f} s user ×{base_user / user:.2f}, {system:5.2f} s system"
             )
-        wall, cpu = medians["resume at 50 %"]
+        wall, user, _ = medians["resume at 50 %"]
         print(
             f"  finishing a run killed at 50 % takes {wall / base_wall:.0%} of a full run's wall time, "
-            f"{cpu / base_cpu:.0%} of its CPU time"
+            f"{user / base_user:.0%} of its user CPU time"
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
