@@ -16,7 +16,6 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, Protocol, TypeVar
 
 from normalize_core._core import NormalizeError
@@ -25,10 +24,10 @@ from normalize_core.errors import normalize_error
 #: What every rank's environment must name (torchrun sets all of them).
 REQUIRED_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 #: How long ranks wait to find each other at the start.
-JOIN_TIMEOUT = timedelta(minutes=10)
+JOIN_TIMEOUT_S = 10 * 60
 #: How long a rank that finished its shards waits for the slowest one: ranks hold byte-balanced
 #: shares, and a rank that dies closes its connections, which ends the wait at once.
-WAIT_TIMEOUT = timedelta(hours=24)
+WAIT_TIMEOUT_S = 24 * 3600
 
 T = TypeVar("T")
 
@@ -123,6 +122,8 @@ def joined(enabled: bool) -> Iterator[Group]:
             f"--distributed needs {', '.join(missing)} in the environment (torchrun sets them; "
             "so does python -m torch.distributed.run)",
         )
+    from datetime import timedelta
+
     try:
         import torch.distributed as dist
     except ImportError:
@@ -134,10 +135,10 @@ def joined(enabled: bool) -> Iterator[Group]:
 
     owned = not dist.is_initialized()
     if owned:
-        dist.init_process_group("gloo", timeout=JOIN_TIMEOUT)
+        dist.init_process_group("gloo", timeout=timedelta(seconds=JOIN_TIMEOUT_S))
     # A group of our own: the waits need a longer timeout than joining, and a caller's default
     # group may use a backend (NCCL) that carries no Python objects between CPUs.
-    group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=WAIT_TIMEOUT_S))
     try:
         yield TorchGroup(dist, group)
     finally:

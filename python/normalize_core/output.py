@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from normalize_core._core import (
     INDEX_FILE,
@@ -67,9 +68,11 @@ from normalize_core.run_record import (
     verified_done,
     write_record,
 )
-from normalize_core.shard_filling import Advance, ComputedTensors, ShardFiller, write_filled_shards
 
-__all__ = ["Advance", "ComputedTensors", "RunSpec", "ShardFiller", "WriteResult", "write_output"]
+if TYPE_CHECKING:
+    from normalize_core.shard_filling import Advance, ShardFiller
+
+__all__ = ["RunSpec", "WriteResult", "write_output"]
 
 
 @dataclass
@@ -282,6 +285,8 @@ class OutputRun:
                 shards=shards,
                 on_shard_done=self.shard_finished,
             )
+        from normalize_core.shard_filling import write_filled_shards  # its thread pool: conversions only
+
         write_filled_shards(self.plan, self.output, shards, fill, jobs, advance, self.shard_finished)
         return {"linked": 0, "link_fallbacks": []}
 

@@ -17,7 +17,6 @@ import errno
 import fcntl
 import json
 import os
-import socket
 import stat
 import time
 import warnings
@@ -138,7 +137,7 @@ def _holder(fd: int) -> str:
         try:
             owner = json.loads(os.pread(fd, 4096, 0))
             described = f"normalize {owner['command']}, pid {owner['pid']} on {owner['host']}, since {owner['started']}"
-            if owner["host"] != socket.gethostname() or process_runs(int(owner["pid"])):
+            if owner["host"] != os.uname().nodename or process_runs(int(owner["pid"])):
                 return described
         except (OSError, ValueError, KeyError, TypeError):
             pass

@@ -8,14 +8,13 @@ killed one (take over, or clean up after it).
 from __future__ import annotations
 
 import os
-import socket
 import time
 from typing import Any
 
 
 def this_process() -> dict[str, Any]:
     """``{"pid", "host", "started"}`` of this process, ``started`` being now."""
-    return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    return {"pid": os.getpid(), "host": os.uname().nodename, "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
 
 
 def process_runs(pid: int) -> bool:

@@ -21,7 +21,6 @@ import errno
 import hashlib
 import json
 import os
-import secrets
 import shutil
 import stat
 from collections.abc import Mapping, Sequence
@@ -173,7 +172,7 @@ def describe_run(spec: RunSpec, plan: OutputPlan, shards: Sequence[ShardPlan]) -
         for i, s in enumerate(shards)
     ]
     return RunRecord(
-        spec.command, __version__, dict(spec.options), sources, planned, secrets.token_hex(8), this_process()
+        spec.command, __version__, dict(spec.options), sources, planned, os.urandom(8).hex(), this_process()
     )
 
 
