@@ -133,7 +133,8 @@ def test_a_run_declares_only_the_command_it_names(tmp_path: Path) -> None:
     for args, module in ((["inspect", sample], "checkpoint_commands"), (["diff", sample, sample], "merge_commands")):
         loaded = modules_after_main(*args)
         assert loaded & COMMAND_MODULE_NAMES == {f"normalize_core.cli.{module}"}, args
-    assert modules_after_main("--help") >= COMMAND_MODULE_NAMES, "the help lists every command"
+    for args in (["--help"], ["--help", "inspect"], []):
+        assert modules_after_main(*args) >= COMMAND_MODULE_NAMES, f"{args}: the help lists every command"
     assert modules_after_main("inspekt") >= COMMAND_MODULE_NAMES, "a misspelt command gets a suggestion"
 
 

@@ -26,10 +26,9 @@ def register_commands(names: list[str] | None = None):
 
 
 def named_command(args: list[str]) -> list[str] | None:
-    """The command a command line runs (its first argument that is not an option; the app's own
-    options take no value), or None when it names none (``normalize --help``)."""
-    name = next((arg for arg in args if not arg.startswith("-")), None)
-    return None if name is None else [name]
+    """The command a command line runs when it starts with one, or None (``normalize --help``,
+    ``normalize --help merge``: the app's own options list every command)."""
+    return args[:1] if args and not args[0].startswith("-") else None
 
 
 def main() -> None:
