@@ -9,7 +9,9 @@ Exit status, for every command:
   traceback (tracebacks are for bugs).
 
 Command modules import only what declaring their options needs; the library and rich are
-imported inside the command bodies, so ``normalize --help`` starts fast.
+imported inside the command bodies, so ``normalize --help`` starts fast. They do not use
+``from __future__ import annotations``: typer would evaluate every annotation string again when
+it builds the command line, half of that build's time.
 """
 
 from __future__ import annotations

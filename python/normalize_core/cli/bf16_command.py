@@ -1,8 +1,6 @@
 """``to-bf16``: dequantize a block-FP8 checkpoint back to bf16 (or float16/float32). torch is imported
 only for a GPU run; the library code only when the command runs."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 from typing import Annotated

@@ -1,7 +1,5 @@
 """``check``: the TP sizes at which vLLM or SGLang load a checkpoint, and why the others fail. No torch."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 from typing import Annotated

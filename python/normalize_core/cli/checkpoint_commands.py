@@ -1,7 +1,5 @@
 """``repack``, ``inspect``, ``verify`` and ``demo``: commands that need no torch."""
 
-from __future__ import annotations
-
 import json
 import os
 from pathlib import Path

@@ -1,8 +1,6 @@
 """``to-fp8``: convert a bf16/fp16/fp32 checkpoint to per-block FP8. torch is imported only for a
 GPU run; the library code only when the command runs."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 from typing import Annotated

@@ -1,7 +1,5 @@
 """``diff``, ``merge`` and ``place``: combining checkpoints and moving a finished output to its home."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 from typing import Annotated
