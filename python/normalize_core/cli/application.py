@@ -48,8 +48,8 @@ PROBLEMS_FOUND = 1
 #: Exit status: usage or input error (one line on stderr).
 USER_ERROR = 2
 
-#: click's exception types as typer ships them (vendored inside typer since 0.29, the click
-#: package before): usage errors are caught here rather than printed in a box.
+#: click's exception types as typer ships them (vendored inside typer in recent releases, the
+#: click package in older ones): usage errors are caught here rather than printed in a box.
 _click_exceptions = importlib.import_module(typer.BadParameter.__module__)
 
 
