@@ -36,7 +36,6 @@ from normalize_core._core import (
     ShardPlan,
     __version__,
     sync_dir,
-    temp_path_for,
     write_atomically,
 )
 from normalize_core.errors import normalize_error
@@ -264,12 +263,8 @@ def mark_done(output: Path, record: RunRecord, shard: int) -> None:
     the directory after each rename), so a marker never outlives the rename it stands for. It is
     not fsynced: a marker lost or left empty by a crash reads as none (``verified_done``) and costs
     only that shard's rewrite, while a sync per shard costs a journal commit each."""
-    marker = output / DONE_DIR / record.shards[shard]["file"]
-    temporary = temp_path_for(marker)
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "wb") as file:
-        file.write(json.dumps(_marker(record, shard)).encode())
-    os.replace(temporary, marker)
+    marker = json.dumps(_marker(record, shard)).encode()
+    write_atomically(output / DONE_DIR / record.shards[shard]["file"], marker, sync=False)
 
 
 def unmark(output: Path, record: RunRecord, shard: int) -> None:

@@ -82,8 +82,19 @@ impl AtomicFile {
     }
 
     /// Flushes the data to disk and gives the file its final name.
-    pub fn commit(mut self) -> Result<()> {
+    pub fn commit(self) -> Result<()> {
         self.file.sync_all().map_err(|e| Error::io(&self.dest, e))?;
+        self.rename()
+    }
+
+    /// Gives the file its final name without flushing it first: after a crash the name may be
+    /// missing or hold an empty file, never another file's bytes. For files whose loss only
+    /// costs redoing what they record.
+    pub fn commit_unsynced(self) -> Result<()> {
+        self.rename()
+    }
+
+    fn rename(mut self) -> Result<()> {
         rustix::fs::renameat(&self.dir, &self.temp_name, &self.dir, &self.name)
             .map_err(|e| Error::io(&self.dest, e.into()))?;
         self.committed = true;
@@ -142,11 +153,21 @@ pub fn temp_path_for(dest: &Path) -> PathBuf {
 
 /// Writes `bytes` to `dest` atomically.
 pub fn write_atomically(dest: &Path, bytes: &[u8]) -> Result<()> {
+    written_temporary(dest, bytes)?.commit()
+}
+
+/// Writes `bytes` to `dest` as [`write_atomically`] does, but without an fsync (see
+/// [`AtomicFile::commit_unsynced`]).
+pub fn write_atomically_unsynced(dest: &Path, bytes: &[u8]) -> Result<()> {
+    written_temporary(dest, bytes)?.commit_unsynced()
+}
+
+fn written_temporary(dest: &Path, bytes: &[u8]) -> Result<AtomicFile> {
     use std::io::Write;
     let atomic = AtomicFile::create(dest)?;
     let mut file = atomic.file();
     file.write_all(bytes).map_err(|e| Error::io(dest, e))?;
-    atomic.commit()
+    Ok(atomic)
 }
 
 /// Makes renames inside `dir` durable.
@@ -195,6 +216,15 @@ mod tests {
             .file_type()
             .is_symlink());
         assert_eq!(std::fs::read(&dest).unwrap(), b"new");
+        assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
+
+        // The same without the fsync.
+        std::fs::remove_file(&dest).unwrap();
+        std::os::unix::fs::symlink(&outside, &dest).unwrap();
+        std::os::unix::fs::symlink(&outside, temp_path_for(&dest)).unwrap();
+        write_atomically_unsynced(&dest, b"newer").unwrap();
+        assert_eq!(std::fs::read(&outside).unwrap(), b"precious");
+        assert_eq!(std::fs::read(&dest).unwrap(), b"newer");
         assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
     }
 

@@ -8,11 +8,19 @@ use pyo3::prelude::*;
 use crate::errors::OrRaise;
 
 /// Writes `data` to `path` so that it appears only when complete: written under
-/// `temp_path_for(path)`, fsynced, then renamed over `path`.
+/// `temp_path_for(path)`, fsynced (unless `sync` is false: then a crash may leave `path` missing
+/// or empty), then renamed over `path`.
 #[pyfunction]
-pub fn write_atomically(py: Python<'_>, path: PathBuf, data: &[u8]) -> PyResult<()> {
-    py.detach(|| atomic_file::write_atomically(&path, data))
-        .or_raise()
+#[pyo3(signature = (path, data, sync = true))]
+pub fn write_atomically(py: Python<'_>, path: PathBuf, data: &[u8], sync: bool) -> PyResult<()> {
+    py.detach(|| {
+        if sync {
+            atomic_file::write_atomically(&path, data)
+        } else {
+            atomic_file::write_atomically_unsynced(&path, data)
+        }
+    })
+    .or_raise()
 }
 
 /// Makes the renames inside directory `path` durable (fsync of the directory).
