@@ -13,22 +13,21 @@ import warnings
 from normalize_core.cli.application import COMMAND_MODULES, print_warning
 
 
-def register_commands(names: list[str] | None = None):
-    """Imports the modules declaring ``names`` (every command when None or when a name is not a
-    command, so typer can suggest the right one) and returns the typer app."""
-    if names is None or not set(names) <= COMMAND_MODULES.keys():
-        names = list(COMMAND_MODULES)
-    for name in names:
-        importlib.import_module(f"{__name__}.{COMMAND_MODULES[name]}")
+def register_commands(name: str | None = None):
+    """Imports the module declaring command ``name`` (every command's when None or when ``name``
+    is not a command, so typer can suggest the right one) and returns the typer app."""
+    modules = [COMMAND_MODULES[name]] if name in COMMAND_MODULES else dict.fromkeys(COMMAND_MODULES.values())
+    for module in modules:
+        importlib.import_module(f"{__name__}.{module}")
     from normalize_core.cli.application import app
 
     return app
 
 
-def named_command(args: list[str]) -> list[str] | None:
+def named_command(args: list[str]) -> str | None:
     """The command a command line runs when it starts with one, or None (``normalize --help``,
     ``normalize --help merge``: the app's own options list every command)."""
-    return args[:1] if args and not args[0].startswith("-") else None
+    return args[0] if args and not args[0].startswith("-") else None
 
 
 def main() -> None:

@@ -83,8 +83,7 @@ class NormalizeGroup(TyperGroup):
     exit status and, for errors, one ``error:`` line (see the module docstring)."""
 
     def list_commands(self, ctx) -> list[str]:
-        order = list(COMMAND_MODULES)
-        return sorted(super().list_commands(ctx), key=lambda name: (order.index(name), name))
+        return sorted(super().list_commands(ctx), key=list(COMMAND_MODULES).index)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra: Any):
         if not standalone_mode:
