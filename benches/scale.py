@@ -34,9 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from normalize_core.run_record import DONE_DIR
+
 GIB = 1 << 30
 SHARDS = 16
-DONE_DIR = ".normalize-run.done"
 
 
 def write_source(directory: Path, size_gib: float) -> int:
