@@ -158,8 +158,10 @@ def test_killed_at_random_moments_resumes_to_identical_output(command: str, tmp_
     case.api(tmp_path / "reference")
     reference = tree_bytes(tmp_path / "reference")
     sources = {str(s): snapshot(s) for s in case.sources}
-    budget = write_time(case, tmp_path / "timed", forkserver)
-    assert tree_bytes(tmp_path / "timed") == reference
+    # The fastest of three runs: one slowed by writeback would push every kill towards the end.
+    budget = min(write_time(case, tmp_path / f"timed-{i}", forkserver) for i in range(3))
+    for i in range(3):
+        assert tree_bytes(tmp_path / f"timed-{i}") == reference
     planned = len([name for name in reference if name.endswith(".safetensors")])
     rng = random.Random(f"kill-{case.command}")
     interrupted, shards_done = 0, set()
