@@ -16,8 +16,11 @@ use rustix::io::Errno;
 use crate::error::{Error, Result};
 use crate::regular_file::read_exact_at;
 
-/// Bytes moved per system call; also the granularity of progress reports.
-const COPY_CHUNK: u64 = 64 << 20;
+/// Bytes moved per system call, each followed by a request to start writing them back: small
+/// enough that the disk writes one chunk while the next is copied (with 64 MiB chunks, a 64 MiB
+/// shard's whole flush waited for its fsync, a quarter more time on a 0.25 GiB merge), large
+/// enough that the calls cost nothing. Also the granularity of progress reports.
+const COPY_CHUNK: u64 = 8 << 20;
 
 /// Size of the buffer used when the kernel cannot copy.
 const FALLBACK_BUFFER: u64 = 8 << 20;
