@@ -1,7 +1,8 @@
-"""The core's index reader and atomic writes, as the binding exposes them to Python code."""
+"""The core's index reader, atomic writes and digests, as the binding exposes them to Python code."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from normalize_core import NormalizeError
-from normalize_core._core import INDEX_FILE, read_index, sync_dir, temp_path_for, write_atomically
+from normalize_core._core import INDEX_FILE, read_index, sha256_hex, sync_dir, temp_path_for, write_atomically
 from normalize_core.fp8.config import write_quantized_config
 
 
@@ -72,3 +73,10 @@ def test_the_quantized_config_is_written_atomically(tmp_path: Path) -> None:
         "quantization_config": {"quant_method": "fp8"},
     }
     assert os.listdir(output.parent) == ["config.json"]
+
+
+@pytest.mark.parametrize("size", [0, 1, 55, 56, 64, 65, 4096, 1 << 20])
+def test_sha256_hex_is_the_standard_sha256(size: int) -> None:
+    """Run records written before the digest moved to Rust (hashlib's) stay comparable."""
+    data = os.urandom(size)
+    assert sha256_hex(data) == hashlib.sha256(data).hexdigest()

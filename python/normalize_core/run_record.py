@@ -18,7 +18,6 @@ without its size, header or modification time changing is not noticed.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -35,6 +34,7 @@ from normalize_core._core import (
     OutputPlan,
     ShardPlan,
     __version__,
+    sha256_hex,
     sync_dir,
     write_atomically,
 )
@@ -88,7 +88,7 @@ class RunRecord:
     def fingerprint(self) -> str:
         """A digest of the identity (what the ranks of a distributed run compare)."""
         canonical = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        return sha256_hex(canonical.encode())
 
     def to_json(self) -> bytes:
         body = {"record": RECORD_FORMAT, "run_id": self.run_id, "owner": self.owner, **self.identity()}
@@ -167,7 +167,7 @@ def describe_run(spec: RunSpec, plan: OutputPlan, shards: Sequence[ShardPlan]) -
         for checkpoint in spec.checkpoints
     ]
     planned = [
-        {"file": s.file_name, "size": s.file_len, "header_sha256": hashlib.sha256(plan.shard_header(i)).hexdigest()}
+        {"file": s.file_name, "size": s.file_len, "header_sha256": sha256_hex(plan.shard_header(i))}
         for i, s in enumerate(shards)
     ]
     return RunRecord(
@@ -192,7 +192,7 @@ def _header_digest(fd: int, size: int) -> str:
     prefix = os.pread(fd, LEN_PREFIX, 0)
     header_len = int.from_bytes(prefix, "little") if len(prefix) == LEN_PREFIX else 0
     length = min(header_len, MAX_HEADER_LEN, max(0, size - LEN_PREFIX))
-    return hashlib.sha256(prefix + os.pread(fd, length, LEN_PREFIX)).hexdigest()
+    return sha256_hex(prefix + os.pread(fd, length, LEN_PREFIX))
 
 
 def read_record(output: Path) -> RunRecord | None:

@@ -15,7 +15,6 @@ On the CPU the Rust kernel dequantizes and torch is not imported; on a GPU, torc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from normalize_core._core import Checkpoint, OutputPlan, PlanBuilder, TensorEntry
+from normalize_core._core import Checkpoint, OutputPlan, PlanBuilder, TensorEntry, sha256_hex
 from normalize_core.bf16.dequantizers import OUTPUT_DTYPE_NAMES, dequantizer_for
 from normalize_core.bf16.formats import (
     CONFIG_KEYS,
@@ -232,7 +231,7 @@ def run_options(bf16: Bf16Plan) -> dict[str, object]:
     return {
         "dtype": bf16.dtype,
         "block": list(bf16.format.block),
-        "config_sha256": hashlib.sha256(config).hexdigest(),
+        "config_sha256": sha256_hex(config),
         "repack": bf16.repacked,
         "max_shard_bytes": bf16.max_shard_bytes if bf16.repacked else None,
     }

@@ -15,13 +15,12 @@ On the CPU the Rust kernel quantizes, and torch is not even imported; on a GPU, 
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from normalize_core._core import Checkpoint, OutputPlan, PlanBuilder, TensorEntry
+from normalize_core._core import Checkpoint, OutputPlan, PlanBuilder, TensorEntry, sha256_hex
 from normalize_core.config_file import CONFIG_FILE, read_config
 from normalize_core.conversion import ConversionResult, pack, repack_by_default, write_converted
 from normalize_core.distributed import SOLO, Group, joined, run_everywhere
@@ -331,7 +330,7 @@ def run_options(fp8: Fp8Plan) -> dict[str, object]:
     format (same shapes, other values), and, to name the cause, the other scale settings, the
     layout and which tensors become FP8."""
     quantized = sorted(fp8.layouts)
-    digest = hashlib.sha256("\n".join(quantized).encode()).hexdigest()[:16]
+    digest = sha256_hex("\n".join(quantized).encode())[:16]
     return {
         "scale_fmt": str(fp8.scale_fmt),
         "scale_dtype": str(fp8.scale_dtype),

@@ -5,6 +5,7 @@ mod atomic_file;
 mod buffers;
 mod checkpoint;
 mod dequantize;
+mod digest;
 mod errors;
 mod files;
 mod fp8;
@@ -54,6 +55,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(index::read_index, m)?)?;
     m.add_function(wrap_pyfunction!(atomic_file::write_atomically, m)?)?;
     m.add_function(wrap_pyfunction!(atomic_file::sync_dir, m)?)?;
+    m.add_function(wrap_pyfunction!(digest::sha256_hex, m)?)?;
     m.add_function(wrap_pyfunction!(atomic_file::temp_path_for, m)?)?;
     m.add_function(wrap_pyfunction!(regular_file::read_regular_file, m)?)?;
     m.add_function(wrap_pyfunction!(regular_file::files_equal, m)?)?;
