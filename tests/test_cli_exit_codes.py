@@ -5,6 +5,7 @@ issue found are run as real processes; the rest in-process through the same entr
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,26 @@ def test_a_prompt_left_without_an_answer_is_one_line_and_exit_2(tmp_path: Path, 
     result = invoke("repack", "-s", str(source), "-o", str(tmp_path / "out"))
     assert result.returncode == 2, result.stdout
     assert one_error_line(result) == "error: aborted: no answer to the question"
+
+
+@pytest.mark.parametrize(
+    ("command", "status"),
+    [
+        (["diff", "{standard}", "{engine}", "--json"], 0),
+        (["inspect", "{engine}"], 1),
+        (["inspect", "{missing}"], 2),
+    ],
+)
+def test_the_console_entry_point_keeps_every_status_and_every_line(
+    command: list[str], status: int, standard_checkpoint: Path, engine_checkpoint: Path, tmp_path: Path
+) -> None:
+    """``run`` (the console script, ``python -m normalize_core``) ends the process without the
+    interpreter's teardown: the status and all the output, block-buffered on a pipe, must still
+    come out as ``main`` gives them in-process."""
+    paths = {"standard": standard_checkpoint, "engine": engine_checkpoint, "missing": tmp_path / "missing"}
+    args = [arg.format(**paths) for arg in command]
+    buffered = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    child, in_process = run_normalize(*args, env=buffered), invoke(*args)
+    assert child.returncode == in_process.returncode == status, child.stderr
+    assert child.stdout == in_process.stdout and child.stdout.count("\n") >= (1 if status < 2 else 0)
+    assert child.stderr == in_process.stderr
