@@ -48,7 +48,7 @@ MAX_RSS_MIB = 100
 GNU_TIME = "/usr/bin/time"
 
 #: Runs the installed CLI with this interpreter.
-NORMALIZE = [sys.executable, "-c", "import sys; from normalize_core.cli import main; sys.exit(main())"]
+NORMALIZE = [sys.executable, "-c", "from normalize_core.cli import run; run()"]
 
 
 def model_shapes(size_bytes: int) -> list[tuple[str, list[int]]]:

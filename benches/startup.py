@@ -1,19 +1,21 @@
 """Benchmark: how long ``normalize`` takes to start, and merge against ``cp`` + ``sync``.
 
 Start-up: wall time (fastest and median of ``--runs`` runs) of a bare ``python -c pass``,
-``import normalize_core``, ``normalize --help``, ``normalize inspect`` and ``normalize diff`` on
+``import normalize_core``, ``normalize --help``, ``normalize inspect`` and ``normalize diff`` (the
+``normalize`` console script, as users run it) on
 the built-in sample checkpoint (2.75 MiB, so the figures are start-up, not work), each against the
 0.15 s target; then the largest imports of ``inspect`` as ``python -X importtime`` sees them.
 
 Merge: a base of ``--merge-gb`` GiB and an extra adding a few tensors (``benches/merge.py``
 builds them), ``normalize merge --yes`` against ``cp -r`` of the same bytes followed by ``sync``
-(the merge fsyncs every shard), medians of ``--rounds`` rounds, warm page cache.
+(the merge fsyncs every shard), medians of ``--rounds`` rounds (a 0.2 s run varies by a tenth
+from one run to the next), warm page cache.
 
 The package's bytecode is compiled first, as ``pip install`` does for an installed package: an
 editable install under ``PYTHONDONTWRITEBYTECODE=1`` would otherwise compile every module of
 ``normalize_core`` again on each run, a cost no installed copy pays.
 
-    python benches/startup.py                 # 15 runs each, 0.25 GiB merge, 3 rounds
+    python benches/startup.py                 # 15 runs each, 0.25 GiB merge, 9 rounds
     python benches/startup.py --quick         # 5 runs each, 0.05 GiB merge, 1 round
 """
 
@@ -29,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from merge import GIB, build, fresh, timed
+from merge import GIB, NORMALIZE, build, fresh, timed
 
 import normalize_core
 from normalize_core.sample import write_sample_checkpoint
@@ -69,13 +71,12 @@ def largest_imports(command: list[str], count: int) -> list[tuple[float, str]]:
 def startup(workdir: Path, runs: int) -> None:
     sample = write_sample_checkpoint(workdir / "sample")
     other = write_sample_checkpoint(workdir / "other", seed=1)
-    normalize = [sys.executable, "-m", "normalize_core"]
     commands = {
         "python -c pass": [sys.executable, "-c", "pass"],
         "import normalize_core": [sys.executable, "-c", "import normalize_core"],
-        "normalize --help": [*normalize, "--help"],
-        "normalize inspect": [*normalize, "inspect", str(sample)],
-        "normalize diff": [*normalize, "diff", str(sample), str(other)],
+        "normalize --help": [*NORMALIZE, "--help"],
+        "normalize inspect": [*NORMALIZE, "inspect", str(sample)],
+        "normalize diff": [*NORMALIZE, "diff", str(sample), str(other)],
     }
     print(f"start-up, {runs} runs each (fastest / median, wall):")
     for label, command in commands.items():
@@ -93,7 +94,7 @@ def merge_against_cp(workdir: Path, merge_gb: float, rounds: int) -> None:
     base, extra, extra_only_file = build(workdir, merge_gb, tensors, 50, shard_gb=max(merge_gb / 4, 0.01))
     written = sum(f.stat().st_size for f in base.iterdir()) + (extra / extra_only_file).stat().st_size
     out = workdir / "out"
-    merge = [sys.executable, "-m", "normalize_core", "merge", "--base", str(base), "--extra", str(extra)]
+    merge = [*NORMALIZE, "merge", "--base", str(base), "--extra", str(extra)]
     merge += ["--out", str(out), "--yes", "-q"]
     cp = f"cp -r {base} {out} && cp {extra / extra_only_file} {out}/ && sync"
     cp_runs, merge_runs = [], []
@@ -113,13 +114,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=None, help="runs per start-up figure (default 15; --quick 5)")
     parser.add_argument("--merge-gb", type=float, default=None, help="merge base size in GiB (default 0.25)")
-    parser.add_argument("--rounds", type=int, default=None, help="merge rounds (default 3; --quick 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="merge rounds (default 9; --quick 1)")
     parser.add_argument("--quick", action="store_true", help="small and few: checks the script runs")
     parser.add_argument("--workdir", type=Path, default=None, help="where to build (default: a temp dir in /tmp)")
     args = parser.parse_args()
     runs = args.runs or (5 if args.quick else 15)
     merge_gb = args.merge_gb or (0.05 if args.quick else 0.25)
-    rounds = args.rounds or (1 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 9)
 
     compileall.compile_dir(Path(normalize_core.__file__).parent, quiet=1)
     workdir = Path(tempfile.mkdtemp(prefix="startup-bench-", dir=args.workdir))
