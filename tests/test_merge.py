@@ -109,6 +109,23 @@ def test_hardlink_shares_inodes(tmp_path: Path) -> None:
     assert read_output_bytes(out) == want
 
 
+def test_hardlink_never_links_a_base_shard_replaced_after_planning(tmp_path: Path) -> None:
+    """A link shares the file it links: a base shard swapped for other bytes (same size, same
+    name) between planning and writing must fail the merge, not land in the output."""
+    base, extra, _ = make_pair(tmp_path)
+    planned = plan_merge(base, extra)
+    victim = base / planned.base.files[0]
+    replacement = bytearray(victim.read_bytes())
+    replacement[-1] ^= 0xFF
+    (tmp_path / "replacement").write_bytes(replacement)
+    os.replace(tmp_path / "replacement", victim)
+    out = tmp_path / "out"
+    with pytest.raises(NormalizeError) as raised:
+        write_merge(planned, out, hardlink=True)
+    assert raised.value.kind == "source_changed" and str(victim) in str(raised.value)
+    assert not out.exists(), "a failed merge into a new directory leaves nothing behind"
+
+
 @pytest.fixture
 def out_elsewhere(tmp_path: Path) -> Iterator[Path]:
     """An output path on another file system than ``tmp_path`` (tmpfs /dev/shm), removed after the

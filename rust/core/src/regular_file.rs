@@ -51,6 +51,16 @@ impl FileIdentity {
         self.compare(path, &FileIdentity::of(&open))
     }
 
+    /// Checks that `link`, the metadata of a new hard link to `source`, is still this version.
+    /// Linking changes the inode's ctime, so that alone is not a change.
+    pub fn verify_link(&self, source: &Path, link: &Metadata) -> Result<()> {
+        let now = FileIdentity {
+            ctime_ns: self.ctime_ns,
+            ..FileIdentity::of(link)
+        };
+        self.compare(source, &now)
+    }
+
     fn compare(&self, path: &Path, now: &FileIdentity) -> Result<()> {
         let detail = if (now.dev, now.ino) != (self.dev, self.ino) {
             "it was replaced by another file".to_string()

@@ -13,7 +13,7 @@ use crate::copy::{copy_range, preallocate, start_writeback, FileAt, Progress};
 use crate::error::{Error, Result};
 use crate::index::{encode_index, INDEX_FILE};
 use crate::plan::{OutputPlan, ShardKind, TensorSource};
-use crate::regular_file::open_regular;
+use crate::regular_file::{open_regular, FileIdentity};
 
 /// One output shard being written.
 ///
@@ -371,13 +371,14 @@ fn write_one_shard(
     let mut fallback = None;
     if let (true, ShardKind::WholeFile { file }) = (hardlink, &spec.kind) {
         let dest = out_dir.join(&spec.file_name);
-        match link_into_place(&plan.sources[*file], &dest) {
-            Ok(()) => {
+        let (source, planned) = (&plan.sources[*file], &plan.source_identities[*file]);
+        match link_into_place(source, planned, &dest)? {
+            LinkAttempt::Linked => {
                 progress(spec.file_len);
                 sync_dir(out_dir)?;
                 return Ok(LinkOutcome::Linked);
             }
-            Err(e) => fallback = Some(e.to_string()),
+            LinkAttempt::Impossible(e) => fallback = Some(e.to_string()),
         }
     }
     let writer = ShardWriter::create(Arc::clone(plan), shard, out_dir)?;
@@ -405,14 +406,30 @@ pub fn planned_header(plan: &OutputPlan, shard: usize) -> Result<Vec<u8>> {
     }
 }
 
-/// Hard-links `source` as `dest` (through a temporary name, so `dest` is replaced atomically).
-fn link_into_place(source: &Path, dest: &Path) -> std::io::Result<()> {
+enum LinkAttempt {
+    Linked,
+    /// No link was made (another device, a file system without hard links): copy instead, which
+    /// also reports a source that is gone.
+    Impossible(std::io::Error),
+}
+
+/// Hard-links `source` as `dest` through a temporary name (so `dest` is replaced atomically),
+/// provided it is still the version `planned` describes: the link shares the source's inode, so
+/// the linked temporary is checked before it gets its name (`source_changed` otherwise).
+fn link_into_place(source: &Path, planned: &FileIdentity, dest: &Path) -> Result<LinkAttempt> {
     let temp = temp_path_for(dest);
     let _ = std::fs::remove_file(&temp);
-    std::fs::hard_link(source, &temp)?;
-    std::fs::rename(&temp, dest).inspect_err(|_| {
+    if let Err(e) = std::fs::hard_link(source, &temp) {
+        return Ok(LinkAttempt::Impossible(e));
+    }
+    let linked = std::fs::symlink_metadata(&temp)
+        .map_err(|e| Error::io(&temp, e))
+        .and_then(|meta| planned.verify_link(source, &meta))
+        .and_then(|()| std::fs::rename(&temp, dest).map_err(|e| Error::io(dest, e)));
+    if linked.is_err() {
         let _ = std::fs::remove_file(&temp);
-    })
+    }
+    linked.map(|()| LinkAttempt::Linked)
 }
 
 /// Writes `model.safetensors.index.json` for a completed plan, atomically, and syncs the

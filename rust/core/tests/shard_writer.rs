@@ -1,8 +1,8 @@
 //! `ShardWriter` on real files: what it refuses (a tensor written twice, the wrong byte count, an
 //! unknown name, a shard finished with a tensor missing, a source that changed), that a refused or
 //! dropped shard leaves no file behind, and that a finished one reads back with the reference crate.
-//! `execute_plan` on a subset of shards, reporting each one once it is in place, and the planned
-//! header bytes of each shard.
+//! `execute_plan` on a subset of shards, reporting each one once it is in place, the planned
+//! header bytes of each shard, and hard-linked shards (never of a source changed since planning).
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
@@ -329,4 +329,77 @@ fn planned_header_is_what_each_shard_starts_with() {
     let source = std::fs::read(dir.path().join("src/a.safetensors")).unwrap();
     assert_eq!(header.len() as u64, whole.shards[0].data_start());
     assert_eq!(&source[..header.len()], header.as_slice());
+}
+
+/// A plan re-emitting the source's `a.safetensors` whole, as merge does with base shards, and an
+/// empty output directory.
+fn whole_file_plan(dir: &Path) -> (Arc<OutputPlan>, PathBuf, PathBuf) {
+    let src = source(dir);
+    let checkpoint = Checkpoint::open(&src).unwrap();
+    let (mut builder, bases) = PlanBuilder::new(&[&checkpoint]);
+    let position = checkpoint
+        .files
+        .iter()
+        .position(|f| f.name == "a.safetensors")
+        .unwrap();
+    let norm = OutputTensor::copied(checkpoint.tensor("norm").unwrap(), bases[0]);
+    builder.whole_file(bases[0] + position, vec![norm]);
+    let plan = Arc::new(builder.finish(ShardNaming::Standard).unwrap());
+    let out = dir.join("out");
+    std::fs::create_dir(&out).unwrap();
+    (plan, out, src.join("a.safetensors"))
+}
+
+const LINK: ExecuteOptions = ExecuteOptions {
+    jobs: 1,
+    hardlink: true,
+};
+
+#[test]
+fn a_hard_linked_shard_shares_the_source_file() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (plan, out, source) = whole_file_plan(dir.path());
+    let report = execute_plan(&plan, &out, &[0], LINK, &|_| true, &|_| {}).unwrap();
+    assert_eq!(report.linked, 1);
+    let linked = std::fs::metadata(out.join(&plan.shards[0].file_name)).unwrap();
+    assert_eq!(linked.ino(), std::fs::metadata(&source).unwrap().ino());
+}
+
+#[test]
+fn a_source_replaced_or_rewritten_after_planning_is_never_hard_linked() {
+    let dir = tempfile::tempdir().unwrap();
+    for (case, change) in [
+        (
+            "replaced",
+            "a new file of the same size under the same name",
+        ),
+        ("rewritten", "the same file rewritten in place, same size"),
+    ] {
+        let case_dir = dir.path().join(case);
+        std::fs::create_dir(&case_dir).unwrap();
+        let (plan, out, source) = whole_file_plan(&case_dir);
+        let mut bytes = std::fs::read(&source).unwrap();
+        *bytes.last_mut().unwrap() ^= 0xFF;
+        // Both get a later mtime than the planned version's, as any write does.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        if case == "replaced" {
+            let other = case_dir.join("other");
+            std::fs::write(&other, &bytes).unwrap();
+            std::fs::rename(&other, &source).unwrap();
+        } else {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&source)
+                .unwrap();
+            file.write_all_at(&bytes[bytes.len() - 1..], bytes.len() as u64 - 1)
+                .unwrap();
+        }
+
+        let err = execute_plan(&plan, &out, &[0], LINK, &|_| true, &|_| {}).unwrap_err();
+
+        assert_eq!(err.kind(), "source_changed", "{change}: {err}");
+        assert_eq!(err.file(), Some(source.as_path()), "{change}");
+        assert!(entries(&out).is_empty(), "{change}: {:?}", entries(&out));
+    }
 }
