@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 
 GIB = 1 << 30
-#: The command users run: the ``normalize`` console script beside this Python (``python -m
-#: normalize_core`` pays another 12 ms for runpy where the package is not installed with scripts).
+#: The command users run: the ``normalize`` console script beside this Python; ``python -m
+#: normalize_core`` (12 ms more, for runpy) only where no script is installed.
 SCRIPT = Path(sys.executable).with_name("normalize")
 NORMALIZE = [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "normalize_core"]
 #: Random bytes repeated to fill tensors: incompressible and fast to produce.

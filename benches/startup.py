@@ -2,9 +2,9 @@
 
 Start-up: wall time (fastest and median of ``--runs`` runs) of a bare ``python -c pass``,
 ``import normalize_core``, ``normalize --help``, ``normalize inspect`` and ``normalize diff`` (the
-``normalize`` console script, as users run it) on
-the built-in sample checkpoint (2.75 MiB, so the figures are start-up, not work), each against the
-0.15 s target; then the largest imports of ``inspect`` as ``python -X importtime`` sees them.
+``normalize`` console script, as users run it) on the built-in sample checkpoint (2.75 MiB, so the
+figures are start-up, not work), each against the 0.15 s target; then the largest imports of
+``inspect`` as ``python -X importtime`` sees them.
 
 Merge: a base of ``--merge-gb`` GiB and an extra adding a few tensors (``benches/merge.py``
 builds them), ``normalize merge --yes`` against ``cp -r`` of the same bytes followed by ``sync``

@@ -8,14 +8,7 @@ use sha2::{Digest, Sha256};
 
 /// SHA-256 of `data`, as 64 lowercase hex digits.
 pub fn sha256_hex(data: &[u8]) -> String {
-    use std::fmt::Write;
-
-    Sha256::digest(data)
-        .iter()
-        .fold(String::with_capacity(64), |mut hex, byte| {
-            let _ = write!(hex, "{byte:02x}");
-            hex
-        })
+    format!("{:x}", Sha256::digest(data))
 }
 
 #[cfg(test)]

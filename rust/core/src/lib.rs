@@ -15,9 +15,9 @@
 //! other module may use), [`header`] and [`index`] parse and encode the on-disk formats (through
 //! `json_object`, which refuses a repeated key), [`dtype`] knows element sizes,
 //! [`regular_file`] opens and reads sources safely and notices when they change, [`copy`]
-//! moves byte ranges, [`atomic_file`] makes files appear only when complete, [`digest`] names headers and
-//! run identities by their SHA-256, [`output_dir`]
-//! guards the destination, [`aux_files`] copies non-tensor files, [`verify`] reports problems,
+//! moves byte ranges, [`atomic_file`] makes files appear only when complete, [`digest`] names
+//! headers and run identities by their SHA-256, [`output_dir`] guards the destination,
+//! [`aux_files`] copies non-tensor files, [`verify`] reports problems,
 //! [`scale_values`] checks the values of FP8 scale tensors, [`fp8`] and [`dequantize`] are the
 //! CPU kernels of to-fp8 and to-bf16, [`stripes`] is the block-stripe threading both share, and
 //! [`error`] is the one error type.
